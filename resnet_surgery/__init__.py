@@ -1,5 +1,15 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
+from .blocks import Block, Subsample, find_blocks, trace
 from .errors import NotExactError, SurgeryError, TraceError
+from .models import load_model
+from .prune import prune_dead_compute
+from .recipe import apply_recipe, load, save
+from .report import Report, count_macs, inspect
+from .rewrite import SurgeryNotice, convert, max_difference
 
-__all__ = ["SurgeryError", "NotExactError", "TraceError"]
+__all__ = [
+    "Block", "NotExactError", "Report", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError",
+    "apply_recipe", "convert", "count_macs", "find_blocks", "inspect", "load", "load_model",
+    "max_difference", "prune_dead_compute", "save", "trace",
+]

@@ -1,0 +1,257 @@
+"""Find residual blocks in a model's torch.fx graph, from the dataflow alone (no class or attribute names).
+
+A residual block is an addition whose two operands meet again upstream at one node, the block input:
+the operand whose path holds two or more convolutions is the main branch, the other is the shortcut
+(identity when it *is* the block input, else a projection: optional pool, conv, norm).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import SurgeryError, TraceError
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class Subsample(nn.Module):
+    """Keep every ``stride``-th row and column: the exact form of "only these positions are read"."""
+
+    def __init__(self, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride, :: self.stride]
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+class SurgeryTracer(fx.Tracer):
+    """An fx tracer that remembers which module it was inside when tracing failed."""
+
+    def __init__(self, leaf_modules=()):
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.failed_in: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (Subsample, *self.leaf_types)) or qualname in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The innermost module sees the exception first: that is the one to name.
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
+    """Symbolically trace ``model``; a failure names the module and how to mark it as a leaf."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = SurgeryTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        name, cls = tracer.failed_in or ("", type(model).__name__)
+        where = f"module '{name}' ({cls})" if name else f"the forward of {cls}"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {where}: {reason}. Mark it as a leaf with leaf_modules=[{cls}] "
+            f"(its insides are then not analysed), or make its forward free of data-dependent control flow"
+        ) from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+@dataclass
+class Block:
+    """One residual block: the nodes and modules of its two branches, in forward order."""
+
+    name: str  # common module-name prefix, e.g. "layer2.0"
+    input: fx.Node  # where the branches split
+    add: fx.Node  # where they join
+    main: list[fx.Node]
+    shortcut: list[fx.Node]
+    main_convs: list[str]
+    shortcut_convs: list[str]
+    shortcut_pools: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    kind: str = "other"  # bottleneck | basic | other
+    stride: int = 1
+    layout: str | None = None  # v1 | v1.5 | v1.5-dilated | n/a | other (downsampling blocks only)
+    shortcut_type: str = "identity"  # identity | conv1x1 | avgpool | conv3x3 | subsample | other
+
+    @property
+    def downsamples(self) -> bool:
+        return self.stride > 1
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.args if isinstance(a, fx.Node)]
+
+
+def _trunk(node: fx.Node) -> list[fx.Node]:
+    """The path upstream from ``node`` following each node's first tensor input (the data, not a gate)."""
+    path = [node]
+    while True:
+        inputs = _tensor_args(path[-1])
+        if not inputs:
+            return path
+        path.append(inputs[0])
+
+
+def modules_on(nodes, modules, types) -> list[str]:
+    return [n.target for n in nodes if n.op == "call_module" and isinstance(modules[n.target], types)]
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    if not parts:
+        return ""
+    prefix = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _stride(m: nn.Module) -> int:
+    s = getattr(m, "stride", 1)
+    return _pair(s)[0] if s is not None else int(_pair(m.kernel_size)[0])
+
+
+def _classify(block: Block, modules: dict[str, nn.Module]) -> None:
+    convs = [modules[c] for c in block.main_convs]
+    kernels = [_pair(c.kernel_size)[0] for c in convs]
+    if len(convs) == 3 and kernels[0] == 1 and kernels[1] > 1 and kernels[2] == 1:
+        block.kind = "bottleneck"
+    elif len(convs) == 2 and all(k > 1 for k in kernels):
+        block.kind = "basic"
+    stride = 1
+    for n in block.main:
+        if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)):
+            stride *= _stride(modules[n.target])
+    block.stride = stride
+    if stride > 1:
+        if block.kind == "bottleneck":
+            a, b = convs[0], convs[1]
+            if _stride(a) == stride and _stride(b) == 1:
+                block.layout = "v1"
+            elif _stride(a) == 1 and _stride(b) == stride and _pair(b.dilation)[0] == 1:
+                block.layout = "v1.5"
+            elif _stride(a) == 1 and _stride(b) == stride and _pair(b.dilation)[0] == 2 and _pair(b.padding)[0] == 2:
+                block.layout = "v1.5-dilated"
+            else:
+                block.layout = "other"
+        else:
+            block.layout = "n/a"
+    block.shortcut_type = _shortcut_type(block, modules)
+
+
+def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> str:
+    mods = [modules[n.target] for n in block.shortcut if n.op == "call_module"]
+    mods = [m for m in mods if not isinstance(m, nn.Identity)]
+    convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+    pools = [m for m in mods if isinstance(m, nn.AvgPool2d)]
+    if not block.shortcut or (not convs and not mods):
+        return "identity"
+    if len(mods) == 1 and isinstance(mods[0], Subsample):
+        return "subsample"
+    if len(convs) != 1:
+        return "other"
+    k, s = _pair(convs[0].kernel_size)[0], _stride(convs[0])
+    if pools and k == 1 and s == 1:
+        return "avgpool"
+    if not pools and k == 1:
+        return "conv1x1"
+    if not pools and k == 3 and s > 1 and _pair(convs[0].padding)[0] == 1:
+        return "conv3x3"
+    return "other"
+
+
+def find_blocks(gm: fx.GraphModule) -> list[Block]:
+    """Every residual addition in ``gm`` whose main branch holds at least two convolutions."""
+    modules = dict(gm.named_modules())
+    blocks = []
+    for node in gm.graph.nodes:
+        if not is_add(node) or len(_tensor_args(node)) != 2:
+            continue
+        a, b = _tensor_args(node)
+        path_a, path_b = _trunk(a), _trunk(b)
+        index_a = {n: i for i, n in enumerate(path_a)}
+        junction = next((n for n in path_b if n in index_a), None)
+        if junction is None:
+            continue
+        branch_a = path_a[: index_a[junction]][::-1]
+        branch_b = path_b[: path_b.index(junction)][::-1]
+        convs_a = modules_on(branch_a, modules, nn.Conv2d)
+        convs_b = modules_on(branch_b, modules, nn.Conv2d)
+        if len(convs_b) > len(convs_a):
+            branch_a, branch_b, convs_a, convs_b = branch_b, branch_a, convs_b, convs_a
+        if len(convs_a) < 2 or len(convs_b) > 1:
+            continue
+        names = [n.target for n in branch_a + branch_b if n.op == "call_module"]
+        block = Block(
+            name=_common_prefix(names) or node.name,
+            input=junction,
+            add=node,
+            main=branch_a,
+            shortcut=branch_b,
+            main_convs=convs_a,
+            shortcut_convs=convs_b,
+            shortcut_pools=modules_on(branch_b, modules, nn.AvgPool2d),
+            norms=modules_on(branch_a + branch_b, modules, NORM_TYPES),
+        )
+        _classify(block, modules)
+        blocks.append(block)
+    if not blocks:
+        raise SurgeryError(
+            f"no residual blocks found in {type(gm).__name__}: resnet-surgery needs additions of a "
+            "convolutional branch and a shortcut (ResNet-like models)"
+        )
+    return blocks
+
+
+def model_variant(blocks: list[Block]) -> str:
+    """v1, v1.5, d or mixed, from the downsampling blocks' stride placement and shortcut."""
+    labels = set()
+    for b in blocks:
+        if not b.downsamples:
+            continue
+        layout = "v1.5" if b.layout in ("v1.5", "v1.5-dilated", "n/a") else b.layout
+        if layout == "v1" and b.shortcut_type in ("conv1x1", "conv3x3"):
+            labels.add("v1")
+        elif layout == "v1.5" and b.shortcut_type in ("conv1x1", "conv3x3"):
+            labels.add("v1.5")
+        elif layout == "v1.5" and b.shortcut_type == "avgpool":
+            labels.add("d")
+        else:
+            labels.add("mixed")
+    if not labels:
+        return "v1.5"  # no downsampling block: nothing distinguishes the variants
+    return labels.pop() if len(labels) == 1 else "mixed"

@@ -1,0 +1,154 @@
+"""Load models by name (torchvision, timm, the CIFAR-10 zoo) with weights from torchvision's enums or a file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import SurgeryError
+
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                      "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or ``.pth``/``.pt`` (``weights_only=True``: never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SurgeryError(f"{path} is not a readable safetensors file ({e}); is it corrupt?") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SurgeryError(f"{path} holds pickled Python objects, not just tensors ({str(e).splitlines()[0][:120]}); "
+                           "save model.state_dict() instead: resnet-surgery never unpickles code") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]}); "
+                           "is it corrupt or truncated?") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SurgeryError(f"{path} is not a state_dict (a dict of tensors); save model.state_dict() instead")
+    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line error naming missing, unexpected and misshapen keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f", ... {len(items) - 3} more" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
+        raise SurgeryError(f"{source} does not fit {what}: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def _torchvision_weights(name: str, weights: str):
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum.__members__])
+        raise SurgeryError(f"{name} has no weights {weights!r}: choose one of {choices}, none, or a file path") from None
+
+
+def _check_cached_hash(path: Path) -> None:
+    """torchvision's file names carry the first hex digits of their sha256: warn when a cached file differs."""
+    match = re.search(r"-([0-9a-f]{8,})\.", path.name)
+    if not match or not path.is_file():
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        warnings.warn(f"{path} does not match the sha256 prefix in its name ({match.group(1)}): "
+                      "it is not the file torchvision publishes", stacklevel=3)
+
+
+def load_torchvision(name: str, weights: str = "none") -> nn.Module:
+    """A torchvision model, weights through torchvision's own enums and TORCH_HOME cache (offline when cached)."""
+    model = torchvision.models.get_model(name, weights=None)
+    if weights.lower() == "none":
+        return model
+    if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
+        load_state_into(model, read_state_dict(weights), name, weights)
+        return model
+    w = _torchvision_weights(name, weights)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    _check_cached_hash(cached)
+    try:
+        state = w.get_state_dict(progress=True, check_hash=True)
+    except OSError as e:  # URLError and socket errors: no network and nothing cached
+        raise SurgeryError(f"cannot download {w} ({e}); put the file at {cached} (TORCH_HOME) "
+                           "or pass --weights PATH") from None
+    load_state_into(model, state, name, str(cached))
+    return model
+
+
+def load_timm(name: str, weights: str = "none") -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise SurgeryError("timm models need timm: pip install 'resnet-surgery[timm]'") from None
+    try:
+        model = timm.create_model(name, pretrained=weights.upper() == "DEFAULT")
+    except RuntimeError as e:
+        raise SurgeryError(f"timm cannot create {name!r}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise SurgeryError(f"cannot download timm weights for {name} ({e}); pass --weights PATH") from None
+    if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
+        load_state_into(model, read_state_dict(weights), f"timm:{name}", weights)
+    elif weights.lower() not in ("none", "default"):
+        raise SurgeryError(f"timm weights must be none, DEFAULT or a file path, not {weights!r}")
+    return model
+
+
+def load_model(spec: str, weights: str = "none") -> nn.Module:
+    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
+    weights = str(weights)
+    if Path(spec).is_dir():
+        from .recipe import load
+
+        return load(spec)
+    if spec.startswith("timm:"):
+        model, kind = load_timm(spec.removeprefix("timm:"), weights), "timm"
+    elif spec in TORCHVISION_MODELS:
+        model, kind = load_torchvision(spec, weights), "torchvision"
+    elif spec.startswith("cifar10-"):
+        from .zoo import load_zoo_model
+
+        model, kind = load_zoo_model(spec, weights), "zoo"
+    else:
+        raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, timm:NAME, "
+                           "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
+    model.eval()
+    model.resnet_surgery_source = {"model": spec, "kind": kind, "weights": weights}
+    return model

@@ -1,0 +1,139 @@
+"""Remove the computation a v1 ResNet throws away ("Kaiming's equivalence"), as a general fx pass.
+
+Where every reader of a tensor X is a 1x1 conv with an even stride (v1's downsampling block: main 1x1
+and projection 1x1, both stride 2), only X[:, :, ::2, ::2] is ever read. Subsampling commutes with 1x1
+convs, norms in eval mode, element-wise activations and additions, so it is pushed upstream until a
+conv with a kernel absorbs it as stride x2 (the previous block's 3x3) or a tensor that others read too
+gets an explicit Subsample (the previous block's identity shortcut). The readers lose their stride.
+The function is unchanged in eval mode; BatchNorm in training mode sees fewer positions.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Subsample, find_blocks, is_add, model_variant, trace
+
+ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+                       nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
+ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, torch.sigmoid, F.leaky_relu, torch.tanh}
+ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+
+
+def _reads_subsampled(conv: nn.Module) -> bool:
+    """A 1x1, unpadded conv with an even stride reads only the even rows and columns of its input."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.padding == (0, 0)
+            and conv.stride[0] % 2 == 0 and conv.stride[1] % 2 == 0)
+
+
+class _Pusher:
+    """Pushes a stride-2 subsample upstream through one graph, recording what it changed."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.absorbed: list[str] = []  # convs whose stride doubled
+        self.reduced: list[str] = []  # convs that now run at the lower resolution
+        self.subsampled: list[str] = []  # nodes that got an explicit Subsample
+
+    def _module(self, node: fx.Node):
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def _elementwise(self, node: fx.Node) -> bool:
+        m = self._module(node)
+        if m is not None:
+            return isinstance(m, ELEMENTWISE_MODULES)
+        if node.op == "call_function":
+            return node.target in ELEMENTWISE_FUNCTIONS
+        return node.op == "call_method" and node.target in ELEMENTWISE_METHODS
+
+    def subsample_input(self, node: fx.Node, arg: fx.Node) -> None:
+        """Make ``node`` read S(arg): push into ``arg`` when only ``node`` reads it, else insert a Subsample."""
+        if len(arg.users) == 1 and arg.op != "placeholder":
+            self.push(arg)
+            return
+        name = f"subsample_{arg.name}"
+        self.gm.add_submodule(name, Subsample(2))
+        with self.gm.graph.inserting_before(node):
+            s = self.gm.graph.call_module(name, (arg,))
+        node.replace_input_with(arg, s)
+        self.subsampled.append(arg.name)
+
+    def push(self, node: fx.Node) -> None:
+        """Every reader of ``node`` now wants S(node): make ``node`` compute that."""
+        m = self._module(node)
+        if isinstance(m, nn.Conv2d) and self.calls[node.target] == 1:
+            if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
+                self.reduced.append(node.target)
+                self.subsample_input(node, node.args[0])
+            else:
+                # A conv's output at even positions is the same conv with twice the stride.
+                m.stride = (m.stride[0] * 2, m.stride[1] * 2)
+                self.absorbed.append(node.target)
+                self.reduced.append(node.target)
+            return
+        if self._elementwise(node) and isinstance(node.args[0], fx.Node):
+            self.subsample_input(node, node.args[0])
+            return
+        if is_add(node) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            for arg in dict.fromkeys(node.args[:2]):
+                self.subsample_input(node, arg)
+            return
+        # Anything else: subsample its output where it is read.
+        name = f"subsample_{node.name}"
+        self.gm.add_submodule(name, Subsample(2))
+        with self.gm.graph.inserting_after(node):
+            s = self.gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(s, delete_user_cb=lambda user: user is not s)
+        self.subsampled.append(node.name)
+
+
+def prune_dead_compute(model: nn.Module, leaf_modules=()):
+    """Return (pruned GraphModule, records, notices); ``model`` must be a private copy (it is modified)."""
+    gm = trace(model, leaf_modules)
+    blocks = find_blocks(gm)
+    modules = dict(gm.named_modules())
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    records, notices = [], []
+    candidates = [b for b in blocks if b.downsamples and b.layout == "v1"]
+    if not candidates:
+        notices.append(f"prune_dead: the model is {model_variant(blocks)}: its downsampling blocks read every "
+                       "position of their input, so no computation is dead")
+    for block in candidates:
+        x = block.input
+        readers = list(x.users)
+        refuse = [u for u in readers if not (u.op == "call_module" and _reads_subsampled(modules[u.target])
+                                             and calls[u.target] == 1)]
+        if x.op == "placeholder":
+            refuse = readers  # the model input itself: nothing upstream to save
+        if refuse:
+            names = ", ".join(u.target if u.op == "call_module" else u.name for u in refuse)
+            notices.append(f"prune_dead: {block.name}: its input '{x.name}' is also read at full resolution by "
+                           f"{names}: not pruned there")
+            continue
+        for u in readers:
+            conv = modules[u.target]
+            conv.stride = (conv.stride[0] // 2, conv.stride[1] // 2)
+        pusher = _Pusher(gm)
+        pusher.push(x)
+        records.append({"block": block.name, "op": "prune_dead", "exact": True, "input": x.name,
+                        "readers": [u.target for u in readers], "absorbed": pusher.absorbed,
+                        "reduced": pusher.reduced, "subsampled": pusher.subsampled,
+                        "convs": {}, "norms": [], "keys": {}})
+    gm.graph.lint()
+    gm.recompile()
+    return gm, records, notices
+
+
+def dead_sites(model: nn.Module, leaf_modules=()):
+    """The prune_dead records and notices for ``model``, computed on a copy (``model`` is untouched)."""
+    _, records, notices = prune_dead_compute(copy.deepcopy(model), leaf_modules)
+    return records, notices
+

@@ -1,0 +1,315 @@
+"""Rewrites of downsampling blocks: move the stride between the 1x1 and the 3x3, swap projection shortcuts.
+
+Every rewrite changes module attributes or swaps one module on a deep copy, so the converted model keeps
+its class (a torchvision ResNet stays a torchvision ResNet) and the state_dict keys of untouched
+parameters. Touched keys: the avgpool shortcut wraps the 1x1 conv at ``P`` as ``P.0`` (AvgPool2d) and
+``P.1`` (the conv, stride 1), so ``P.weight`` becomes ``P.1.weight``; going back unwraps it. The conv3x3
+shortcut keeps the key ``P.weight`` with shape [C, Cin, 3, 3] (the 1x1 weights in the centre tap).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .blocks import Block, find_blocks, model_variant, trace
+from .errors import NotExactError, SurgeryError
+
+VARIANTS = ("v1", "v1.5", "d")
+SHORTCUTS = ("avgpool", "conv1x1", "conv3x3")
+RECIPE_FORMAT = "resnet-surgery/1"
+
+
+class SurgeryNotice(UserWarning):
+    """Something the user should know about a conversion (a no-op, a skipped block, a changed function)."""
+
+
+@dataclass
+class Step:
+    """One planned rewrite of one block."""
+
+    block: Block
+    op: str  # stride_to_1x1 | stride_to_3x3 | stride_to_3x3_dilated | shortcut_<kind>
+    exact: bool
+    why_not_exact: str = ""
+
+
+def conv1x1_from(conv: nn.Conv2d, stride: int) -> nn.Conv2d:
+    """A 1x1 conv holding ``conv``'s centre tap (or its weights, when it is already 1x1)."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups,
+                    bias=conv.bias is not None).to(conv.weight)
+    kh, kw = conv.kernel_size
+    new.weight.data.copy_(conv.weight.data[:, :, kh // 2 : kh // 2 + 1, kw // 2 : kw // 2 + 1])
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.data)
+    return new
+
+
+def conv3x3_from(conv: nn.Conv2d, stride: int) -> nn.Conv2d:
+    """A 3x3 stride-s padding-1 conv whose centre tap holds a 1x1 conv's weights: it reads the same pixels."""
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=stride, padding=1, groups=conv.groups,
+                    bias=conv.bias is not None).to(conv.weight)
+    new.weight.data.zero_()
+    new.weight.data[:, :, 1:2, 1:2] = conv.weight.data
+    if conv.bias is not None:
+        new.bias.data.copy_(conv.bias.data)
+    return new
+
+
+def avgpool_shortcut(stride: int) -> nn.AvgPool2d:
+    # ceil_mode keeps the output size equal to the strided conv's at odd sizes; count_include_pad=False
+    # averages only real pixels at the ragged edge.
+    return nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+
+
+def off_centre_is_zero(conv: nn.Conv2d) -> bool:
+    kh, kw = conv.kernel_size
+    w = conv.weight.detach().clone()
+    w[:, :, kh // 2, kw // 2] = 0
+    return bool((w == 0).all())
+
+
+def _set_stride(conv: nn.Conv2d, stride: int, dilation: int = 1) -> None:
+    k = conv.kernel_size[0]
+    conv.stride = (stride, stride)
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation * (k - 1) // 2,) * 2
+
+
+# --- planning --------------------------------------------------------------------------------------
+
+
+def _target_layout(layout: str, to: str, exact: bool) -> str:
+    if to == "v1":
+        return "v1"
+    if exact and layout == "v1":
+        return "v1.5-dilated"  # the only exact way to put the stride on the 3x3
+    if exact:
+        return layout
+    return "v1.5"
+
+
+def _stride_step(block: Block, target: str) -> Step | None:
+    current = block.layout
+    if current == target:
+        return None
+    if target == "v1":
+        exact = current == "v1.5-dilated"
+        why = "" if exact else (f"{block.name}: with the stride on the 1x1, the 3x3 sees 1 of every 4 positions it "
+                                "read before; no exact rewrite exists")
+        return Step(block, "stride_to_1x1", exact, why)
+    if target == "v1.5-dilated":
+        return Step(block, "stride_to_3x3_dilated", True)
+    why = (f"{block.name}: with the stride on the 3x3, the 3x3 reads positions the strided 1x1 never computed; "
+           "use exact=True for the dilated form, which is exact")
+    if current == "v1.5-dilated":
+        why = f"{block.name}: dropping the dilation changes which positions the 3x3 reads"
+    return Step(block, "stride_to_3x3", False, why)
+
+
+def _shortcut_step(block: Block, target: str, modules: dict[str, nn.Module]) -> Step | None:
+    current = block.shortcut_type
+    if current == target:
+        return None
+    if target == "conv3x3" and current == "conv1x1":
+        return Step(block, "shortcut_conv3x3", True)
+    if target == "conv1x1" and current == "conv3x3":
+        exact = off_centre_is_zero(modules[block.shortcut_convs[0]])
+        return Step(block, "shortcut_conv1x1", exact, "" if exact else
+                    f"{block.name}: the 3x3 shortcut has non-zero off-centre taps that a 1x1 cannot hold")
+    if target == "avgpool":
+        why = (f"{block.name}: the avgpool shortcut averages {block.stride**2} positions where the strided conv "
+               "read one; no exact rewrite exists")
+    else:
+        why = f"{block.name}: the strided {target} shortcut reads one of the {block.stride**2} positions the avgpool averaged"
+    return Step(block, f"shortcut_{target}", False, why)
+
+
+def plan(blocks: list[Block], modules, to: str | None, shortcut: str | None, exact: bool):
+    """The rewrites that take ``blocks`` to the requested variant, and notices for what does not apply."""
+    steps, notices = [], []
+    downsampling = [b for b in blocks if b.downsamples]
+    if to in ("v1", "v1.5") or (to == "d"):
+        basic = [b.name for b in downsampling if b.layout == "n/a"]
+        if basic and to in ("v1", "v1.5"):
+            notices.append(f"stride moves do not apply to {len(basic)} blocks without a 1x1 on the main path "
+                           f"(BasicBlock: {', '.join(basic)}): left as they are")
+        for b in downsampling:
+            if b.layout == "other":
+                notices.append(f"{b.name}: stride placement not recognised (main convs {b.main_convs}): left as it is")
+            elif b.layout not in ("n/a", None):
+                step = _stride_step(b, _target_layout(b.layout, to, exact))
+                if step:
+                    steps.append(step)
+    target_shortcut = shortcut
+    for b in downsampling:
+        if b.shortcut_type in ("identity", "subsample", "other"):
+            if shortcut or to == "d":
+                notices.append(f"{b.name}: shortcut is {b.shortcut_type}, not a projection: left as it is")
+            continue
+        if shortcut is None and to == "d":
+            target_shortcut = "avgpool"
+        elif shortcut is None and to in ("v1", "v1.5") and b.shortcut_type == "avgpool":
+            target_shortcut = "conv1x1"
+        elif shortcut is None:
+            continue
+        step = _shortcut_step(b, target_shortcut, modules)
+        if step:
+            steps.append(step)
+    return steps, notices
+
+
+# --- applying ----------------------------------------------------------------------------------------
+
+
+def _norms(block: Block) -> list[str]:
+    return list(block.norms)
+
+
+def apply_step(model: nn.Module, step: Step) -> dict:
+    """Carry out one rewrite on ``model`` (in place) and return its record for the recipe."""
+    b = step.block
+    record = {"block": b.name, "op": step.op, "exact": step.exact, "convs": {}, "norms": _norms(b), "keys": {}}
+    if step.op.startswith("stride_"):
+        a, c = model.get_submodule(b.main_convs[0]), model.get_submodule(b.main_convs[1])
+        if step.op == "stride_to_1x1":
+            _set_stride(a, b.stride)
+            _set_stride(c, 1)
+        elif step.op == "stride_to_3x3":
+            _set_stride(a, 1)
+            _set_stride(c, b.stride)
+        else:  # 1x1 stride s then 3x3 stride 1 == 1x1 stride 1 then 3x3 stride s, dilation s, padding s
+            _set_stride(a, 1)
+            _set_stride(c, b.stride, dilation=b.stride)
+        record["convs"] = {b.main_convs[1]: b.main_convs[1]}
+        return record
+
+    name = b.shortcut_convs[0]
+    conv = model.get_submodule(name)
+    target = step.op.removeprefix("shortcut_")
+    if b.shortcut_type == "avgpool":
+        # Undo the pool first: unwrap our own Sequential(pool, conv), or blank a separate pool module.
+        pool = b.shortcut_pools[0]
+        parent = pool.rpartition(".")[0]
+        wrapper = model.get_submodule(parent) if parent else None
+        if isinstance(wrapper, nn.Sequential) and len(wrapper) == 2 and f"{parent}.1" == name:
+            model.set_submodule(parent, conv)
+            record["keys"] = {f"{name}.weight": f"{parent}.weight"}
+            name = parent
+        else:
+            model.set_submodule(pool, nn.Identity())
+        _set_stride(conv, b.stride)
+    if target == "avgpool":
+        if conv.kernel_size != (1, 1):
+            conv = conv1x1_from(conv, 1)
+        _set_stride(conv, 1)
+        model.set_submodule(name, nn.Sequential(avgpool_shortcut(b.stride), conv))
+        record["keys"] = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
+        record["convs"] = {f"{name}.1": b.shortcut_convs[0]}
+        return record
+    if target == "conv1x1":
+        model.set_submodule(name, conv1x1_from(conv, b.stride))
+    else:
+        model.set_submodule(name, conv3x3_from(conv, b.stride))
+    record["convs"] = {name: b.shortcut_convs[0]}
+    return record
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for pkg in ("resnet-surgery", "torch", "torchvision", "timm", "onnx", "onnxruntime"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _check_unshared(gm, steps: list[Step]) -> None:
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    for s in steps:
+        for conv in s.block.main_convs[:2] + s.block.shortcut_convs:
+            if calls[conv] > 1:
+                raise SurgeryError(f"{conv} is called {calls[conv]} times in the forward; resnet-surgery can only "
+                                   "rewrite convolutions that are used once")
+
+
+def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = None, exact: bool = False,
+            prune_dead: bool = False, input_size=(3, 224, 224), leaf_modules=()) -> nn.Module:
+    """Return a new model converted to variant ``to`` ("v1", "v1.5", "d") and/or ``shortcut``; ``model`` is untouched.
+
+    ``exact=True`` allows only function-preserving rewrites (v1 to v1.5 becomes the dilated form) and raises
+    NotExactError otherwise. ``prune_dead=True`` then removes the computation a v1 model never reads.
+    The result carries ``resnet_surgery_recipe``: every rewrite with its exactness and touched modules.
+    """
+    if to is not None and to not in VARIANTS:
+        raise SurgeryError(f"unknown variant {to!r}: choose one of {', '.join(VARIANTS)}")
+    if shortcut is not None and shortcut not in SHORTCUTS:
+        raise SurgeryError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+    if to is None and shortcut is None and not prune_dead:
+        raise SurgeryError("nothing to do: give a target variant (to=), a shortcut= or prune_dead=True")
+
+    new = copy.deepcopy(model)
+    gm = trace(new, leaf_modules)
+    blocks = find_blocks(gm)
+    modules = dict(new.named_modules())
+    before = model_variant(blocks)
+    steps, notices = plan(blocks, modules, to, shortcut, exact)
+    if exact:
+        inexact = [s.why_not_exact for s in steps if not s.exact]
+        if inexact:
+            raise NotExactError(f"no function-preserving rewrite for this request: {inexact[0]}"
+                                + (f" (and {len(inexact) - 1} more blocks)" if len(inexact) > 1 else ""))
+    _check_unshared(gm, steps)
+    records = [apply_step(new, s) for s in steps]
+    if not steps and (to or shortcut):
+        notices.append(f"model is already {to or shortcut}" + (" in exact form" if exact else "") + ": nothing to change")
+    approximate = [r["block"] for r in records if not r["exact"]]
+    if approximate:
+        notices.append(f"this conversion changes the function: {len(approximate)} rewrites are approximate "
+                       f"({', '.join(sorted(set(approximate)))}); recover accuracy with resnet_surgery.calibrate()")
+    after = model_variant(find_blocks(trace(new, leaf_modules))) if steps else before
+
+    # A model converted before keeps its first source; its earlier conversions replay first on load.
+    prior = getattr(model, "resnet_surgery_recipe", None)
+    source = getattr(model, "resnet_surgery_source", {"model": type(model).__name__, "kind": "custom"})
+    recipe = {
+        "format": RECIPE_FORMAT,
+        "source": prior["source"] if prior else source,
+        "history": ([*prior.get("history", []), {k: prior[k] for k in ("options", "rewrites")}] if prior else []),
+        "options": {"to": to, "shortcut": shortcut, "exact": exact, "prune_dead": prune_dead,
+                    "input_size": list(input_size)},
+        "variant_before": before,
+        "variant_after": after,
+        "exact": all(r["exact"] for r in records),
+        "rewrites": records,
+        "notices": notices,
+        "versions": library_versions(),
+    }
+    if prune_dead:
+        from .prune import prune_dead_compute
+
+        new, prune_records, prune_notices = prune_dead_compute(new, leaf_modules=leaf_modules)
+        recipe["rewrites"] += prune_records
+        recipe["notices"] += prune_notices
+    for note in recipe["notices"]:
+        warnings.warn(note, SurgeryNotice, stacklevel=2)
+    new.resnet_surgery_recipe = recipe
+    return new
+
+
+def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode."""
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    was = a.training, b.training
+    a.eval(), b.eval()
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    a.train(was[0]), b.train(was[1])
+    return float((ya - yb).abs().max()), float(ya.abs().max())
