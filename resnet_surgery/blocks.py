@@ -194,10 +194,14 @@ def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> str:
     return "other"
 
 
+def _depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
 def find_blocks(gm: fx.GraphModule) -> list[Block]:
     """Every residual addition in ``gm`` whose main branch holds at least two convolutions."""
     modules = dict(gm.named_modules())
-    blocks = []
+    blocks, depthwise = [], 0
     for node in gm.graph.nodes:
         if not is_add(node) or len(_tensor_args(node)) != 2:
             continue
@@ -215,6 +219,9 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
             branch_a, branch_b, convs_a, convs_b = branch_b, branch_a, convs_b, convs_a
         if len(convs_a) < 2 or len(convs_b) > 1:
             continue
+        if any(_depthwise(modules[c]) for c in convs_a):
+            depthwise += 1  # an inverted residual (MobileNet): not a ResNet block
+            continue
         names = [n.target for n in branch_a + branch_b if n.op == "call_module"]
         block = Block(
             name=_common_prefix(names) or node.name,
@@ -230,9 +237,10 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         _classify(block, modules)
         blocks.append(block)
     if not blocks:
+        extra = f" ({depthwise} depthwise inverted-residual blocks are not ResNet blocks)" if depthwise else ""
         raise SurgeryError(
-            f"no residual blocks found in {type(gm).__name__}: resnet-surgery needs additions of a "
-            "convolutional branch and a shortcut (ResNet-like models)"
+            f"no residual blocks found in {type(gm).__name__}{extra}: resnet-surgery needs ResNet-like blocks, "
+            "a convolutional branch added to an identity or projection shortcut"
         )
     return blocks
 

@@ -208,7 +208,14 @@ def apply_step(model: nn.Module, step: Step) -> dict:
     if target == "avgpool":
         if conv.kernel_size != (1, 1):
             conv = conv1x1_from(conv, 1)
+            model.set_submodule(name, conv)
         _set_stride(conv, 1)
+        # A layout with a pool slot of its own (timm's avg_down, blanked to Identity) gets its pool back.
+        slots = [n.target for n in b.shortcut if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Identity)]
+        if slots:
+            model.set_submodule(slots[0], avgpool_shortcut(b.stride))
+            record["convs"] = {name: b.shortcut_convs[0]}
+            return record
         model.set_submodule(name, nn.Sequential(avgpool_shortcut(b.stride), conv))
         record["keys"] = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
         record["convs"] = {f"{name}.1": b.shortcut_convs[0]}
