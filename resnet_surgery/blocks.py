@@ -7,6 +7,7 @@ the operand whose path holds two or more convolutions is the main branch, the ot
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 
@@ -62,7 +63,9 @@ class SurgeryTracer(fx.Tracer):
 def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     """Symbolically trace ``model``; a failure names the module and how to mark it as a leaf."""
     if isinstance(model, fx.GraphModule):
-        return model
+        # A plain GraphModule over the same modules: subclasses such as torchvision's DualGraphModule swap
+        # their graph back on .train()/.eval(), which would undo a rewrite of the graph.
+        return fx.GraphModule(model, model.graph, type(model).__name__)
     tracer = SurgeryTracer(leaf_modules)
     try:
         graph = tracer.trace(model)
@@ -75,6 +78,15 @@ def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
             f"(its insides are then not analysed), or make its forward free of data-dependent control flow"
         ) from None
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in the same train/eval mode, module by module (deepcopy of a GraphModule loses it)."""
+    new = copy.deepcopy(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    for name, m in new.named_modules():
+        m.training = modes.get(name, m.training)
+    return new
 
 
 @dataclass

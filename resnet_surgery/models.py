@@ -37,7 +37,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise SurgeryError(f"{path} holds pickled Python objects, not just tensors ({str(e).splitlines()[0][:120]}); "
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+            raise SurgeryError(f"{path} is not a readable PyTorch checkpoint; is it corrupt or truncated?") from None
+        raise SurgeryError(f"{path} holds pickled Python objects (a whole model?), not just tensors; "
                            "save model.state_dict() instead: resnet-surgery never unpickles code") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]}); "
@@ -140,8 +142,8 @@ def load_model(spec: str, weights: str = "none") -> nn.Module:
         return load(spec)
     if spec.startswith("timm:"):
         model, kind = load_timm(spec.removeprefix("timm:"), weights), "timm"
-    elif spec in TORCHVISION_MODELS:
-        model, kind = load_torchvision(spec, weights), "torchvision"
+    elif spec in TORCHVISION_MODELS or spec in torchvision.models.list_models(module=torchvision.models):
+        model, kind = load_torchvision(spec, weights), "torchvision"  # others load for `inspect`'s verdict
     elif spec.startswith("cifar10-"):
         from .zoo import load_zoo_model
 

@@ -10,7 +10,6 @@ The function is unchanged in eval mode; BatchNorm in training mode sees fewer po
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import torch
@@ -18,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Subsample, find_blocks, is_add, model_variant, trace
+from .blocks import Subsample, find_blocks, is_add, model_variant, private_copy, trace
 
 ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
                        nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
@@ -134,6 +133,6 @@ def prune_dead_compute(model: nn.Module, leaf_modules=()):
 
 def dead_sites(model: nn.Module, leaf_modules=()):
     """The prune_dead records and notices for ``model``, computed on a copy (``model`` is untouched)."""
-    _, records, notices = prune_dead_compute(copy.deepcopy(model), leaf_modules)
+    _, records, notices = prune_dead_compute(private_copy(model), leaf_modules)
     return records, notices
 

@@ -9,7 +9,6 @@ shortcut keeps the key ``P.weight`` with shape [C, Cin, 3, 3] (the 1x1 weights i
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import warnings
 from collections import Counter
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Block, find_blocks, model_variant, trace
+from .blocks import Block, find_blocks, model_variant, private_copy, trace
 from .errors import NotExactError, SurgeryError
 
 VARIANTS = ("v1", "v1.5", "d")
@@ -262,7 +261,7 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     if to is None and shortcut is None and not prune_dead:
         raise SurgeryError("nothing to do: give a target variant (to=), a shortcut= or prune_dead=True")
 
-    new = copy.deepcopy(model)
+    new = private_copy(model)
     gm = trace(new, leaf_modules)
     blocks = find_blocks(gm)
     modules = dict(new.named_modules())

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from util import relative_error
+
+import resnet_surgery
+from resnet_surgery.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_json_and_table():
+    result = run("inspect", "resnet50", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["variant"] == "v1.5" and report["macs"] == 4_089_184_256
+    table = run("inspect", "resnet18", "--input-size", "64")
+    assert table.exit_code == 0 and "layer2.0" in table.output and "25%" not in table.output.split("strided")[0]
+
+
+def test_convert_writes_a_folder_that_reloads(tmp_path):
+    out = tmp_path / "r50v1"
+    result = run("convert", "resnet50", "--to", "v1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "v1.5 -> v1" in result.output and "MACs: 4.089 G -> 3.858 G" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "summary.txt"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["source"] == {"model": "resnet50", "kind": "torchvision", "weights": "none"}
+    assert [r["op"] for r in recipe["rewrites"]] == ["stride_to_1x1"] * 3 and "torch" in recipe["versions"]
+    model = resnet_surgery.load(out)
+    assert isinstance(model, torchvision.models.ResNet) and model.layer2[0].conv1.stride == (2, 2)
+    # A second conversion of the folder chains recipes and still reloads.
+    pruned = tmp_path / "pruned"
+    result = run("convert", out, "--prune-dead", "--out", pruned)
+    assert result.exit_code == 0, result.output
+    assert "MACs: 3.858 G -> 3.482 G" in result.output and "max |difference|" in result.output
+    assert relative_error(model, resnet_surgery.load(pruned), 41) <= 1e-5
+
+
+def test_convert_exact_reports_the_difference(tmp_path):
+    result = run("convert", "resnext50_32x4d", "--to", "v1.5", "--shortcut", "conv3x3", "--exact",
+                 "--input-size", "64", "--out", tmp_path / "x", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["max_abs_diff"] is not None and payload["recipe"]["exact"] is True
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run("convert", "resnet18", "--to", "d", "--out", out)
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run("convert", "resnet18", "--to", "d", "--out", out, "--force").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "recipe.json").exists()
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    torch.save(torchvision.models.resnet18(), tmp_path / "pickled.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"garbage")
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "resnet18", "--to", "v1", "--weights", "{d}/missing.pth"], "weights file not found"),
+    (["convert", "resnet18", "--to", "v1", "--weights", "{d}/pickled.pth"], "pickled Python objects"),
+    (["convert", "resnet18", "--to", "v1", "--weights", "{d}/corrupt.pth"], "not a readable PyTorch checkpoint"),
+    (["convert", "resnet18", "--to", "v1", "--weights", "{d}/r34.pth"], "does not fit resnet18"),
+    (["convert", "resnet50", "--to", "v1", "--exact"], "no function-preserving rewrite"),
+    (["convert", "resnet9", "--to", "v1"], "unknown model 'resnet9'"),
+    (["convert", "resnet18", "--to", "v1", "--weights", "IMAGENET1K_V7"], "has no weights"),
+    (["inspect", "mobilenet_v3_small"], "no residual blocks"),
+    (["inspect", "vgg11"], "no residual blocks"),
+    (["convert", "{d}", "--to", "v1"], "not a folder written by `resnet-surgery convert`"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files, args, message):
+    args = [a.format(d=bad_files) for a in args]
+    out = bad_files / "out"
+    if args[0] == "convert":
+        args += ["--out", str(out)]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output and not out.exists()
+    assert not list(bad_files.glob(".out.*"))
