@@ -133,6 +133,22 @@ def load_timm(name: str, weights: str = "none") -> nn.Module:
     return model
 
 
+def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
+    """The project's CIFAR-10 models: DEFAULT is the committed trained weights, none a random init."""
+    from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+
+    if name not in CIFAR_MODELS:
+        raise SurgeryError(f"unknown model {name!r}: the CIFAR-10 models are {', '.join(CIFAR_MODELS)}")
+    if weights.upper() == "DEFAULT":
+        return load_cifar_resnet(CIFAR_MODELS[name])
+    model = cifar_resnet(CIFAR_MODELS[name])
+    if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
+        load_state_into(model, read_state_dict(weights), name, weights)
+    elif weights.lower() != "none":
+        raise SurgeryError(f"{name} weights must be DEFAULT, none or a file path, not {weights!r}")
+    return model
+
+
 def load_model(spec: str, weights: str = "none") -> nn.Module:
     """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
     weights = str(weights)
@@ -145,9 +161,7 @@ def load_model(spec: str, weights: str = "none") -> nn.Module:
     elif spec in TORCHVISION_MODELS or spec in torchvision.models.list_models(module=torchvision.models):
         model, kind = load_torchvision(spec, weights), "torchvision"  # others load for `inspect`'s verdict
     elif spec.startswith("cifar10-"):
-        from .zoo import load_zoo_model
-
-        model, kind = load_zoo_model(spec, weights), "zoo"
+        model, kind = load_zoo(spec, weights), "zoo"
     else:
         raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, timm:NAME, "
                            "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")

@@ -1,0 +1,99 @@
+"""The whole job in one call: load, convert, (calibrate, fine-tune), export both models with parity, time them."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir, check_writable
+from .models import load_model
+from .recipe import save
+from .report import count_macs
+from .rewrite import SurgeryNotice, convert, max_difference
+
+
+def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
+                 out: str | os.PathLike, force=False, input_size=224, calibrate_data=None, finetune_data=None,
+                 preset="imagenet", num_images=2048, epochs=1, finetune_images=None, batch_sizes=(1,),
+                 threads=None, min_time_s=5.0, progress=True, echo=print) -> dict:
+    """Convert ``model`` and prove what that did; everything lands in ``out`` atomically.
+
+    ``out`` gets: converted/ (a folder ``resnet_surgery.load`` reads), original.onnx, converted.onnx
+    (both parity-checked against PyTorch), latency.json, latency.png and report.json.
+    """
+    from .export import export_onnx
+    from .latency import compare_latency
+
+    check_writable(out, force)
+    size = (3, input_size, input_size)
+    steps = ["load", "convert"] + (["calibrate"] if calibrate_data else []) + (["finetune"] if finetune_data else [])
+    steps += ["export original", "export converted", "latency"]
+    bar = tqdm(steps, desc="run", disable=not progress, leave=False)
+    result: dict = {"model": model, "weights": weights}
+
+    def step(name):
+        bar.set_description(name)
+        bar.update(0)
+
+    with atomic_dir(out, force) as tmp:
+        step("load")
+        original = load_model(model, weights)
+        bar.update()
+        step("convert")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SurgeryNotice)
+            converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
+        recipe = converted.resnet_surgery_recipe
+        for note in recipe["notices"]:
+            echo(f"note: {note}")
+        result["macs"] = {"original": count_macs(original, size), "converted": count_macs(converted, size)}
+        result["variants"] = [recipe["variant_before"], recipe["variant_after"]]
+        result["exact"] = recipe["exact"]
+        if recipe["exact"] and recipe["rewrites"]:
+            result["max_abs_diff"] = max_difference(original, converted, size)[0]
+        bar.update()
+        if calibrate_data:
+            from .recovery import calibrate
+
+            step("calibrate")
+            converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
+                                  progress=progress)
+            result["calibration"] = _report_dict(getattr(converted, "resnet_surgery_calibration", None))
+            bar.update()
+        if finetune_data:
+            from .finetune import finetune
+
+            step("finetune")
+            converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset,
+                                 num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
+            bar.update()
+        converted.resnet_surgery_recipe = recipe
+        save(converted, tmp / "converted", summary=json.dumps(result, indent=2, default=str))
+        parity = {}
+        for name, m in (("original", original), ("converted", converted)):
+            step(f"export {name}")
+            parity[name] = export_onnx(m, tmp / f"{name}.onnx", input_size=size).to_dict()
+            bar.update()
+        result["parity"] = parity
+        step("latency")
+        latency = compare_latency({"original": tmp / "original.onnx", "converted": tmp / "converted.onnx"},
+                                  batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
+                                  macs=result["macs"], progress=progress)
+        bar.update()
+        bar.close()
+        (tmp / "latency.json").write_text(json.dumps(latency.to_dict(), indent=2, default=str) + "\n")
+        latency.plot(tmp / "latency.png")
+        result["latency"] = latency.to_dict()
+        (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result["out"] = str(out)
+    result["latency_table"] = str(latency)
+    return result
+
+
+def _report_dict(report):
+    if report is None:
+        return None
+    return report.to_dict() if hasattr(report, "to_dict") else report
