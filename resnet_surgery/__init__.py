@@ -2,6 +2,8 @@
 
 from .blocks import Block, Subsample, find_blocks, trace
 from .errors import NotExactError, SurgeryError, TraceError
+from .export import ExportError, ParityError, ParityReport, export_onnx, onnx_input_shape
+from .latency import LatencyReport, RatioCI, compare_latency, ratio_ci
 from .models import load_model
 from .prune import prune_dead_compute
 from .recipe import apply_recipe, load, save
@@ -9,7 +11,7 @@ from .report import Report, count_macs, inspect
 from .rewrite import SurgeryNotice, convert, max_difference
 
 __all__ = [
-    "Block", "NotExactError", "Report", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError",
-    "apply_recipe", "convert", "count_macs", "find_blocks", "inspect", "load", "load_model",
+    "Block", "ExportError", "LatencyReport", "NotExactError", "ParityError", "ParityReport", "RatioCI", "Report", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError",
+    "apply_recipe", "compare_latency", "convert", "count_macs", "export_onnx", "onnx_input_shape", "ratio_ci", "find_blocks", "inspect", "load", "load_model",
     "max_difference", "prune_dead_compute", "save", "trace",
 ]

@@ -125,6 +125,307 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
 
 # --- export and latency commands: export, bench (resnet_surgery.export / latency) -----------------
 
+@main.command("export")
+@click.argument("model_or_dir")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
+@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
+@click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
+@weights_option
+@size_option
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
+@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(0),
+              help="parity: tolerance relative to the largest |logit|")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
+@user_errors
+def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, force, as_json):
+    """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
+
+    The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4.
+    """
+    from .atomic import check_writable
+    from .export import ParityError, export_onnx
+    from .models import load_model
+
+    check_writable(out, force)
+    model = load_model(model_or_dir, weights)
+    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
+    try:
+        report = export_onnx(model, out, input_size=(3, input_size, input_size), dynamic_batch=not static_batch,
+                             opset=opset, atol=atol, rtol=rtol, force=force)
+    except ParityError as e:
+        print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
+        raise
+    print_json(report.to_dict()) if as_json else click.echo(str(report))
+
+
+def parse_batches(ctx, param, value: str) -> list[int]:
+    try:
+        batches = [int(b) for b in value.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of positive integers, e.g. 1,8")
+    return batches
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="comma-separated batch sizes, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="intra-op threads  [default: every usable core]")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="seconds of timing per batch size, at least (more until the 95% interval is within +-1%)")
+@click.option("--max-time", type=click.FloatRange(0), help="seconds per batch size at most  [default: 3 x --min-time]")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the latency distributions")
+@click.option("--force", is_flag=True, help="overwrite --plot if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@user_errors
+def bench_command(models, batches, threads, min_time, max_time, device, plot, force, as_json):
+    """Compare the latency of ONNX MODELS in onnxruntime; each is compared with the first."""
+    from pathlib import Path
+
+    from .atomic import check_writable
+    from .latency import compare_latency
+
+    if plot:
+        check_writable(plot, force)
+    stems = [Path(m).stem for m in models]
+    names = stems if len(set(stems)) == len(stems) else [str(m) for m in models]
+    if len(set(names)) != len(names):
+        raise SurgeryError("the same file is given twice; pass each model once")
+    report = compare_latency(dict(zip(names, models)), batch_sizes=batches, threads=threads, min_time_s=min_time,
+                             max_time_s=max_time, device=device)
+    if plot:
+        report.plot(plot, force=force)
+    print_json(report.to_dict()) if as_json else click.echo(str(report))
+    if plot and not as_json:
+        click.echo(f"plot written: {plot}")
+
+
 # --- recovery commands: evaluate, calibrate, finetune (resnet_surgery.recovery) -------------------
 
+
+def with_options(options):
+    """Apply a list of click options in order."""
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+# --data and the preprocessing shared by evaluate, calibrate and finetune.
+preprocessing_options = [
+    click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+                 help="ImageFolder directory (<root>/<class>/<image>)"),
+    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
+                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std"),
+    click.option("--size", type=click.IntRange(8, 4096), help="final (centre-crop) size, overriding the preset"),
+    click.option("--resize", type=click.IntRange(0, 4096), help="shorter side before the crop (0: straight to --size)"),
+    click.option("--mean", help="normalisation mean, three comma-separated numbers"),
+    click.option("--std", help="normalisation std, three comma-separated numbers"),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="images per batch (per process)"),
+]
+
+
+def build_preprocessing(preset, size, resize, mean, std):
+    from .data import preset_transform
+
+    def three(value, name):
+        if value is None:
+            return None
+        try:
+            numbers = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != 3:
+            raise SurgeryError(f"--{name} needs three comma-separated numbers (one per channel), got {value!r}")
+        return numbers
+
+    return preset_transform(preset, size=size, resize=resize, mean=three(mean, "mean"), std=three(std, "std"))
+
+
+def is_rank0() -> bool:
+    import os
+
+    # Under torchrun every process runs the command; one of them speaks and writes.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def load_original(spec, weights, converted):
+    """--original (default: the source model recorded in the converted folder's recipe, with its weights)."""
+    from .models import load_model
+
+    source = converted.resnet_surgery_recipe.get("source", {})
+    if spec is None:
+        if source.get("kind") not in ("torchvision", "timm", "zoo"):
+            raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
+        spec = source["model"]
+    if weights is None:
+        weights = source.get("weights", "none") if spec == source.get("model") else "none"
+    return load_model(spec, weights)
+
+
+original_options = [
+    click.option("--original", help="the unconverted model (default: the source recorded in DIR's recipe)"),
+    click.option("--weights", help="weights of --original (default: those recorded in DIR's recipe, else none)"),
+]
+
+
+@main.command("evaluate")
+@click.argument("model_or_dir")
+@weights_option
+@click.option("--reference", help="compare with this model or converted folder (top-1 agreement, KL)")
+@click.option("--reference-weights", default="none", show_default=True, help="weights of --reference")
+@with_options(preprocessing_options)
+@click.option("--num-images", type=click.IntRange(1), help="evaluate a fixed random subset of this many images")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@user_errors
+def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
+                     batch_size, num_images, as_json):
+    """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
+    from .models import load_model
+    from .recovery import evaluate
+
+    transform = build_preprocessing(preset, size, resize, mean, std)
+    model = load_model(model_or_dir, weights)
+    ref = load_model(reference, reference_weights) if reference else None
+    report = evaluate(model, data, reference=ref, batch_size=batch_size, transform=transform, num_images=num_images,
+                      progress=not as_json)
+    print_json(report.to_dict()) if as_json else click.echo(f"{model_or_dir}: {report}")
+
+
+@main.command("calibrate")
+@click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
+@with_options(original_options)
+@with_options(preprocessing_options)
+@click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1),
+              help="unlabelled calibration images (a fixed random subset of --data)")
+@click.option("--steps", default="bn,transfer", show_default=True, help="calibration steps, comma-separated")
+@click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
+                      num_images, steps, ridge, out, force, as_json):
+    """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
+    least-squares refit of each rewritten conv to the original model."""
+    from .atomic import check_writable
+    from .recipe import load, save
+    from .recovery import calibrate
+
+    check_writable(out, force)
+    transform = build_preprocessing(preset, size, resize, mean, std)
+    converted = load(converted_dir)
+    source = load_original(original, weights, converted)
+    model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
+                      ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
+    report = model.resnet_surgery_calibration
+    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
+    if as_json:
+        print_json({"out": out, **report.to_dict()})
+    else:
+        click.echo(f"{report}\nwritten: {out}/")
+
+
+@main.command("finetune")
+@click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
+@with_options(original_options)
+@with_options(preprocessing_options)
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate [default: sgd 0.01, adamw 1e-4]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--freeze", type=click.Choice(["none", "rewritten"]), default="none", show_default=True,
+              help="rewritten: train only the blocks the conversion rewrote")
+@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--alpha", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="weight of distillation against cross-entropy (when --data has labels)")
+@click.option("--num-images", type=click.IntRange(1), help="train on a fixed random subset of this many images")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint beside --out (<out>.checkpoint.pt)")
+@click.option("--force", is_flag=True, help="overwrite --out and start over from a stale checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@user_errors
+def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, epochs,
+                     lr, optimizer, freeze, temperature, alpha, num_images, out, resume, force, as_json):
+    """Fine-tune a converted folder by distillation from the original model; a checkpoint after each epoch.
+
+    Runs unchanged on several processes: torchrun --nproc_per_node N $(which resnet-surgery) finetune ...
+    """
+    from pathlib import Path
+
+    from .atomic import check_writable
+    from .finetune import finetune
+    from .recipe import load, save
+
+    check_writable(out, force)
+    checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
+    transform = build_preprocessing(preset, size, resize, mean, std)
+    converted = load(converted_dir)
+    source = load_original(original, weights, converted)
+    model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
+                     alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
+                     num_images=num_images, batch_size=batch_size, transform=transform, progress=not as_json)
+    if not is_rank0():
+        return
+    report = model.resnet_surgery_finetune
+    save(model, out, force=force, summary=f"fine-tuned {converted_dir} on {data}\n{report}")
+    checkpoint.unlink(missing_ok=True)  # the finished folder replaces it
+    print_json({"out": out, **report.to_dict()}) if as_json else click.echo(f"{report}\nwritten: {out}/")
+
+
 # --- the whole pipeline: run --------------------------------------------------------------------
+
+
+@main.command("run")
+@model_argument
+@click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant")
+@click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]), help="projection shortcut type")
+@click.option("--exact", is_flag=True, help="only function-preserving rewrites")
+@click.option("--prune-dead", is_flag=True, help="remove computation on positions nobody reads")
+@weights_option
+@size_option
+@click.option("--calibrate", "calibrate_data", type=click.Path(exists=True, file_okay=False),
+              help="ImageFolder of unlabelled images: re-estimate BatchNorm and refit rewritten convs")
+@click.option("--finetune", "finetune_data", type=click.Path(exists=True, file_okay=False),
+              help="ImageFolder for distillation fine-tuning from the original")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
+              help="preprocessing of --calibrate/--finetune images")
+@click.option("--num-images", default=2048, show_default=True, help="calibration images")
+@click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
+@click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+@click.option("--min-time", default=5.0, show_default=True, help="seconds of timing per batch size")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@user_errors
+def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, calibrate_data, finetune_data, preset,
+                num_images, epochs, batches, threads, min_time, out, force, as_json):
+    """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
+    from .pipeline import run_pipeline
+
+    try:
+        batch_sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise SurgeryError(f"--batch takes comma-separated integers like 1,8, not {batches!r}") from None
+    result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
+                          out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
+                          finetune_data=finetune_data, preset=preset, num_images=num_images, epochs=epochs,
+                          batch_sizes=batch_sizes, threads=threads, min_time_s=min_time, echo=click.echo)
+    if as_json:
+        print_json({k: v for k, v in result.items() if k != "latency_table"})
+        return
+    macs = result["macs"]
+    click.echo(f"{model}: {result['variants'][0]} -> {result['variants'][1]}, MACs {macs['original'] / 1e9:.3f} G -> "
+               f"{macs['converted'] / 1e9:.3f} G ({macs['converted'] / macs['original'] - 1:+.1%}), "
+               + ("exact" if result["exact"] else "changes the function"))
+    for name, p in result["parity"].items():
+        click.echo(f"ONNX parity {name}: max |diff| {p.get('max_abs_diff', '?')}, passed {p.get('passed', '?')}")
+    click.echo(result["latency_table"])
+    click.echo(f"written: {out}/ (converted/, original.onnx, converted.onnx, latency.json, latency.png, report.json)")

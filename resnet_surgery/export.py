@@ -1,0 +1,375 @@
+"""Export a model to ONNX and prove, in onnxruntime, that the file computes what the model computes.
+
+Parity is part of export: the file is written under a temporary name, checked with
+``onnx.checker.check_model(full_check=True)``, run in onnxruntime beside PyTorch on the same random
+inputs (batch 1, and a larger batch when the batch axis is dynamic), and only renamed into place when
+every check passes.
+
+Tolerance: a check passes when ``max |onnx - torch| <= atol + rtol * max |torch|`` over all outputs of
+the batch. The relative difference reported is ``max |onnx - torch| / max |torch|``: the worst error
+relative to the largest logit, so near-zero logits cannot blow it up. Top-1 agreement is reported but
+does not gate: two logits closer than the tolerance may swap places without the file being wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .atomic import atomic_file, check_writable
+from .errors import SurgeryError
+
+# Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
+_MAX_INLINE_BYTES = int(1.9 * 2**30)
+MACS_METADATA_KEY = "resnet_surgery.macs"
+
+
+class ExportError(SurgeryError):
+    """Neither ONNX exporter could export the model, or the file it wrote is not valid ONNX."""
+
+
+class ParityError(SurgeryError):
+    """The exported file does not compute what the PyTorch model computes; ``.report`` has the figures."""
+
+    def __init__(self, message: str, report: ParityReport):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclasses.dataclass
+class ParityCheck:
+    """onnxruntime against PyTorch on one random batch."""
+
+    batch: int
+    max_abs_diff: float
+    max_abs_logit: float
+    max_rel_diff: float  # max_abs_diff / max_abs_logit
+    tolerance: float  # atol + rtol * max_abs_logit
+    top1_agree: int
+    passed: bool
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """What was exported, by which exporter, and how closely onnxruntime matches PyTorch."""
+
+    path: str
+    exporter: str  # "dynamo" or "torchscript" (the fallback)
+    opset: int
+    input_shape: list  # ONNX input shape; the batch axis is a name when dynamic
+    dynamic_batch: bool
+    file_bytes: int
+    external_data: list[str]  # weight files beside the .onnx (only for models over 2 GB)
+    atol: float
+    rtol: float
+    checks: list[ParityCheck]
+    macs: int | None = None  # per image, convolutions and matmuls (torch.utils.flop_counter)
+    fallback_reason: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(c.max_abs_diff for c in self.checks)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max(c.max_rel_diff for c in self.checks)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(passed=self.passed, max_abs_diff=self.max_abs_diff, max_rel_diff=self.max_rel_diff)
+        return d
+
+    def __str__(self) -> str:
+        batch = "dynamic batch" if self.dynamic_batch else "static batch"
+        lines = [
+            f"ONNX export: {self.path} ({_human_bytes(self.file_bytes)}, opset {self.opset}, "
+            f"{self.exporter} exporter, {batch}, input {self.input_shape})",
+        ]
+        if self.fallback_reason:
+            lines.append(
+                f"  the dynamo exporter failed ({self.fallback_reason}); used the TorchScript exporter"
+            )
+        lines.append(
+            f"{'batch':>5}  {'max |diff|':>10}  {'max |logit|':>11}  {'rel diff':>9}  {'tolerance':>9}  "
+            f"{'top-1 agree':>11}  result"
+        )
+        for c in self.checks:
+            lines.append(
+                f"{c.batch:>5}  {c.max_abs_diff:>10.2e}  {c.max_abs_logit:>11.3g}  {c.max_rel_diff:>9.2e}  "
+                f"{c.tolerance:>9.2e}  {f'{c.top1_agree}/{c.batch}':>11}  {'pass' if c.passed else 'FAIL'}"
+            )
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(
+            f"parity: {verdict} (max |onnx - torch| <= atol {self.atol:g} + rtol {self.rtol:g} x max |logit|)"
+        )
+        return "\n".join(lines)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    parity_batch: int = 4,
+    force: bool = False,
+    seed: int = 0,
+) -> ParityReport:
+    """Export ``model`` to ``path`` as one self-contained .onnx file and verify it in onnxruntime.
+
+    Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
+    disagrees with PyTorch; in both cases nothing is left at ``path``.
+    """
+    path = check_writable(path, force)
+    input_size = tuple(int(s) for s in input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_verified(
+            model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed
+        )
+    finally:
+        model.train(was_training)
+
+
+def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed):
+    big = _state_bytes(model) > _MAX_INLINE_BYTES
+    with (
+        atomic_file(path, force) as tmp,
+        tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".export", dir=path.parent) as work,
+    ):
+        # Stage under the final file name so any external-data reference already names the final file.
+        staged = Path(work) / path.name
+        exporter, reason = _export(model, staged, input_size, dynamic_batch, opset, big)
+        macs = _count_macs(model, input_size)
+        _set_metadata(staged, {MACS_METADATA_KEY: str(macs)})
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except Exception as e:  # the checker raises several types; all mean the same to the user
+            raise ExportError(f"the exported file fails onnx.checker: {_first_line(e)}") from e
+        extra = sorted(p.name for p in Path(work).iterdir() if p != staged)
+        batches = [1, parity_batch] if dynamic_batch and parity_batch != 1 else [1]
+        checks = _parity_checks(model, staged, input_size, batches, atol, rtol, seed)
+        report = ParityReport(
+            path=str(path),
+            exporter=exporter,
+            opset=_opset(staged),
+            input_shape=onnx_input_shape(staged),
+            dynamic_batch=dynamic_batch,
+            file_bytes=staged.stat().st_size,
+            external_data=extra,
+            atol=atol,
+            rtol=rtol,
+            checks=checks,
+            macs=macs,
+            fallback_reason=reason,
+        )
+        if not report.passed:
+            worst = max(checks, key=lambda c: c.max_abs_diff / c.tolerance)
+            raise ParityError(
+                f"ONNX parity failed: at batch {worst.batch} max |onnx - torch| = {worst.max_abs_diff:.3g} > "
+                f"tolerance {worst.tolerance:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
+                f"{worst.max_abs_logit:.3g}); nothing written to {path} (loosen --atol/--rtol only if this "
+                "difference is acceptable)",
+                report,
+            )
+        # Weights over 2 GB travel beside the .onnx; move them first so the file never points at nothing.
+        for name in extra:
+            check_writable(path.parent / name, force)
+            os.replace(Path(work) / name, path.parent / name)
+        os.replace(staged, tmp)
+    return report
+
+
+def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, str | None]:
+    """Try the dynamo exporter, then the TorchScript one; return (exporter, why dynamo failed)."""
+    device = _device(model)
+    # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
+    example = torch.randn(2 if dynamic_batch else 1, *input_size, device=device)
+    names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    try:
+        dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        torch.onnx.export(
+            model,
+            (example,),
+            str(staged),
+            dynamo=True,
+            external_data=big,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+            **names,
+        )
+        return "dynamo", None
+    except Exception as e:  # any failure of the new exporter is a reason to try the old one
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+    for p in staged.parent.iterdir():
+        p.unlink()
+    warnings.warn(
+        f"dynamo ONNX export failed ({reason}); falling back to the TorchScript exporter", stacklevel=4
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dynamic_axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(
+                model, (example,), str(staged), dynamo=False, dynamic_axes=dynamic_axes, **names
+            )
+    except Exception as e:
+        raise ExportError(
+            f"could not export the model to ONNX: dynamo exporter: {reason}; TorchScript exporter: "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from e
+    return "torchscript", reason
+
+
+def _parity_checks(model, staged, input_size, batches, atol, rtol, seed) -> list[ParityCheck]:
+    session = _session(staged)
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)
+    checks = []
+    for batch in batches:
+        x = torch.randn(batch, *input_size, generator=generator)
+        with torch.no_grad():
+            expected = _flatten_outputs(model(x.to(device)))
+        got = _run_onnx(session, x.numpy())
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            raise ExportError(
+                f"onnxruntime returns shapes {[g.shape for g in got]} but PyTorch returns "
+                f"{[e.shape for e in expected]}"
+            )
+        max_abs_diff = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
+        max_abs_logit = max(float(np.max(np.abs(e))) for e in expected)
+        tolerance = atol + rtol * max_abs_logit
+        # NaN compares false, so a NaN difference fails here too.
+        passed = bool(max_abs_diff <= tolerance) and all(np.isfinite(g).all() for g in got)
+        top1 = int((got[0].reshape(batch, -1).argmax(1) == expected[0].reshape(batch, -1).argmax(1)).sum())
+        checks.append(
+            ParityCheck(
+                batch=batch,
+                max_abs_diff=max_abs_diff,
+                max_abs_logit=max_abs_logit,
+                max_rel_diff=max_abs_diff / max_abs_logit if max_abs_logit > 0 else max_abs_diff,
+                tolerance=tolerance,
+                top1_agree=top1,
+                passed=passed,
+            )
+        )
+    return checks
+
+
+def _session(path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load the exported file: {_first_line(e)}") from e
+
+
+def _run_onnx(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def _flatten_outputs(out) -> list[np.ndarray]:
+    """The model's output tensors in the order the exporters flatten them (tuples, lists, dict values)."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach().float().cpu().numpy().astype(np.float64)]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [a for item in items for a in _flatten_outputs(item)]
+
+
+def _count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
+    """Multiply-accumulates per image of convolutions and matrix products (torch's own flop counter)."""
+    device = _device(model)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *input_size, device=device))
+    return counter.get_total_flops() // 2
+
+
+def onnx_input_shape(path: str | os.PathLike) -> list:
+    """The shape of an ONNX model's single input: ints, or the axis name (None if unnamed) when dynamic."""
+    return _input_info(load_onnx_header(path), path)[1]
+
+
+def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file without its external weights; SurgeryError when it is missing or not ONNX."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"no such ONNX file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SurgeryError(f"{path} is not an ONNX model ({_first_line(e)}); pass a .onnx file") from e
+    if not proto.opset_import or not proto.graph.node:
+        raise SurgeryError(f"{path} is not an ONNX model (no graph in it); pass a .onnx file")
+    return proto
+
+
+def _input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
+    """(name, shape, numpy dtype) of the model's one graph input that is not an initializer."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise SurgeryError(f"{path} has {len(inputs)} inputs; only single-input (image) models are supported")
+    tensor_type = inputs[0].type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+    return inputs[0].name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's metadata_props (export_onnx stores the model's MACs there)."""
+    return {p.key: p.value for p in load_onnx_header(path).metadata_props}
+
+
+def _set_metadata(path: Path, values: dict[str, str]) -> None:
+    # Leave external weights where they are: only the graph proto is rewritten.
+    proto = onnx.load(str(path), load_external_data=False)
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        entry = existing.get(key) or proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def _opset(path: Path) -> int:
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _state_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
