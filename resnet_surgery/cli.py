@@ -48,6 +48,20 @@ size_option = click.option("--input-size", default=224, show_default=True, type=
                            help="square input size used for shapes, MACs and probes")
 
 
+
+def variant_options(fn):
+    """--to, --shortcut, --exact and --prune-dead: what `convert` and `run` both take."""
+    for option in reversed([
+        click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant"),
+        click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]),
+                     help="projection shortcut type"),
+        click.option("--exact", is_flag=True, help="only function-preserving rewrites (error if none exists)"),
+        click.option("--prune-dead", is_flag=True,
+                     help="remove computation on positions nobody reads (exact, v1 models)"),
+    ]):
+        fn = option(fn)
+    return fn
+
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""
@@ -86,10 +100,7 @@ def inspect_command(model, weights, input_size, as_json):
 
 @main.command("convert")
 @model_argument
-@click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant")
-@click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]), help="projection shortcut type")
-@click.option("--exact", is_flag=True, help="only function-preserving rewrites (error if none exists)")
-@click.option("--prune-dead", is_flag=True, help="remove computation on positions nobody reads (exact, v1 models)")
+@variant_options
 @weights_option
 @size_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
@@ -384,10 +395,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
 @main.command("run")
 @model_argument
-@click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant")
-@click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]), help="projection shortcut type")
-@click.option("--exact", is_flag=True, help="only function-preserving rewrites")
-@click.option("--prune-dead", is_flag=True, help="remove computation on positions nobody reads")
+@variant_options
 @weights_option
 @size_option
 @click.option("--calibrate", "calibrate_data", type=click.Path(exists=True, file_okay=False),
