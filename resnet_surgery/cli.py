@@ -62,6 +62,7 @@ def variant_options(fn):
         fn = option(fn)
     return fn
 
+
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""

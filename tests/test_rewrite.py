@@ -8,7 +8,15 @@ import torchvision
 from torch import nn
 from util import CaffeResNet, randomize_bn, relative_error
 
-from resnet_surgery import NotExactError, SurgeryError, SurgeryNotice, apply_recipe, convert, find_blocks, trace
+from resnet_surgery import (
+    NotExactError,
+    SurgeryError,
+    SurgeryNotice,
+    apply_recipe,
+    convert,
+    find_blocks,
+    trace,
+)
 
 TOL = 1e-5
 
