@@ -1,0 +1,224 @@
+"""Data loading shared by the project: CIFAR-10 from ../shared/data, preprocessing presets, and one
+`as_loader` that accepts an ImageFolder directory, a Dataset or a DataLoader, with or without labels."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .atomic import atomic_dir, atomic_file
+from .errors import SurgeryError
+
+CIFAR10_SPLITS = ("train", "test")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Preprocessing presets: final size, resize before the centre crop (None: resize straight to size), mean, std.
+PRESETS = {
+    "imagenet": {"size": 224, "resize": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "cifar10": {"size": 32, "resize": None, "mean": CIFAR10_MEAN, "std": CIFAR10_STD},
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+_DONE = ".complete"
+
+
+def cache_root(path: str | os.PathLike | None = None) -> Path:
+    """The project's ignored cache folder: ``path``, else $RESNET_SURGERY_CACHE, else <repo>/.cache."""
+    if path is None:
+        path = os.environ.get("RESNET_SURGERY_CACHE") or Path(__file__).resolve().parents[1] / ".cache"
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cifar_tar(shared_dir: str | os.PathLike, split: str) -> Path:
+    if split not in CIFAR10_SPLITS:
+        raise SurgeryError(f"unknown CIFAR-10 split {split!r}; choose one of {', '.join(CIFAR10_SPLITS)}")
+    tar = Path(shared_dir) / "cifar10" / f"{split}.tar"
+    if not tar.is_file():
+        raise SurgeryError(f"{tar} not found; pass the shared data folder that holds cifar10/{split}.tar")
+    return tar
+
+
+def extract_cifar10(shared_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Extract cifar10/<split>.tar once into the cache and return the ImageFolder root (<cache>/cifar10/<split>).
+
+    A marker file is written after a complete extraction, so an interrupted one is redone.
+    """
+    tar = _cifar_tar(shared_dir, split)
+    out = cache_root(cache_dir) / "cifar10"
+    root = out / split
+    if (root / _DONE).is_file():
+        return root
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(root, force=True) as tmp:
+        with tarfile.open(tar) as tf:
+            tf.extractall(tmp, filter="data")
+        # The tar holds <split>/<class>/NNNN.jpg: lift the classes up to the root.
+        inner = tmp / split
+        for d in inner.iterdir():
+            d.rename(tmp / d.name)
+        inner.rmdir()
+        (tmp / _DONE).write_text(str(tar))
+    return root
+
+
+def cifar10_tensors(
+    shared_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All CIFAR-10 images of ``split`` as (uint8 N x 3 x 32 x 32, int64 labels), decoded once and cached.
+
+    Labels are ImageFolder's indices (classes sorted alphabetically); images are in tar order.
+    """
+    from torchvision.io import decode_jpeg
+
+    tar = _cifar_tar(shared_dir, split)
+    cached = cache_root(cache_dir) / f"cifar10_{split}_uint8.pt"
+    if cached.is_file():
+        d = torch.load(cached, weights_only=True)
+        return d["images"], d["labels"]
+    datas, labels = [], []
+    with tarfile.open(tar) as tf:
+        for member in sorted((m for m in tf.getmembers() if m.isfile()), key=lambda m: m.name):
+            cls = Path(member.name).parent.name
+            if Path(member.name).suffix.lower() not in (".jpg", ".jpeg") or cls not in CIFAR10_CLASSES:
+                continue
+            datas.append(torch.frombuffer(bytearray(tf.extractfile(member).read()), dtype=torch.uint8))
+            labels.append(CIFAR10_CLASSES.index(cls))
+    if not datas:
+        raise SurgeryError(f"{tar} holds no <class>/*.jpg images")
+    images = torch.stack([decode_jpeg(d, mode=_rgb_mode()) for d in datas])
+    labels = torch.tensor(labels, dtype=torch.int64)
+    with atomic_file(cached, force=True) as tmp:
+        torch.save({"images": images, "labels": labels}, tmp)
+    return images, labels
+
+
+def _rgb_mode():
+    from torchvision.io import ImageReadMode
+
+    return ImageReadMode.RGB
+
+
+def build_transform(
+    size: int | Sequence[int] = 224,
+    resize: int | None = 256,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+):
+    """PIL image -> normalised float tensor: resize (shorter side), centre crop ``size``, normalise.
+
+    ``resize=None`` resizes straight to ``size`` (for images already about the right size, like CIFAR).
+    """
+    from torchvision import transforms as T
+
+    steps = [T.Resize(resize), T.CenterCrop(size)] if resize else [T.Resize(size), T.CenterCrop(size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def preset_transform(preset: str = "imagenet", **overrides):
+    """The transform of a named preset ("imagenet" or "cifar10"), with any of size/resize/mean/std overridden."""
+    if preset not in PRESETS:
+        raise SurgeryError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    opts = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return build_transform(**opts)
+
+
+def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> normalised float32 (the tensor path's equivalent of the cifar10 preset)."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+def image_folder(path: str | os.PathLike, transform) -> Dataset:
+    """torchvision ImageFolder with a clear error for a missing or empty folder."""
+    from torchvision.datasets import ImageFolder
+
+    path = Path(path)
+    if not path.is_dir():
+        raise SurgeryError(f"data folder {path} not found; pass an ImageFolder directory (<root>/<class>/<image>)")
+    try:
+        return ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        # ImageFolder raises for no class folders or no images in them.
+        raise SurgeryError(
+            f"data folder {path} holds no images in class sub-folders (<root>/<class>/<image>{'|'.join(IMAGE_SUFFIXES)})"
+        ) from e
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch from any loader -> (images, labels or None): accepts a tensor, or (images, labels, ...)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
+    if isinstance(batch, dict) and "image" in batch:
+        return batch["image"], batch.get("label")
+    raise SurgeryError(f"cannot read images from a batch of type {type(batch).__name__}; yield tensors or (image, label)")
+
+
+def _subset(dataset: Dataset, num_images: int | None, seed: int) -> Dataset:
+    if num_images is None:
+        return dataset
+    n = len(dataset)
+    if num_images <= 0:
+        raise SurgeryError(f"num_images must be positive, got {num_images}")
+    if num_images >= n:
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[:num_images].sort().values
+    return Subset(dataset, idx.tolist())
+
+
+def as_loader(
+    data,
+    *,
+    preset: str = "imagenet",
+    transform=None,
+    batch_size: int = 64,
+    num_images: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``data``: an ImageFolder path (preprocessed with ``transform`` or ``preset``),
+    a Dataset, or a DataLoader (both used as they are). ``num_images`` keeps a fixed seeded subset.
+
+    Batches may be image tensors or (images, labels); read them with `split_batch`.
+    """
+    if isinstance(data, DataLoader):
+        if num_images is None:
+            return data
+        # Keep the loader's own collate function and batch size; only take the subset.
+        return DataLoader(
+            _subset(data.dataset, num_images, seed),
+            batch_size=data.batch_size or batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            collate_fn=data.collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    if isinstance(data, (str, os.PathLike)):
+        data = image_folder(data, transform or preset_transform(preset))
+    if not isinstance(data, Dataset):
+        raise SurgeryError(
+            f"data must be an ImageFolder directory, a torch Dataset or a DataLoader, not {type(data).__name__}"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise SurgeryError("the dataset is empty; pass data with at least one image")
+    return DataLoader(
+        _subset(data, num_images, seed),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,128 @@
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from resnet_surgery.data import (
+    CIFAR10_CLASSES,
+    as_loader,
+    build_transform,
+    cifar10_tensors,
+    extract_cifar10,
+    preset_transform,
+    split_batch,
+)
+from resnet_surgery.errors import SurgeryError
+
+
+@pytest.fixture(scope="module")
+def cifar_test_dir(shared_data, tmp_path_factory):
+    return extract_cifar10(shared_data, "test", tmp_path_factory.mktemp("cache"))
+
+
+def test_extract_gives_an_image_folder(cifar_test_dir):
+    assert sorted(d.name for d in cifar_test_dir.iterdir() if d.is_dir()) == list(CIFAR10_CLASSES)
+    assert len(list((cifar_test_dir / "cat").glob("*.jpg"))) == 1000
+
+
+def test_extract_runs_once(shared_data, cifar_test_dir, monkeypatch):
+    import tarfile
+
+    # A completed extraction is reused: the tar is not opened again.
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("extracted twice"))
+    assert extract_cifar10(shared_data, "test", cifar_test_dir.parents[1]) == cifar_test_dir
+
+
+def test_extract_redoes_a_half_extracted_folder(shared_data, tmp_path):
+    half = tmp_path / "cifar10" / "test" / "cat"
+    half.mkdir(parents=True)
+    (half / "junk.jpg").write_bytes(b"not a jpeg")
+    root = extract_cifar10(shared_data, "test", tmp_path)
+    assert not (root / "cat" / "junk.jpg").exists()
+    assert len(list((root / "dog").glob("*.jpg"))) == 1000
+
+
+def test_extract_bad_split_and_missing_data(shared_data, tmp_path):
+    with pytest.raises(SurgeryError, match="split"):
+        extract_cifar10(shared_data, "val", tmp_path)
+    with pytest.raises(SurgeryError, match="not found"):
+        extract_cifar10(tmp_path / "nowhere", "test", tmp_path)
+
+
+def test_cifar10_tensors_match_the_image_folder(shared_data, cifar_test_dir):
+    images, labels = cifar10_tensors(shared_data, "test")
+    assert images.shape == (10000, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and torch.equal(labels.bincount(), torch.full((10,), 1000))
+    # Tar order = sorted paths = ImageFolder order: the same pixels and label as torchvision's decode.
+    ds = as_loader(cifar_test_dir, preset="cifar10").dataset
+    path, label = ds.samples[1234]
+    pil = pil_to_tensor(Image.open(path).convert("RGB"))
+    assert label == labels[1234]
+    assert (pil.int() - images[1234].int()).abs().max() <= 2  # JPEG decoders may round differently
+
+
+def test_presets_output_shapes():
+    big = Image.new("RGB", (500, 375), (120, 30, 200))
+    small = Image.new("RGB", (32, 32), (120, 30, 200))
+    assert preset_transform("imagenet")(big).shape == (3, 224, 224)
+    assert preset_transform("cifar10")(small).shape == (3, 32, 32)
+    assert preset_transform("cifar10", size=40)(small).shape == (3, 40, 40)
+    x = build_transform(size=64, resize=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(small)
+    assert x.shape == (3, 64, 64)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([120, 30, 200]) / 255 * 2 - 1, atol=1e-5)
+    with pytest.raises(SurgeryError, match="preset"):
+        preset_transform("mnist")
+
+
+def test_as_loader_from_folder_with_subset(cifar_test_dir):
+    loader = as_loader(cifar_test_dir, preset="cifar10", batch_size=8, num_images=20, seed=3)
+    batches = list(loader)
+    assert sum(len(split_batch(b)[0]) for b in batches) == 20
+    images, labels = split_batch(batches[0])
+    assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
+    # Same seed, same subset.
+    again = split_batch(next(iter(as_loader(cifar_test_dir, preset="cifar10", batch_size=8, num_images=20, seed=3))))
+    assert torch.equal(again[1], labels)
+
+
+def test_as_loader_from_dataset_with_and_without_labels():
+    x = torch.randn(10, 3, 8, 8)
+    y = torch.arange(10)
+    images, labels = split_batch(next(iter(as_loader(TensorDataset(x, y), batch_size=4))))
+    assert torch.equal(images, x[:4]) and torch.equal(labels, y[:4])
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return x[i]
+
+    loader = as_loader(Unlabelled(), batch_size=4, num_images=6)
+    batches = [split_batch(b) for b in loader]
+    assert all(lab is None for _, lab in batches)
+    assert sum(len(im) for im, _ in batches) == 6
+
+
+def test_as_loader_passes_a_dataloader_through():
+    dl = DataLoader(TensorDataset(torch.randn(10, 3, 8, 8)), batch_size=5)
+    assert as_loader(dl) is dl
+    images, labels = split_batch(next(iter(as_loader(dl, num_images=3))))
+    assert images.shape == (3, 3, 8, 8) and labels is None
+
+
+def test_as_loader_errors(tmp_path):
+    with pytest.raises(SurgeryError, match="not found"):
+        as_loader(tmp_path / "missing")
+    with pytest.raises(SurgeryError, match="no images"):
+        as_loader(tmp_path)
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(SurgeryError, match="no images"):
+        as_loader(tmp_path)
+    with pytest.raises(SurgeryError, match="empty"):
+        as_loader(TensorDataset(torch.empty(0, 3)))
+    with pytest.raises(SurgeryError, match="Dataset"):
+        as_loader([1, 2, 3])
+    with pytest.raises(SurgeryError, match="batch"):
+        split_batch("text")
