@@ -1,6 +1,7 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
 from .blocks import Block, Subsample, find_blocks, trace
+from .data import as_loader, cifar10_tensors, extract_cifar10, split_batch
 from .errors import NotExactError, SurgeryError, TraceError
 from .export import ExportError, ParityError, ParityReport, export_onnx, onnx_input_shape
 from .latency import LatencyReport, RatioCI, compare_latency, ratio_ci
@@ -9,9 +10,11 @@ from .prune import prune_dead_compute
 from .recipe import apply_recipe, load, save
 from .report import Report, count_macs, inspect
 from .rewrite import SurgeryNotice, convert, max_difference
+from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
 __all__ = [
-    "Block", "ExportError", "LatencyReport", "NotExactError", "ParityError", "ParityReport", "RatioCI", "Report", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError",
-    "apply_recipe", "compare_latency", "convert", "count_macs", "export_onnx", "onnx_input_shape", "ratio_ci", "find_blocks", "inspect", "load", "load_model",
+    "Block", "CIFAR_MODELS", "ExportError", "LatencyReport", "NotExactError", "ParityError", "ParityReport", "RatioCI", "Report", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError",
+    "apply_recipe", "as_loader", "cifar10_tensors", "cifar_resnet", "compare_latency", "extract_cifar10",
+    "load_cifar_resnet", "split_batch", "convert", "count_macs", "export_onnx", "onnx_input_shape", "ratio_ci", "find_blocks", "inspect", "load", "load_model",
     "max_difference", "prune_dead_compute", "save", "trace",
 ]
