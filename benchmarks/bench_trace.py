@@ -33,6 +33,19 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def time_model(name: str, repeats: int) -> dict:
+    """Median seconds of each surgery step on one torchvision model."""
+    model = torchvision.models.get_model(name).eval()
+    v1 = convert(model, "v1")
+    return {
+        "model": name,
+        "trace_and_find_blocks_s": median_seconds(lambda: find_blocks(trace(model)), repeats),
+        "convert_to_v1_s": median_seconds(lambda: convert(model, "v1"), repeats),
+        "convert_to_d_s": median_seconds(lambda: convert(model, "d"), repeats),
+        "prune_dead_s": median_seconds(lambda: convert(v1, prune_dead=True), repeats),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="resnet50,resnet152")
@@ -40,17 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore", SurgeryNotice)
     torch.set_num_threads(2)
-    rows = []
-    for name in args.models.split(","):
-        model = torchvision.models.get_model(name).eval()
-        v1 = convert(model, "v1")
-        rows.append({
-            "model": name,
-            "trace_and_find_blocks_s": median_seconds(lambda: find_blocks(trace(model)), args.repeats),
-            "convert_to_v1_s": median_seconds(lambda: convert(model, "v1"), args.repeats),
-            "convert_to_d_s": median_seconds(lambda: convert(model, "d"), args.repeats),
-            "prune_dead_s": median_seconds(lambda: convert(v1, prune_dead=True), args.repeats),
-        })
+    rows = [time_model(name, args.repeats) for name in args.models.split(",")]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "load_average": os.getloadavg(), "torch": torch.__version__, "rows": rows}
     OUT.parent.mkdir(parents=True, exist_ok=True)

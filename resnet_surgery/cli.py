@@ -358,13 +358,14 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
 @click.option("--alpha", default=0.9, show_default=True, type=click.FloatRange(0, 1),
               help="weight of distillation against cross-entropy (when --data has labels)")
 @click.option("--num-images", type=click.IntRange(1), help="train on a fixed random subset of this many images")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (about 2x faster on CPUs with AVX-512 BF16)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--resume", is_flag=True, help="continue from the checkpoint beside --out (<out>.checkpoint.pt)")
 @click.option("--force", is_flag=True, help="overwrite --out and start over from a stale checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
 def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, epochs,
-                     lr, optimizer, freeze, temperature, alpha, num_images, out, resume, force, as_json):
+                     lr, optimizer, freeze, temperature, alpha, num_images, bf16, out, resume, force, as_json):
     """Fine-tune a converted folder by distillation from the original model; a checkpoint after each epoch.
 
     Runs unchanged on several processes: torchrun --nproc_per_node N $(which resnet-surgery) finetune ...
@@ -382,7 +383,8 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
     source = load_original(original, weights, converted)
     model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
-                     num_images=num_images, batch_size=batch_size, transform=transform, progress=not as_json)
+                     num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
+                     progress=not as_json)
     if not is_rank0():
         return
     report = model.resnet_surgery_finetune

@@ -69,8 +69,10 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
             step("finetune")
             converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset,
                                  num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
+            result["finetune"] = _report_dict(getattr(converted, "resnet_surgery_finetune", None))
+            # The checkpoint only matters to a run that may be resumed; this one finished.
+            (tmp / "finetune.ckpt").unlink(missing_ok=True)
             bar.update()
-        converted.resnet_surgery_recipe = recipe
         save(converted, tmp / "converted", summary=json.dumps(result, indent=2, default=str))
         parity = {}
         for name, m in (("original", original), ("converted", converted)):

@@ -1,0 +1,639 @@
+"""Measure and recover the accuracy an approximate rewrite costs, without labels.
+
+`evaluate` scores a model (top-1/top-5 with labels) and compares it with a reference (top-1 agreement,
+KL divergence). `calibrate` repairs the rewritten blocks of a converted model on a few unlabelled images:
+BatchNorm re-estimation, then a least-squares refit of every rewritten conv to the original model's
+conv output. Fine-tuning by distillation lives in `resnet_surgery.finetune`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import as_loader, split_batch
+from .errors import SurgeryError
+
+CALIBRATION_STEPS = ("bn", "transfer")
+# Calibration images stay in memory up to this size, so the passes do not decode them again.
+CACHE_BYTES = 1 << 30
+# Unfolded conv inputs are processed in chunks of about this size, and at most this many rows (output
+# positions) per batch enter the least-squares sums: enough for a well-posed fit, bounded memory.
+UNFOLD_BYTES = 256 << 20
+MAX_ROWS_PER_BATCH = 16384
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Accuracy (percent, with labels) and agreement with a reference model (percent; KL in nats)."""
+
+    num_images: int
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None  # images where the model's top-1 class equals the reference's
+    kl: float | None = None  # mean KL(reference || model) of the softmax predictions
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.top1 is not None:
+            parts.append(f"top-1 {self.top1:.2f}%")
+        if self.top5 is not None:
+            parts.append(f"top-5 {self.top5:.2f}%")
+        if self.agreement is not None:
+            parts.append(f"agreement {self.agreement:.2f}%  KL {self.kl:.4f}")
+        parts.append(f"({self.num_images} images, {self.seconds:.1f} s)")
+        return "  ".join(parts)
+
+
+class _Scores:
+    """Running counts behind an EvalReport."""
+
+    def __init__(self):
+        self.n = self.labelled = self.correct1 = self.correct5 = self.agree = 0
+        self.kl_sum = 0.0
+        self.compared = 0
+        self.top5_possible = True
+        self.ref_logits: list[torch.Tensor | None] = []  # the reference's logits of each batch, when computed
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor | None, ref_logits: torch.Tensor | None) -> None:
+        logits = logits.float()
+        self.n += len(logits)
+        if labels is not None:
+            labels = labels.to(logits.device)
+            k = min(5, logits.shape[1])
+            self.top5_possible = logits.shape[1] > 5
+            top = logits.topk(k, dim=1).indices
+            self.labelled += len(labels)
+            self.correct1 += int((top[:, 0] == labels).sum())
+            self.correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        if ref_logits is not None:
+            ref_logits = ref_logits.float()
+            self.compared += len(logits)
+            self.agree += int((logits.argmax(1) == ref_logits.argmax(1)).sum())
+            log_p, log_q = F.log_softmax(ref_logits, dim=1), F.log_softmax(logits, dim=1)
+            self.kl_sum += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+
+    def report(self, seconds: float) -> EvalReport:
+        pct = lambda k, n: 100.0 * k / n if n else None  # noqa: E731
+        return EvalReport(
+            num_images=self.n,
+            top1=pct(self.correct1, self.labelled),
+            top5=pct(self.correct5, self.labelled) if self.top5_possible else None,
+            agreement=pct(self.agree, self.compared),
+            kl=self.kl_sum / self.compared if self.compared else None,
+            seconds=seconds,
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode and give every submodule its own training flag back afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _scores(model, reference, batches, desc: str, progress: bool) -> _Scores:
+    """Scores of ``model`` on ``batches`` against ``reference``: a model (its logits are then kept in
+    ``_Scores.ref_logits``), its logits for the batches in order (N x classes), or None."""
+    device = model_device(model)
+    scores = _Scores()
+    given = isinstance(reference, torch.Tensor)
+    models = [model] + ([reference] if isinstance(reference, nn.Module) else [])
+    with eval_mode(*models), torch.no_grad():
+        for images, labels in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            images = images.to(device)
+            if given:
+                ref = reference[scores.n : scores.n + len(images)].to(device)
+                if len(ref) != len(images):
+                    raise SurgeryError(f"the reference logits cover {len(reference)} images but the data has more")
+            else:
+                ref = reference(images) if reference is not None else None
+                scores.ref_logits.append(ref)
+            scores.add(model(images), labels, ref)
+    if given and scores.n != len(reference):
+        raise SurgeryError(f"the reference logits cover {len(reference)} images but the data has {scores.n}")
+    return scores
+
+
+def evaluate(
+    model: nn.Module,
+    data,
+    *,
+    reference: nn.Module | torch.Tensor | None = None,
+    batch_size: int = 64,
+    preset: str = "imagenet",
+    transform=None,
+    num_images: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Top-1/top-5 of ``model`` on ``data`` when it has labels; with ``reference`` (e.g. the original model)
+    also the top-1 agreement and mean KL(reference || model). Modules keep their train/eval flags.
+
+    ``data``: an ImageFolder path (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
+    ``num_images`` evaluates a fixed seeded subset. ``reference`` may also be the reference's logits on
+    ``data`` in its order (N x classes), e.g. from `predict`, to compare many models with one original.
+    """
+    loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size, num_images=num_images)
+    start = time.perf_counter()
+    scores = _scores(model, reference, _Batches(loader, cache=False), "evaluate", progress)
+    if scores.n == 0:
+        raise SurgeryError("the data yielded no images; pass a non-empty dataset")
+    return scores.report(time.perf_counter() - start)
+
+
+def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imagenet", transform=None,
+            num_images: int | None = None, progress: bool = True) -> torch.Tensor:
+    """The logits of ``model`` on ``data`` in order (N x classes), in eval mode, e.g. a reference for `evaluate`."""
+    loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size, num_images=num_images)
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        out = [model(split_batch(b)[0].to(device)) for b in tqdm(loader, desc="predict", disable=not progress, leave=False)]
+    if not out:
+        raise SurgeryError("the data yielded no images; pass a non-empty dataset")
+    return torch.cat(out)
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CalibrationStep:
+    """One calibration step: what it cost and where it left the model (measured on the calibration images)."""
+
+    step: str  # "naive copy" | "bn" | "transfer"
+    images: int  # calibration images the step used (0 for the naive copy)
+    passes: int  # forward passes over them
+    cpu_seconds: float  # process CPU time, all threads
+    wall_seconds: float
+    agreement: EvalReport  # against the original model
+
+
+@dataclasses.dataclass
+class ConvFit:
+    """The least-squares refit of one converted conv to the original conv's output."""
+
+    conv: str
+    target: str
+    rows: int  # output positions that entered the fit
+    error_before: float  # squared error relative to the target's variance, with the weights before the fit
+    error_after: float
+
+
+@dataclasses.dataclass
+class CalibrationReport:
+    num_images: int
+    ridge: float
+    steps: list[CalibrationStep]
+    fits: list[ConvFit]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"{'step':<12} {'images':>7} {'cpu s':>8} {'agreement':>10} {'KL':>8} {'top-1':>7}"]
+        for s in self.steps:
+            a = s.agreement
+            top1 = f"{a.top1:.2f}" if a.top1 is not None else "-"
+            lines.append(f"{s.step:<12} {s.images:>7} {s.cpu_seconds:>8.1f} {a.agreement:>9.2f}% {a.kl:>8.4f} {top1:>7}")
+        for f in self.fits:
+            lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}")
+        return "\n".join(lines)
+
+
+class _Batches:
+    """Re-iterable (images, labels) batches of a loader, kept in memory (when under CACHE_BYTES) after the
+    first pass so later passes neither decode again nor depend on the loader's shuffling."""
+
+    def __init__(self, loader, cache: bool = True):
+        self.loader = loader
+        self.cached: list | None = None
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cached) if self.cached is not None else len(self.loader)
+
+    def __iter__(self):
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept, size = ([] if self.cache else None), 0
+        for batch in self.loader:
+            images, labels = split_batch(batch)
+            if kept is not None:
+                size += images.numel() * images.element_size()
+                kept = kept + [(images, labels)] if size <= CACHE_BYTES else None
+            yield images, labels
+        self.cached = kept
+
+
+class _CPUTimer:
+    def __enter__(self):
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
+
+
+def approximate_rewrites(model: nn.Module) -> list[dict]:
+    """The records of ``model.resnet_surgery_recipe["rewrites"]`` that change the function."""
+    recipe = getattr(model, "resnet_surgery_recipe", None)
+    if not isinstance(recipe, dict) or "rewrites" not in recipe:
+        raise SurgeryError(
+            "the model has no resnet_surgery_recipe; calibrate and finetune need a model returned by "
+            "resnet_surgery.convert() or loaded with resnet_surgery.load()"
+        )
+    return [r for r in recipe["rewrites"] if not r.get("exact", False)]
+
+
+def _module(model: nn.Module, name: str, kind: type, what: str) -> nn.Module:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise SurgeryError(f"{what} has no module {name!r} named in the recipe; pass the matching model") from None
+    if not isinstance(m, kind):
+        raise SurgeryError(f"{what} module {name!r} is a {type(m).__name__}, expected {kind.__name__}")
+    return m
+
+
+def _batchnorms(model: nn.Module, norms: Sequence[str]) -> dict[str, nn.Module]:
+    layers = {n: model.get_submodule(n) for n in dict.fromkeys(norms)}
+    return {n: m for n, m in layers.items() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance of an N x C x ... activation (what BatchNorm tracks)."""
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.float(), dim=dims, correction=1)
+    return mean, var
+
+
+def reestimate_bn(model: nn.Module, norms: Sequence[str], batches, *, reference: nn.Module | None = None,
+                  progress: bool = True) -> int:
+    """Re-estimate the running statistics of the BatchNorm layers ``norms`` of ``model`` on ``batches``, with
+    every other module in eval mode. Returns the images seen.
+
+    Without ``reference``: reset them and recompute them as plain averages of batch statistics (momentum=None).
+    With ``reference`` (the original model): match it. A norm that ``reference`` has too (same name and size)
+    gets statistics that normalise ``model``'s new activations the way ``reference``'s running statistics
+    normalise its own activations on the same images, matching mean and variance. That is plain re-estimation
+    when the reference's statistics describe these images, and it keeps a norm whose input did not change as
+    it was even when they do not (e.g. statistics gathered on augmented training images).
+    """
+    layers = _batchnorms(model, norms)
+    if not layers:
+        return 0
+    if reference is None:
+        return _plain_bn(model, list(layers.values()), batches, progress)
+    ref_layers = _batchnorms(reference, list(layers))
+    ref_layers = {n: m for n, m in ref_layers.items() if m.num_features == layers[n].num_features}
+    device = model_device(model)
+    ref_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sums = {n: [0.0, 0.0, 0] for n in layers}  # running sums of the new mean and variance, batch count
+
+    def record(name):
+        def hook(_, args):
+            ref_stats[name] = _channel_stats(args[0])
+
+        return hook
+
+    def renormalise(name):
+        def hook(bn, args, output):
+            x = args[0]
+            mean, var = _channel_stats(x)
+            if name in ref_stats:
+                # Same standardised distribution as the reference: (x - mean') / std' ~ (x_ref - mu) / sigma.
+                ref_mean, ref_var = ref_stats[name]
+                ref_running_mean, ref_running_var = ref_layers[name].running_mean, ref_layers[name].running_var
+                var = ((ref_running_var + bn.eps) * (var + bn.eps) / (ref_var + bn.eps) - bn.eps).clamp_min(0)
+                mean = mean - ((var + bn.eps) / (ref_running_var + bn.eps)).sqrt() * (ref_mean - ref_running_mean)
+            s = sums[name]
+            s[0], s[1], s[2] = s[0] + mean, s[1] + var, s[2] + 1
+            # Downstream layers of this pass see activations normalised with this batch's estimate.
+            return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), bn.weight, bn.bias, False, 0.0, bn.eps)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in ref_layers.items()]
+    handles += [m.register_forward_hook(renormalise(n)) for n, m in layers.items()]
+    images_seen = 0
+    try:
+        with eval_mode(model, reference), torch.no_grad():
+            for images, _ in tqdm(batches, desc="BatchNorm re-estimation", disable=not progress, leave=False):
+                images = images.to(device)
+                ref_stats.clear()
+                reference(images)
+                model(images)
+                images_seen += len(images)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in layers.items():
+        mean, var, count = sums[name]
+        if count:
+            m.running_mean.copy_(mean / count)
+            m.running_var.copy_(var / count)
+            m.num_batches_tracked.fill_(count)
+    return images_seen
+
+
+def _plain_bn(model: nn.Module, layers: list[nn.Module], batches, progress: bool) -> int:
+    device = model_device(model)
+    momenta = [m.momentum for m in layers]
+    images_seen = 0
+    with eval_mode(model), torch.no_grad():
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: every batch counts the same
+            m.train()
+        try:
+            for images, _ in tqdm(batches, desc="BatchNorm re-estimation", disable=not progress, leave=False):
+                model(images.to(device))
+                images_seen += len(images)
+        finally:
+            for m, momentum in zip(layers, momenta):
+                m.momentum = momentum
+    return images_seen
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted activation is captured."""
+
+
+def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, what: str) -> torch.Tensor:
+    """The input or output of ``module`` when ``model`` runs on ``images``; the rest of the forward is skipped."""
+    got = []
+
+    def pre_hook(_, args):
+        got.append(args[0])
+        raise _Stop
+
+    def hook(_, args, output):
+        got.append(output)
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre_hook) if what == "input" else module.register_forward_hook(hook)
+    try:
+        model(images)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise SurgeryError(f"the forward pass never called {type(module).__name__} module; is it used?")
+    return got[0]
+
+
+def _execution_order(model: nn.Module, names: Sequence[str], images: torch.Tensor) -> list[str]:
+    """``names`` (conv modules) sorted by when the forward first calls them."""
+    order: list[str] = []
+
+    def seen(name):
+        return lambda *_: order.append(name) if name not in order else None
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(seen(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise SurgeryError(f"the forward pass never calls {', '.join(missing)}; is the recipe from this model?")
+    return order
+
+
+def _pad_for(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """F.pad amounts (left, right, top, bottom) equivalent to the conv's own padding."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+class _LeastSquares:
+    """Sums X^T X and X^T Y (float64) for refitting a conv: X = the conv's unfolded input patches,
+    Y = the target outputs at the same positions, one block per group of a grouped conv."""
+
+    def __init__(self, conv: nn.Conv2d, seed: int = 0):
+        self.conv = conv
+        self.g = conv.groups
+        self.cin = conv.in_channels // self.g
+        self.cout = conv.out_channels // self.g
+        kh, kw = conv.kernel_size
+        self.d = self.cin * kh * kw + (conv.bias is not None)  # a ones column carries the bias
+        dev = conv.weight.device
+        self.xtx = torch.zeros(self.g, self.d, self.d, dtype=torch.float64, device=dev)
+        self.xty = torch.zeros(self.g, self.d, self.cout, dtype=torch.float64, device=dev)
+        self.yty = torch.zeros(self.g, self.cout, dtype=torch.float64, device=dev)
+        self.ysum = torch.zeros(self.g, self.cout, dtype=torch.float64, device=dev)
+        self.rows = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        conv = self.conv
+        x = F.pad(x, _pad_for(conv), mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        n = len(x)
+        positions = y.shape[-2] * y.shape[-1]
+        # Sample the same output positions for every image of the batch when there are too many rows.
+        keep = None
+        if n * positions > MAX_ROWS_PER_BATCH:
+            count = max(1, MAX_ROWS_PER_BATCH // n)
+            keep = torch.randperm(positions, generator=self.generator)[:count].to(x.device)
+        y = y.flatten(2)
+        chunk = max(1, UNFOLD_BYTES // (x[0].numel() * conv.kernel_size[0] * conv.kernel_size[1] * 4))
+        for i in range(0, n, chunk):
+            cols = F.unfold(x[i : i + chunk], conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            if cols.shape[-1] != positions:
+                raise SurgeryError(
+                    f"the converted conv yields {cols.shape[-1]} positions but its target yields {positions}; "
+                    "the recipe's conv pairs must have the same output shape"
+                )
+            target = y[i : i + chunk]
+            if keep is not None:
+                cols, target = cols[..., keep], target[..., keep]
+            rows = cols.shape[0] * cols.shape[-1]
+            # (images, g*d, L) -> (g, rows, d); (images, g*cout, L) -> (g, rows, cout)
+            X = cols.transpose(1, 2).reshape(rows, self.g, -1).transpose(0, 1).float()
+            if conv.bias is not None:
+                X = torch.cat([X, X.new_ones(self.g, rows, 1)], dim=2)
+            Y = target.transpose(1, 2).reshape(rows, self.g, self.cout).transpose(0, 1).float()
+            # float32 products per chunk (fast), float64 sums across chunks (accurate).
+            Xt = X.transpose(1, 2)
+            self.xtx += (Xt @ X).double()
+            self.xty += (Xt @ Y).double()
+            self.yty += (Y * Y).sum(1).double()
+            self.ysum += Y.sum(1).double()
+            self.rows += rows
+
+    def _weights(self) -> torch.Tensor:
+        """The conv's current parameters as (g, d, cout)."""
+        w = self.conv.weight.detach().double().reshape(self.g, self.cout, -1).transpose(1, 2)
+        if self.conv.bias is not None:
+            w = torch.cat([w, self.conv.bias.detach().double().reshape(self.g, 1, self.cout)], dim=1)
+        return w
+
+    def _relative_error(self, w: torch.Tensor) -> float:
+        # ||XW - Y||^2 = tr(W^T X^T X W) - 2 tr(W^T X^T Y) + tr(Y^T Y), over the target's total variance.
+        err = (w * (self.xtx @ w)).sum() - 2 * (w * self.xty).sum() + self.yty.sum()
+        var = self.yty.sum() - (self.ysum**2).sum() / self.rows
+        return float(err / var.clamp_min(1e-30))
+
+    def solve(self, ridge: float) -> tuple[float, float]:
+        """Set the conv's weights (and bias) to the ridge least-squares fit; returns the relative errors
+        before and after."""
+        if self.rows == 0:
+            raise SurgeryError("no calibration images reached the conv; pass data with at least one image")
+        before = self._relative_error(self._weights())
+        a = self.xtx.clone()
+        k = self.d - (self.conv.bias is not None)  # the bias column is not shrunk
+        diag = a.diagonal(dim1=1, dim2=2)
+        # The ridge is relative to the mean input energy, so one value suits every layer.
+        scale = diag[:, :k].mean(dim=1, keepdim=True).clamp_min(1e-12)
+        diag[:, :k] += ridge * scale
+        try:
+            w = torch.linalg.solve(a, self.xty)
+        except torch.linalg.LinAlgError:
+            raise SurgeryError(
+                f"the calibration inputs of a conv are degenerate (singular covariance); use ridge > 0 "
+                f"(now {ridge}) or more calibration images"
+            ) from None
+        after = self._relative_error(w)
+        conv = self.conv
+        with torch.no_grad():
+            conv.weight.copy_(w[:, : k, :].transpose(1, 2).reshape(conv.weight.shape).to(conv.weight.dtype))
+            if conv.bias is not None:
+                conv.bias.copy_(w[:, k, :].reshape(-1).to(conv.bias.dtype))
+        return before, after
+
+
+def transfer_weights(
+    model: nn.Module,
+    original: nn.Module,
+    convs: dict[str, str],
+    batches,
+    *,
+    ridge: float = 1e-3,
+    progress: bool = True,
+) -> list[ConvFit]:
+    """Refit each conv ``name`` of ``model`` in ``convs`` {name: original_name} so that, on the inputs it now
+    receives, its output matches ``original``'s conv ``original_name`` (before its norm) by ridge least
+    squares. Convs are fitted in forward order, each on the activations left by the fits before it."""
+    device = model_device(model)
+    for name, target in convs.items():
+        _module(model, name, nn.Conv2d, "the converted model")
+        _module(original, target, nn.Conv2d, "the original model")
+    first = next(iter(batches), None)
+    if first is None:
+        raise SurgeryError("the calibration data yielded no images")
+    fits = []
+    with eval_mode(model, original), torch.no_grad():
+        order = _execution_order(model, list(convs), first[0].to(device))
+        for i, name in enumerate(order):
+            conv, ref = model.get_submodule(name), original.get_submodule(convs[name])
+            sums = _LeastSquares(conv, seed=i)
+            for images, _ in tqdm(batches, desc=f"refit {name}", disable=not progress, leave=False):
+                images = images.to(device)
+                sums.add(_capture(model, conv, images, "input"), _capture(original, ref, images, "output"))
+            before, after = sums.solve(ridge)
+            fits.append(ConvFit(name, convs[name], sums.rows, before, after))
+    return fits
+
+
+def calibrate(
+    converted: nn.Module,
+    original: nn.Module,
+    data,
+    *,
+    num_images: int | None = 2048,
+    steps: Sequence[str] = CALIBRATION_STEPS,
+    ridge: float = 1e-3,
+    batch_size: int = 64,
+    preset: str = "imagenet",
+    transform=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """A new model: ``converted`` with its approximately rewritten blocks repaired on unlabelled ``data``.
+
+    Steps, in order: "bn" re-estimates the running statistics of the rewritten blocks' BatchNorms on the new
+    activations; "transfer" refits each rewritten conv by ridge least squares (``ridge`` relative to the
+    mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms again
+    when "bn" is among the steps. ``num_images`` is a seeded random subset of ``data`` (None: all of it).
+    The result carries ``resnet_surgery_calibration``, a CalibrationReport with the agreement with
+    ``original`` before and after each step on the calibration images; ``converted`` is untouched.
+    """
+    unknown = [s for s in steps if s not in CALIBRATION_STEPS]
+    if unknown:
+        raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
+    records = approximate_rewrites(converted)
+    model = copy.deepcopy(converted)
+    norms = [n for r in records for n in r.get("norms", [])]
+    convs = {c: t for r in records for c, t in r.get("convs", {}).items()}
+    loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size,
+                       num_images=num_images, seed=seed)
+    batches = _Batches(loader)
+
+    reference = original  # replaced by its logits once the batches stay in memory: computed once
+
+    def measure(step: str, timer: _CPUTimer | None, images: int, passes: int) -> None:
+        nonlocal reference
+        scores = _scores(model, reference, batches, f"agreement after {step}", progress)
+        if scores.ref_logits and batches.cached is not None:
+            reference = torch.cat(scores.ref_logits)
+        agreement = scores.report(0.0)
+        cpu, wall = (timer.cpu, timer.wall) if timer else (0.0, 0.0)
+        report.steps.append(CalibrationStep(step, images, passes, cpu, wall, agreement))
+
+    report = CalibrationReport(num_images=0, ridge=ridge, steps=[], fits=[])
+    measure("naive copy", None, 0, 0)
+    report.num_images = report.steps[0].agreement.num_images
+    if "bn" in steps and norms:
+        with _CPUTimer() as timer:
+            seen = reestimate_bn(model, norms, batches, reference=original, progress=progress)
+        measure("bn", timer, seen, 1)
+    if "transfer" in steps and convs:
+        with _CPUTimer() as timer:
+            report.fits = transfer_weights(model, original, convs, batches, ridge=ridge, progress=progress)
+            passes = len(convs)
+            if "bn" in steps and norms:
+                # The refits changed the activations the re-estimated statistics describe.
+                reestimate_bn(model, norms, batches, reference=original, progress=progress)
+                passes += 1
+        measure("transfer", timer, report.num_images, passes)
+    model.resnet_surgery_calibration = report
+    model.resnet_surgery_recipe = {**model.resnet_surgery_recipe, "calibration": report.to_dict()}
+    return model

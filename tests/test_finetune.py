@@ -1,0 +1,181 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from resnet_surgery import SurgeryError, convert
+from resnet_surgery.finetune import distillation_loss, finetune
+from resnet_surgery.zoo import cifar_resnet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_pair(seed: int = 0):
+    """A tiny v1 teacher (BatchNorm statistics from a few batches) and its approximate v1.5 conversion."""
+    torch.manual_seed(seed)
+    teacher = cifar_resnet("v1", widths=(8, 8, 16), blocks=(1, 1, 1), stem_width=8)
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)  # torchvision zero-inits bn3: make every branch count
+    teacher.train()
+    with torch.no_grad():
+        for _ in range(3):
+            teacher(torch.randn(16, 3, 16, 16))
+    teacher.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = convert(teacher, "v1.5", input_size=(3, 16, 16))
+    return teacher, student
+
+
+def synthetic(n: int = 64, labels: bool = True, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=g)
+    return TensorDataset(images, torch.randint(0, 10, (n,), generator=g)) if labels else TensorDataset(images)
+
+
+def states_equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distillation_loss():
+    t = torch.randn(8, 10)
+    assert float(distillation_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(8, 10)
+    kl1 = distillation_loss(s, t, 1.0)
+    expected = (t.softmax(1) * (t.log_softmax(1) - s.log_softmax(1))).sum(1).mean()
+    assert float(kl1) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_finetune_lowers_the_distillation_loss_and_leaves_the_input_alone():
+    teacher, student = tiny_pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = finetune(student, teacher, synthetic(labels=False), epochs=4, batch_size=16, lr=0.05, progress=False)
+    report = out.resnet_surgery_finetune
+    assert report.steps == 16 and report.images == 256 and report.world_size == 1
+    assert report.loss_end < report.loss_start * 0.8, report
+    assert states_equal(before, student.state_dict())
+    assert not out.training and "finetune" in out.resnet_surgery_recipe
+
+
+def test_freeze_rewritten_trains_only_the_rewritten_blocks():
+    teacher, student = tiny_pair()
+    blocks = {r["block"] for r in student.resnet_surgery_recipe["rewrites"]}
+    out = finetune(student, teacher, DataLoader(synthetic(), batch_size=16), freeze="rewritten", lr=0.05,
+                   progress=False)
+    changed = {k for k, v in out.state_dict().items() if not torch.equal(v, student.state_dict()[k])}
+    assert changed and all(any(k.startswith(b + ".") for b in blocks) for k in changed)
+    assert any(k.startswith("layer2.0.") and k.endswith("running_mean") for k in changed)  # trained BN: train mode
+
+
+def test_resume_after_a_kill_continues_at_epoch_2_and_matches_an_unbroken_run(tmp_path):
+    teacher, student = tiny_pair()
+    data = synthetic()
+    unbroken = finetune(student, teacher, data, epochs=2, batch_size=16, progress=False)
+
+    ckpt = tmp_path / "run.pt"
+    calls = {"n": 0}
+
+    def killer(module, args):
+        calls["n"] += 1
+        if calls["n"] > 5:  # 4 steps make an epoch: die inside the second one
+            raise KeyboardInterrupt
+
+    handle = student.register_forward_pre_hook(killer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(student, teacher, data, epochs=2, batch_size=16, checkpoint=ckpt, progress=False)
+    finally:
+        handle.remove()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 4
+
+    with pytest.raises(SurgeryError, match="already exists"):
+        finetune(student, teacher, data, epochs=2, batch_size=16, checkpoint=ckpt, progress=False)
+    with pytest.raises(SurgeryError, match="epochs=2"):
+        finetune(student, teacher, data, epochs=3, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
+    resumed = finetune(student, teacher, data, epochs=2, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
+    report = resumed.resnet_surgery_finetune
+    assert report.start_epoch == 1 and report.steps == 4
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    for k, v in unbroken.state_dict().items():
+        assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-5), k
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    teacher, student = tiny_pair()
+    ckpt = tmp_path / "run.pt"
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * math.nan if calls["n"] > 6 else output
+
+    handle = student.register_forward_hook(poison)
+    try:
+        with pytest.raises(SurgeryError, match=r"loss became nan in epoch 2 .*last good checkpoint \(epoch 1\)"):
+            finetune(student, teacher, synthetic(), epochs=3, batch_size=16, checkpoint=ckpt, progress=False)
+    finally:
+        handle.remove()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    # Divergence before any epoch ends: nothing is written, the message says so.
+    fresh = tmp_path / "fresh.pt"
+    with pytest.raises(SurgeryError, match="no checkpoint was written"):
+        finetune(student, teacher, synthetic(), lr=1e30, batch_size=16, checkpoint=fresh, progress=False)
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
+
+
+def test_finetune_refuses_bad_options(tmp_path):
+    teacher, student = tiny_pair()
+    with pytest.raises(SurgeryError, match="unknown optimizer"):
+        finetune(student, teacher, synthetic(), optimizer="lion", progress=False)
+    with pytest.raises(SurgeryError, match="unknown freeze"):
+        finetune(student, teacher, synthetic(), freeze="all", progress=False)
+    with pytest.raises(SurgeryError, match="no checkpoint at"):
+        finetune(student, teacher, synthetic(), checkpoint=tmp_path / "none.pt", resume=True, progress=False)
+
+
+WORKER = """
+import json, os, sys, warnings
+import torch
+sys.path.insert(0, {tests!r})
+from test_finetune import synthetic, tiny_pair
+from resnet_surgery.finetune import finetune
+
+teacher, student = tiny_pair()
+out = finetune(student, teacher, synthetic(n=64), epochs=3, batch_size=8, lr=0.05, optimizer="sgd",
+               checkpoint=os.path.join(sys.argv[1], "ckpt.pt"), progress=False)
+rank = os.environ["RANK"]
+torch.save(out.state_dict(), os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
+with open(os.path.join(sys.argv[1], f"rank{{rank}}.json"), "w") as f:
+    json.dump(out.resnet_surgery_finetune.to_dict(), f)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu_end_with_identical_weights(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER.format(tests=str(REPO / "tests"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert states_equal(a, b)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and states_equal(ckpt["model"], a)
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 12 and report["images"] == 192  # 64 images / 2 / 8
+    assert report["loss_end"] < report["loss_start"], report
