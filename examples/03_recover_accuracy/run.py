@@ -1,0 +1,38 @@
+"""Win back the accuracy an approximate rewrite costs: calibrate without labels, then distil.
+
+Needs the CIFAR-10 copy in ../shared/data (beside the repository) or a path given as the first argument.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+import resnet_surgery as rs
+from resnet_surgery.data import normalize_uint8
+
+shared = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[3] / "shared" / "data"
+torch.manual_seed(0)
+train, train_labels = rs.cifar10_tensors(shared, "train")
+test, test_labels = rs.cifar10_tensors(shared, "test")
+pick = torch.randperm(len(train))
+unlabelled = TensorDataset(normalize_uint8(train[pick[:2048]]))  # calibration needs no labels
+labelled = TensorDataset(normalize_uint8(train[pick[:10000]]), train_labels[pick[:10000]])
+some = torch.randperm(len(test))[:2000]  # the files are sorted by class: take a random subset
+held_out = TensorDataset(normalize_uint8(test[some]), test_labels[some])
+
+original = rs.load_cifar_resnet("v1.5")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", rs.SurgeryNotice)  # "v1.5 -> v1 changes the function": we know
+    converted = rs.convert(original, "v1", input_size=(3, 32, 32))
+
+print("original   ", rs.evaluate(original, held_out, progress=False))
+print("naive copy ", rs.evaluate(converted, held_out, reference=original, progress=False))
+calibrated = rs.calibrate(converted, original, unlabelled, progress=False)
+print("calibrated ", rs.evaluate(calibrated, held_out, reference=original, progress=False))
+print(calibrated.resnet_surgery_calibration)
+tuned = rs.finetune(calibrated, original, labelled, epochs=1, bf16=True, progress=False)
+print("fine-tuned ", rs.evaluate(tuned, held_out, reference=original, progress=False))
+print(tuned.resnet_surgery_finetune)
