@@ -233,7 +233,7 @@ def with_options(options):
 # --data and the preprocessing shared by evaluate, calibrate and finetune.
 preprocessing_options = [
     click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-                 help="ImageFolder directory (<root>/<class>/<image>)"),
+                 help="ImageFolder directory (<root>/<class>/<image>, labelled) or a folder of images (unlabelled)"),
     click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
                  help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std"),
     click.option("--size", type=click.IntRange(8, 4096), help="final (centre-crop) size, overriding the preset"),

@@ -138,19 +138,44 @@ def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) ->
     return (images.float() / 255 - m) / s
 
 
+class ImageFiles(Dataset):
+    """The images of one flat folder, sorted by name, without labels (e.g. unlabelled calibration images)."""
+
+    def __init__(self, files: Sequence[Path], transform):
+        self.files, self.transform = list(files), transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def image_folder(path: str | os.PathLike, transform) -> Dataset:
-    """torchvision ImageFolder with a clear error for a missing or empty folder."""
+    """torchvision ImageFolder (<root>/<class>/<image>, with labels), or a flat folder of images (no labels),
+    with a clear error for a missing or empty folder."""
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
     if not path.is_dir():
-        raise SurgeryError(f"data folder {path} not found; pass an ImageFolder directory (<root>/<class>/<image>)")
+        raise SurgeryError(f"data folder {path} not found; pass a folder of images or an ImageFolder (<root>/<class>/<image>)")
+    flat = sorted(p for p in path.iterdir() if _is_image(p))
+    if flat:
+        return ImageFiles(flat, transform)
     try:
         return ImageFolder(str(path), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         # ImageFolder raises for no class folders or no images in them.
         raise SurgeryError(
-            f"data folder {path} holds no images in class sub-folders (<root>/<class>/<image>{'|'.join(IMAGE_SUFFIXES)})"
+            f"data folder {path} holds no images, neither directly nor in class sub-folders "
+            f"(<root>/<class>/<image>{'|'.join(IMAGE_SUFFIXES)})"
         ) from e
 
 

@@ -126,3 +126,17 @@ def test_as_loader_errors(tmp_path):
         as_loader([1, 2, 3])
     with pytest.raises(SurgeryError, match="batch"):
         split_batch("text")
+
+
+def test_a_flat_folder_of_real_imagenet_images_loads_without_labels(shared_data):
+    import torchvision
+
+    from resnet_surgery.recovery import evaluate
+
+    folder = shared_data / "imagenet-val"  # ten full-size validation images, no class folders
+    images, labels = split_batch(next(iter(as_loader(folder, batch_size=4))))
+    assert images.shape == (4, 3, 224, 224) and labels is None
+    assert -3 < float(images.mean()) < 3 and float(images.std()) > 0.3  # normalised real pixels, not zeros
+    model = torchvision.models.resnet18(weights=None).eval()
+    report = evaluate(model, folder, reference=model, batch_size=5, progress=False)
+    assert report.num_images == 10 and report.top1 is None and report.agreement == 100.0
