@@ -201,6 +201,7 @@ class ConvFit:
     conv: str
     target: str
     rows: int  # output positions that entered the fit
+    unknowns: int  # weights per output channel (and group) the fit solves for
     error_before: float  # squared error relative to the target's variance, with the weights before the fit
     error_after: float
 
@@ -222,7 +223,9 @@ class CalibrationReport:
             top1 = f"{a.top1:.2f}" if a.top1 is not None else "-"
             lines.append(f"{s.step:<12} {s.images:>7} {s.cpu_seconds:>8.1f} {a.agreement:>9.2f}% {a.kl:>8.4f} {top1:>7}")
         for f in self.fits:
-            lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}")
+            # Fewer equations than unknowns: the fit reproduces the calibration images, not the function.
+            few = f" (only {f.rows} positions for {f.unknowns} weights: use more images)" if f.rows < 4 * f.unknowns else ""
+            lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}{few}")
         return "\n".join(lines)
 
 
@@ -569,7 +572,7 @@ def transfer_weights(
                 images = images.to(device)
                 sums.add(_capture(model, conv, images, "input"), _capture(original, ref, images, "output"))
             before, after = sums.solve(ridge)
-            fits.append(ConvFit(name, convs[name], sums.rows, before, after))
+            fits.append(ConvFit(name, convs[name], sums.rows, sums.d, before, after))
     return fits
 
 

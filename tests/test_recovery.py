@@ -136,12 +136,23 @@ def test_transfer_recovers_a_conv_exactly_when_it_can(kw, monkeypatch):
     fits = transfer_weights(converted, original, {"0": "0"}, [(images[:12], None), (images[12:], None)],
                             ridge=1e-9, progress=False)
     assert fits[0].error_before > 0.5 and fits[0].error_after < 1e-6
+    conv = original[0]
+    kh, kw = conv.kernel_size
+    assert fits[0].unknowns == conv.in_channels // conv.groups * kh * kw + (conv.bias is not None)
     assert torch.allclose(converted[0].weight, original[0].weight, atol=1e-4)
     if original[0].bias is not None:
         assert torch.allclose(converted[0].bias, original[0].bias, atol=1e-4)
 
 
 # --- calibrate ----------------------------------------------------------------------------------
+
+
+def test_report_flags_a_fit_with_too_few_positions():
+    step = recovery.CalibrationStep("naive copy", 0, 0, 0.0, 0.0, recovery.EvalReport(10, agreement=90.0, kl=0.1))
+    fits = [recovery.ConvFit("a", "a", 10, 72, 1.0, 0.0), recovery.ConvFit("b", "b", 10_000, 72, 1.0, 0.5)]
+    text = str(recovery.CalibrationReport(10, 1e-3, [step], fits)).splitlines()
+    assert "only 10 positions for 72 weights: use more images" in text[-2]
+    assert "use more images" not in text[-1]
 
 
 def test_calibrate_refuses_bad_input():
