@@ -7,8 +7,10 @@ the operand whose path holds two or more convolutions is the main branch, the ot
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -87,6 +89,25 @@ def private_copy(model: nn.Module) -> nn.Module:
     for name, m in new.named_modules():
         m.training = modes.get(name, m.training)
     return new
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode and give every submodule its own training flag back afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @dataclass

@@ -148,10 +148,9 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
+        from torchvision.datasets.folder import default_loader  # what ImageFolder reads images with
 
-        with Image.open(self.files[index]) as image:
-            return self.transform(image.convert("RGB"))
+        return self.transform(default_loader(self.files[index]))
 
 
 def _is_image(path: Path) -> bool:

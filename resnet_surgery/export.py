@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .atomic import atomic_file, check_writable
+from .blocks import eval_mode, model_device
 from .errors import SurgeryError
 
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
@@ -139,14 +140,8 @@ def export_onnx(
     """
     path = check_writable(path, force)
     input_size = tuple(int(s) for s in input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        return _export_verified(
-            model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed
-        )
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed)
 
 
 def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed):
@@ -200,7 +195,7 @@ def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, 
 
 def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, str | None]:
     """Try the dynamo exporter, then the TorchScript one; return (exporter, why dynamo failed)."""
-    device = _device(model)
+    device = model_device(model)
     # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.randn(2 if dynamic_batch else 1, *input_size, device=device)
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
@@ -241,7 +236,7 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
 
 def _parity_checks(model, staged, input_size, batches, atol, rtol, seed) -> list[ParityCheck]:
     session = _session(staged)
-    device = _device(model)
+    device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     checks = []
     for batch in batches:
@@ -295,7 +290,7 @@ def _flatten_outputs(out) -> list[np.ndarray]:
 
 def _count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
     """Multiply-accumulates per image of convolutions and matrix products (torch's own flop counter)."""
-    device = _device(model)
+    device = model_device(model)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, *input_size, device=device))
@@ -350,11 +345,6 @@ def _set_metadata(path: Path, values: dict[str, str]) -> None:
 def _opset(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _state_bytes(model: nn.Module) -> int:

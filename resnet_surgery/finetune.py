@@ -23,9 +23,10 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .atomic import atomic_file
+from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
-from .recovery import approximate_rewrites, eval_mode, model_device
+from .recovery import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")

@@ -8,17 +8,17 @@ conv output. Fine-tuning by distillation lives in `resnet_surgery.finetune`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
 
@@ -98,24 +98,6 @@ class _Scores:
             kl=self.kl_sum / self.compared if self.compared else None,
             seconds=seconds,
         )
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and give every submodule its own training flag back afterwards."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _scores(model, reference, batches, desc: str, progress: bool) -> _Scores:
@@ -250,7 +232,10 @@ class _Batches:
             images, labels = split_batch(batch)
             if kept is not None:
                 size += images.numel() * images.element_size()
-                kept = kept + [(images, labels)] if size <= CACHE_BYTES else None
+                if size <= CACHE_BYTES:
+                    kept.append((images, labels))
+                else:
+                    kept = None  # too big to keep: later passes read the loader again
             yield images, labels
         self.cached = kept
 

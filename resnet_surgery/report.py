@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .blocks import find_blocks, model_variant, trace
+from .blocks import eval_mode, find_blocks, model_variant, trace
 from .prune import dead_sites
 
 
@@ -138,11 +138,8 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
     gm = trace(model, leaf_modules)
     blocks = find_blocks(gm)
     modules = dict(gm.named_modules())
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         ShapeProp(gm).propagate(torch.zeros(1, *input_size))
-    model.train(was_training)
     macs = conv_macs(gm)
     stride_on = {"v1": "1x1", "v1.5": "3x3", "v1.5-dilated": "3x3-dilated"}
     infos = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Block, find_blocks, model_variant, private_copy, trace
+from .blocks import Block, eval_mode, find_blocks, model_variant, private_copy, trace
 from .errors import NotExactError, SurgeryError
 
 VARIANTS = ("v1", "v1.5", "d")
@@ -313,9 +313,6 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
     """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode."""
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
-    was = a.training, b.training
-    a.eval(), b.eval()
-    with torch.no_grad():
+    with eval_mode(a, b), torch.no_grad():
         ya, yb = a(x), b(x)
-    a.train(was[0]), b.train(was[1])
     return float((ya - yb).abs().max()), float(ya.abs().max())
