@@ -317,16 +317,22 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
 @with_options(preprocessing_options)
 @click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1),
               help="unlabelled calibration images (a fixed random subset of --data)")
-@click.option("--steps", default="bn,transfer", show_default=True, help="calibration steps, comma-separated")
-@click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit")
+@click.option("--steps", default="bn,reconstruct", show_default=True,
+              help="calibration steps in order, comma-separated: bn, reconstruct, transfer")
+@click.option("--iterations", default=1000, show_default=True, type=click.IntRange(1),
+              help="optimizer steps per rewritten block (reconstruct)")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="peak Adam learning rate (reconstruct)")
+@click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")
+@click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the mini-batches")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, ridge, out, force, as_json):
-    """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
-    least-squares refit of each rewritten conv to the original model."""
+                      num_images, steps, iterations, lr, ridge, seed, out, force, as_json):
+    """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
+    block reconstruction (each rewritten block trained to reproduce the original block's output)."""
     from .atomic import check_writable
     from .recipe import load, save
     from .recovery import calibrate
@@ -336,7 +342,8 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
     model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
-                      ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
+                      iterations=iterations, lr=lr, ridge=ridge, batch_size=batch_size, transform=transform, seed=seed,
+                      progress=not as_json)
     report = model.resnet_surgery_calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
     if as_json:
@@ -345,11 +352,26 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
         click.echo(f"{report}\nwritten: {out}/")
 
 
+def resolve_augment(augment, objective, preset):
+    """--augment auto: the preset's augmentation for feature mimicking (few images seen many times), none for logits."""
+    if augment != "auto":
+        return augment
+    if objective == "logits":
+        return "none"
+    return "cifar" if preset == "cifar10" else "imagenet"
+
+
 @main.command("finetune")
 @click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
 @with_options(original_options)
 @with_options(preprocessing_options)
+@click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
+              help="logits: distillation; features: match the original's feature map before global pooling (MiR), "
+                   "classifier frozen; both: the sum")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--steps", type=click.IntRange(1), help="optimizer steps instead of --epochs (as many passes as they need)")
+@click.option("--augment", type=click.Choice(["auto", "none", "cifar", "imagenet"]), default="auto", show_default=True,
+              help="per-image augmentation; auto: the preset's for features/both, none for logits")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate [default: sgd 0.01, adamw 1e-4]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--freeze", type=click.Choice(["none", "rewritten"]), default="none", show_default=True,
@@ -364,9 +386,11 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
 @click.option("--force", is_flag=True, help="overwrite --out and start over from a stale checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
-def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, epochs,
-                     lr, optimizer, freeze, temperature, alpha, num_images, bf16, out, resume, force, as_json):
-    """Fine-tune a converted folder by distillation from the original model; a checkpoint after each epoch.
+def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, objective,
+                     epochs, steps, augment, lr, optimizer, freeze, temperature, alpha, num_images, bf16, out, resume,
+                     force, as_json):
+    """Fine-tune a converted folder to reproduce the original (its logits, or its features before global pooling);
+    a checkpoint after each pass over the data.
 
     Runs unchanged on several processes: torchrun --nproc_per_node N $(which resnet-surgery) finetune ...
     """
@@ -381,7 +405,8 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
     transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
-    model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
+    model = finetune(converted, source, data, objective=objective, epochs=epochs, steps=steps,
+                     augment=resolve_augment(augment, objective, preset), lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
                      progress=not as_json)
@@ -402,13 +427,16 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 @weights_option
 @size_option
 @click.option("--calibrate", "calibrate_data", type=click.Path(exists=True, file_okay=False),
-              help="ImageFolder of unlabelled images: re-estimate BatchNorm and refit rewritten convs")
+              help="ImageFolder of unlabelled images: re-estimate BatchNorm and reconstruct the rewritten blocks")
 @click.option("--finetune", "finetune_data", type=click.Path(exists=True, file_okay=False),
               help="ImageFolder for distillation fine-tuning from the original")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
               help="preprocessing of --calibrate/--finetune images")
 @click.option("--num-images", default=2048, show_default=True, help="calibration images")
 @click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
+@click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
+              help="what fine-tuning matches: the original's logits, its features before global pooling, or both")
+@click.option("--finetune-steps", type=click.IntRange(1), help="fine-tuning optimizer steps instead of --epochs")
 @click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
 @click.option("--min-time", default=5.0, show_default=True, help="seconds of timing per batch size")
@@ -417,7 +445,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @user_errors
 def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, calibrate_data, finetune_data, preset,
-                num_images, epochs, batches, threads, min_time, out, force, as_json):
+                num_images, epochs, objective, finetune_steps, batches, threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
     from .pipeline import run_pipeline
 
@@ -428,7 +456,8 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, epochs=epochs,
-                          batch_sizes=batch_sizes, threads=threads, min_time_s=min_time, echo=click.echo)
+                          objective=objective, finetune_steps=finetune_steps,
+                          augment=resolve_augment("auto", objective, preset), batch_sizes=batch_sizes, threads=threads, min_time_s=min_time, echo=click.echo)
     if as_json:
         print_json({k: v for k, v in result.items() if k != "latency_table"})
         return

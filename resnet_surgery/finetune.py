@@ -30,6 +30,10 @@ from .recovery import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
+OBJECTIVES = ("logits", "features", "both")
+AUGMENTATIONS = ("none", "cifar", "imagenet")
+# Global pooling that ends a ResNet's trunk: its input is the feature map that objective="features" matches.
+GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 @dataclasses.dataclass
@@ -44,6 +48,8 @@ class FinetuneReport:
     cpu_seconds: float  # this process's CPU time, all threads
     wall_seconds: float
     checkpoint: str | None
+    objective: str = "logits"
+    budget_steps: int = 0  # optimizer steps the schedule spans
 
     @property
     def loss_start(self) -> float:
@@ -61,7 +67,7 @@ class FinetuneReport:
     def __str__(self) -> str:
         return (
             f"epochs {self.start_epoch}->{self.start_epoch + len(self.epoch_losses)} of {self.epochs}, "
-            f"{self.steps} steps, {self.images} images on {self.world_size} process(es): distillation loss "
+            f"{self.steps} steps, {self.images} images on {self.world_size} process(es): {self.objective} loss "
             f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s)"
         )
 
@@ -116,12 +122,30 @@ def _inside(name: str, prefixes: list[str] | None) -> bool:
     return prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _set_train_mode(model: nn.Module, prefixes: list[str] | None) -> None:
+def _set_train_mode(model: nn.Module, prefixes: list[str] | None, frozen: list[str] = ()) -> None:
     # Frozen parts stay in eval mode so their BatchNorm statistics do not drift.
     model.eval()
     for name, m in model.named_modules():
-        if _inside(name, prefixes):
+        if _inside(name, prefixes) and not _inside(name, list(frozen)):
             m.train()
+
+
+def global_pool(model: nn.Module) -> tuple[str, list[str]]:
+    """(the global pooling module that ends the trunk, the modules after it: the classifier), from the fx graph.
+    Its input is the feature map that objective="features" matches."""
+    from .blocks import trace
+
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    pools = [i for i, n in enumerate(nodes) if n.op == "call_module" and isinstance(modules[n.target], GLOBAL_POOLS)
+             and modules[n.target].output_size in (1, (1, 1))]
+    if not pools:
+        raise SurgeryError(f"no global pooling module (nn.AdaptiveAvgPool2d(1)) found in {type(model).__name__}; "
+                           "objective='features' needs one: use objective='logits'")
+    last = pools[-1]
+    after = [n.target for n in nodes[last + 1 :] if n.op == "call_module" and any(True for _ in modules[n.target].parameters())]
+    return nodes[last].target, after
 
 
 def _sync_buffers(model: nn.Module, world: int) -> None:
@@ -160,12 +184,203 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, devic
     return state
 
 
+@dataclasses.dataclass
+class _Taps:
+    """The pre-pool feature maps of the student and the teacher, caught by forward pre-hooks on the pool."""
+
+    student: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None
+    handles: list = dataclasses.field(default_factory=list)
+
+    def attach(self, student: nn.Module, teacher: nn.Module, pool: str) -> None:
+        def keep(attr):
+            def hook(_, args):
+                setattr(self, attr, args[0])
+
+            return hook
+
+        self.handles = [student.get_submodule(pool).register_forward_pre_hook(keep("student")),
+                        teacher.get_submodule(pool).register_forward_pre_hook(keep("teacher"))]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """MSE between feature maps relative to the teacher's mean square, so one learning rate suits every model."""
+    return F.mse_loss(student_features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
+
+
+def _augmenter(augment: str, seed: int):
+    """A function that augments a batch image by image (teacher and student then see the same images)."""
+    if augment == "none":
+        return None
+    from torchvision.transforms import v2
+
+    def build(size):
+        if augment == "cifar":
+            return v2.Compose([v2.RandomCrop(size, padding=min(size) // 8), v2.RandomHorizontalFlip()])
+        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+
+    transforms: dict = {}
+    generator = torch.Generator().manual_seed(seed)
+
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        size = tuple(images.shape[-2:])
+        t = transforms.setdefault(size, build(size))
+        # torchvision's transforms draw from the global generator: seed it from ours for reproducible runs.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            return torch.stack([t(img) for img in images])
+
+    return apply
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything one fine-tuning run holds between its phases."""
+
+    student: nn.Module
+    teacher: nn.Module
+    net: nn.Module  # the student, wrapped in DistributedDataParallel under torchrun
+    loader: object
+    sampler: object
+    opt: torch.optim.Optimizer
+    sched: object
+    device: torch.device
+    prefixes: list[str] | None
+    frozen: list[str]  # modules kept in eval mode with frozen parameters (the classifier, for features)
+    total_steps: int
+    epochs: int
+    rank: int
+    world: int
+
+
+def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weight_decay, epochs, steps, rank, world,
+           batch_size, num_images, preset, transform, seed) -> _Run:
+    """Student and teacher on the device, trainable parameters, loader, optimizer and cosine schedule."""
+    if torch.cuda.is_available() and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = model_device(converted)
+    prefixes = _trainable_prefixes(converted, freeze)
+    frozen = global_pool(converted)[1] if objective == "features" else []
+    student = copy.deepcopy(converted).to(device)
+    teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
+    for name, p in student.named_parameters():
+        p.requires_grad_(_inside(name, prefixes) and not _inside(name, frozen))
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise SurgeryError("nothing to train: the model has no trainable parameters")
+    loader, sampler = _train_loader(data, rank=rank, world=world, batch_size=batch_size, num_images=num_images,
+                                    preset=preset, transform=transform, seed=seed)
+    if len(loader) == 0:
+        raise SurgeryError("the training data yielded no batches; pass a non-empty dataset")
+    # An iteration budget spans as many passes over the data as it needs.
+    total = steps if steps is not None else epochs * len(loader)
+    epochs = math.ceil(total / len(loader))
+    lr = OPTIMIZERS[optimizer] if lr is None else lr
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    net = student
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, frozen, total, epochs, rank, world)
+
+
+def _loss(objective, logits, teacher_logits, taps: _Taps, labels, *, temperature, alpha):
+    """(the distillation term, the total loss): KL of the logits, MSE of the pre-pool features, or both; mixed
+    with cross-entropy when the batch has labels."""
+    terms = []
+    if objective in ("logits", "both"):
+        terms.append(distillation_loss(logits.float(), teacher_logits.float(), temperature))
+    if objective in ("features", "both"):
+        terms.append(feature_loss(taps.student.float(), taps.teacher.float()))
+    distill = sum(terms)
+    if labels is None:
+        return distill, distill
+    return distill, alpha * distill + (1 - alpha) * F.cross_entropy(logits.float(), labels)
+
+
+def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, max_steps, augment, temperature, alpha,
+           bf16, ckpt, progress) -> None:
+    """The training loop: epochs of steps until the budget (or ``max_steps``) is spent; a checkpoint after
+    every finished epoch; a non-finite loss on any process stops all of them."""
+    taps = _Taps()
+    if objective != "logits":
+        taps.attach(run.student, run.teacher, global_pool(run.student)[0])
+    stop = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
+    try:
+        with eval_mode(run.teacher):
+            for epoch in range(start_epoch, run.epochs):
+                if step >= stop:
+                    break
+                if run.sampler is not None:
+                    run.sampler.set_epoch(epoch)
+                _set_train_mode(run.student, run.prefixes, run.frozen)
+                epoch_loss, epoch_steps, finished = 0.0, 0, True
+                bar = tqdm(run.loader, desc=f"fine-tune epoch {epoch + 1}/{run.epochs}",
+                           disable=not progress or run.rank != 0)
+                for batch in bar:
+                    images, labels = split_batch(batch)
+                    images = images.to(run.device)
+                    if augment is not None:
+                        images = augment(images)
+                    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16):
+                        with torch.no_grad():
+                            teacher_logits = run.teacher(images)
+                        logits = run.net(images)
+                    distill, loss = _loss(objective, logits, teacher_logits, taps,
+                                          None if labels is None else labels.to(run.device),
+                                          temperature=temperature, alpha=alpha)
+                    # Every process learns if any loss is not finite, so all stop together.
+                    seen = torch.stack([distill.detach(), loss.detach()]).float()
+                    if run.world > 1:
+                        dist.all_reduce(seen)
+                        seen /= run.world
+                    if not torch.isfinite(seen).all():
+                        raise SurgeryError(_nan_message(float(seen[1]), epoch, step, ckpt,
+                                                        start_epoch + len(report.epoch_losses)))
+                    run.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    run.opt.step()
+                    run.sched.step()
+                    step += 1
+                    epoch_steps += 1
+                    epoch_loss += float(seen[0])
+                    report.distill_losses.append(float(seen[0]))
+                    report.steps += 1
+                    report.images += len(images) * run.world
+                    bar.set_postfix(loss=f"{float(seen[0]):.4f}")
+                    if step >= stop:
+                        # A budget that ends inside a pass ends the run there; max_steps leaves the pass unfinished.
+                        finished = step >= run.total_steps
+                        break
+                _sync_buffers(run.student, run.world)
+                if not finished:
+                    break
+                report.epoch_losses.append(epoch_loss / max(1, epoch_steps))
+                if ckpt is not None and run.rank == 0:
+                    _save_checkpoint(ckpt, run.student, run.opt, run.sched, epoch=epoch + 1, step=step,
+                                     epochs=run.epochs, losses=report.epoch_losses)
+    finally:
+        taps.remove()
+
+
 def finetune(
     converted: nn.Module,
     original: nn.Module,
     data,
     *,
+    objective: str = "logits",
     epochs: int = 1,
+    steps: int | None = None,
+    augment: str = "none",
     lr: float | None = None,
     optimizer: str = "sgd",
     weight_decay: float = 0.0,
@@ -186,115 +401,68 @@ def finetune(
 ) -> nn.Module:
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
-    Loss: ``alpha`` * KL at ``temperature`` (scaled by T^2) + (1 - ``alpha``) * cross-entropy when the data
-    has labels, distillation alone otherwise. SGD (momentum 0.9, Nesterov; default lr 0.01) or AdamW
-    (default lr 1e-4), cosine schedule over all ``epochs``. ``freeze="rewritten"`` trains only the blocks
-    the recipe rewrote. ``checkpoint``: written atomically after every epoch (model, optimizer, scheduler,
-    epoch, step); ``resume=True`` continues from it, an existing one is replaced only with ``force``.
-    ``max_steps`` stops early (the schedule still spans ``epochs``); ``num_images`` trains on a seeded
-    subset. ``batch_size`` is per process. ``bf16`` runs the forward passes under bfloat16 autocast (about twice
-    as fast on CPUs with AVX-512 BF16, and on GPUs). A NaN/inf loss raises SurgeryError and keeps the last checkpoint.
-    The result carries ``resnet_surgery_finetune`` (a FinetuneReport); ``converted`` is untouched.
+    ``objective``: "logits" is knowledge distillation (KL at ``temperature``, scaled by T^2); "features" makes
+    the student reproduce the teacher's feature map before global pooling (MSE relative to its mean square, the
+    classifier frozen; MiR, Wang et al. 2022), which works from a few hundred unlabelled images; "both" adds
+    the two. With labels the loss is ``alpha`` * that + (1 - ``alpha``) * cross-entropy. The budget is
+    ``epochs`` passes over the data, or ``steps`` optimizer steps when given (as many passes as they need);
+    ``augment`` ("cifar": pad-crop + flip, "imagenet": random resized crop + flip) varies the images that a
+    small set shows many times. SGD (momentum 0.9, Nesterov; default lr 0.01) or AdamW (default lr 1e-4),
+    cosine schedule over the budget. ``freeze="rewritten"`` trains only the blocks the recipe rewrote.
+    ``checkpoint``: written atomically after every pass (model, optimizer, scheduler, epoch, step);
+    ``resume=True`` continues from it, an existing one is replaced only with ``force``. ``max_steps`` stops
+    early (the schedule still spans the budget); ``num_images`` trains on a seeded subset. ``batch_size`` is
+    per process. ``bf16`` runs the forward passes under bfloat16 autocast. A NaN/inf loss raises SurgeryError
+    and keeps the last checkpoint. The result carries ``resnet_surgery_finetune`` (a FinetuneReport);
+    ``converted`` is untouched.
     """
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if freeze not in FREEZE:
         raise SurgeryError(f"unknown freeze {freeze!r}; choose one of {', '.join(FREEZE)}")
-    if epochs < 1 or temperature <= 0 or not 0 <= alpha <= 1:
-        raise SurgeryError("need epochs >= 1, temperature > 0 and 0 <= alpha <= 1")
+    if objective not in OBJECTIVES:
+        raise SurgeryError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if augment not in AUGMENTATIONS:
+        raise SurgeryError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0 <= alpha <= 1:
+        raise SurgeryError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
+    if not approximate_rewrites(converted):
+        raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "
+                           "original's function, so there is nothing to fine-tune")
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume and ckpt is None:
         raise SurgeryError("resume needs the checkpoint path of the run to continue")
     if ckpt is not None and ckpt.exists() and not resume and not force:
         raise SurgeryError(f"checkpoint {ckpt} already exists; resume from it (--resume) or pass --force to start over")
-    prefixes = _trainable_prefixes(converted, freeze)
+    if objective != "logits":
+        global_pool(converted)  # a model without a global pooling module is refused before any work
 
     rank, world, started_group = _distributed()
     try:
-        if torch.cuda.is_available() and world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        else:
-            device = model_device(converted)
-        student = copy.deepcopy(converted).to(device)
-        teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
-        for name, p in student.named_parameters():
-            p.requires_grad_(_inside(name, prefixes))
-        params = [p for p in student.parameters() if p.requires_grad]
-        if not params:
-            raise SurgeryError("nothing to train: the model has no trainable parameters")
-        loader, sampler = _train_loader(data, rank=rank, world=world, batch_size=batch_size, num_images=num_images,
-                                        preset=preset, transform=transform, seed=seed)
-        lr = OPTIMIZERS[optimizer] if lr is None else lr
-        if optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
+        run = _setup(converted, original, data, objective=objective, freeze=freeze, optimizer=optimizer, lr=lr,
+                     weight_decay=weight_decay, epochs=epochs, steps=steps, rank=rank, world=world,
+                     batch_size=batch_size, num_images=num_images, preset=preset, transform=transform, seed=seed)
         start_epoch = step = 0
         if resume:
-            state = _load_checkpoint(ckpt, student, opt, sched, epochs, device)
+            state = _load_checkpoint(ckpt, run.student, run.opt, run.sched, run.epochs, run.device)
             start_epoch, step = state["epoch"], state["step"]
-        net = student
-        if world > 1:
-            net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-        report = FinetuneReport(epochs, start_epoch, 0, 0, world, [], [], 0.0, 0.0, str(ckpt) if ckpt else None)
+        report = FinetuneReport(run.epochs, start_epoch, 0, 0, world, [], [], 0.0, 0.0, str(ckpt) if ckpt else None,
+                                objective=objective, budget_steps=run.total_steps)
         cpu, wall = time.process_time(), time.perf_counter()
-        with eval_mode(teacher):
-            for epoch in range(start_epoch, epochs):
-                if max_steps is not None and step >= max_steps:
-                    break
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                _set_train_mode(student, prefixes)
-                epoch_loss, epoch_steps, finished = 0.0, 0, True
-                bar = tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress or rank != 0)
-                for batch in bar:
-                    if max_steps is not None and step >= max_steps:
-                        finished = False
-                        break
-                    images, labels = split_batch(batch)
-                    images = images.to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        with torch.no_grad():
-                            teacher_logits = teacher(images)
-                        logits = net(images)
-                    logits, teacher_logits = logits.float(), teacher_logits.float()
-                    kd = distillation_loss(logits, teacher_logits, temperature)
-                    loss = kd if labels is None else alpha * kd + (1 - alpha) * F.cross_entropy(logits, labels.to(device))
-                    # Every process learns if any loss is not finite, so all stop together.
-                    seen = torch.stack([kd.detach(), loss.detach()]).float()
-                    if world > 1:
-                        dist.all_reduce(seen)
-                        seen /= world
-                    if not torch.isfinite(seen).all():
-                        raise SurgeryError(_nan_message(float(seen[1]), epoch, step, ckpt, start_epoch + len(report.epoch_losses)))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    epoch_steps += 1
-                    epoch_loss += float(seen[0])
-                    report.distill_losses.append(float(seen[0]))
-                    report.steps += 1
-                    report.images += len(images) * world
-                    bar.set_postfix(distill=f"{float(seen[0]):.4f}")
-                _sync_buffers(student, world)
-                if not finished:
-                    break
-                report.epoch_losses.append(epoch_loss / max(1, epoch_steps))
-                if ckpt is not None and rank == 0:
-                    _save_checkpoint(ckpt, student, opt, sched, epoch=epoch + 1, step=step, epochs=epochs,
-                                     losses=report.epoch_losses)
+        _train(run, report, objective=objective, start_epoch=start_epoch, step=step, max_steps=max_steps,
+               augment=_augmenter(augment, seed + rank), temperature=temperature, alpha=alpha, bf16=bf16, ckpt=ckpt,
+               progress=progress)
         report.cpu_seconds, report.wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any process returns
     finally:
         if started_group:
             dist.destroy_process_group()
+    return _finish(run.student, report)
 
+
+def _finish(student: nn.Module, report: FinetuneReport) -> nn.Module:
+    """The trained student, in eval mode with every parameter trainable again, carrying its report."""
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()

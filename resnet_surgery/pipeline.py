@@ -17,10 +17,14 @@ from .rewrite import SurgeryNotice, convert, max_difference
 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
                  out: str | os.PathLike, force=False, input_size=224, calibrate_data=None, finetune_data=None,
-                 preset="imagenet", num_images=2048, epochs=1, finetune_images=None, batch_sizes=(1,),
-                 threads=None, min_time_s=5.0, progress=True, echo=print) -> dict:
+                 preset="imagenet", num_images=2048, epochs=1, finetune_images=None, objective="logits",
+                 finetune_steps=None, augment="none", batch_sizes=(1,), threads=None, min_time_s=5.0, progress=True,
+                 echo=print) -> dict:
     """Convert ``model`` and prove what that did; everything lands in ``out`` atomically.
 
+    Calibration uses `calibrate`'s default steps (BatchNorm, then block reconstruction); fine-tuning takes
+    ``objective``, ``finetune_steps`` (instead of ``epochs``) and ``augment`` as `finetune` does. An exact
+    conversion has nothing to recover: both steps are skipped with a note.
     ``out`` gets: converted/ (a folder ``resnet_surgery.load`` reads), original.onnx, converted.onnx
     (both parity-checked against PyTorch), latency.json, latency.png and report.json.
     """
@@ -55,6 +59,10 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         if recipe["exact"] and recipe["rewrites"]:
             result["max_abs_diff"] = max_difference(original, converted, size)[0]
         bar.update()
+        if recipe["exact"] and (calibrate_data or finetune_data):
+            echo("note: the conversion is exact, so there is nothing to calibrate or fine-tune; skipped")
+            bar.update(bool(calibrate_data) + bool(finetune_data))
+            calibrate_data = finetune_data = None
         if calibrate_data:
             from .recovery import calibrate
 
@@ -67,7 +75,8 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
             from .finetune import finetune
 
             step("finetune")
-            converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset,
+            converted = finetune(converted, original, finetune_data, objective=objective, epochs=epochs,
+                                 steps=finetune_steps, augment=augment, preset=preset,
                                  num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
             result["finetune"] = _report_dict(getattr(converted, "resnet_surgery_finetune", None))
             # The checkpoint only matters to a run that may be resumed; this one finished.

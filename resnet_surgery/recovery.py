@@ -2,8 +2,9 @@
 
 `evaluate` scores a model (top-1/top-5 with labels) and compares it with a reference (top-1 agreement,
 KL divergence). `calibrate` repairs the rewritten blocks of a converted model on a few unlabelled images:
-BatchNorm re-estimation, then a least-squares refit of every rewritten conv to the original model's
-conv output. Fine-tuning by distillation lives in `resnet_surgery.finetune`.
+BatchNorm re-estimation, then block reconstruction (every parameter of each rewritten block optimised so
+that the block reproduces the original block's output, BRECQ-style) or a least-squares refit of every
+rewritten conv. Fine-tuning (distillation, feature mimicking) lives in `resnet_surgery.finetune`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
 
-CALIBRATION_STEPS = ("bn", "transfer")
+CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
+DEFAULT_STEPS = ("bn", "reconstruct")
+# Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero), mini-batch.
+RECONSTRUCT_ITERATIONS = 1000
+RECONSTRUCT_LR = 1e-3
+RECONSTRUCT_BATCH = 64
+# Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
+RECONSTRUCT_BYTES = 2 << 30
 # Calibration images stay in memory up to this size, so the passes do not decode them again.
 CACHE_BYTES = 1 << 30
 # Unfolded conv inputs are processed in chunks of about this size, and at most this many rows (output
@@ -189,11 +197,24 @@ class ConvFit:
 
 
 @dataclasses.dataclass
+class BlockFit:
+    """The reconstruction of one rewritten block: its output error against the original block's output."""
+
+    block: str
+    images: int  # calibration images whose block inputs and targets were cached
+    iterations: int
+    error_before: float  # squared error relative to the target's per-channel variance
+    error_after: float
+    cpu_seconds: float
+
+
+@dataclasses.dataclass
 class CalibrationReport:
     num_images: int
     ridge: float
     steps: list[CalibrationStep]
     fits: list[ConvFit]
+    blocks: list[BlockFit] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,6 +229,9 @@ class CalibrationReport:
             # Fewer equations than unknowns: the fit reproduces the calibration images, not the function.
             few = f" (only {f.rows} positions for {f.unknowns} weights: use more images)" if f.rows < 4 * f.unknowns else ""
             lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}{few}")
+        for b in self.blocks:
+            lines.append(f"  reconstruct {b.block}: relative error {b.error_before:.4f} -> {b.error_after:.4f} "
+                         f"({b.iterations} iterations on {b.images} images, {b.cpu_seconds:.1f} CPU s)")
         return "\n".join(lines)
 
 
@@ -250,14 +274,16 @@ class _CPUTimer:
 
 
 def approximate_rewrites(model: nn.Module) -> list[dict]:
-    """The records of ``model.resnet_surgery_recipe["rewrites"]`` that change the function."""
+    """The rewrite records of ``model.resnet_surgery_recipe`` (its history included) that change the function."""
     recipe = getattr(model, "resnet_surgery_recipe", None)
     if not isinstance(recipe, dict) or "rewrites" not in recipe:
         raise SurgeryError(
             "the model has no resnet_surgery_recipe; calibrate and finetune need a model returned by "
             "resnet_surgery.convert() or loaded with resnet_surgery.load()"
         )
-    return [r for r in recipe["rewrites"] if not r.get("exact", False)]
+    # Earlier conversions of a chain (e.g. an approximate v1, then an exact prune) count too.
+    steps = [*recipe.get("history", []), recipe]
+    return [r for step in steps for r in step.get("rewrites", []) if not r.get("exact", False)]
 
 
 def _module(model: nn.Module, name: str, kind: type, what: str) -> nn.Module:
@@ -561,13 +587,108 @@ def transfer_weights(
     return fits
 
 
+def _block_io(model: nn.Module, original: nn.Module, name: str, batches, max_bytes: int, device):
+    """The converted block's inputs (from ``model`` as it is now) and the original block's outputs on
+    ``batches``, concatenated on the CPU; stops adding batches once ``max_bytes`` would be passed."""
+    block, ref = model.get_submodule(name), original.get_submodule(name)
+    inputs, targets, size = [], [], 0
+    for images, _ in batches:
+        images = images.to(device)
+        x, y = _capture(model, block, images, "input"), _capture(original, ref, images, "output")
+        if not inputs and block(x[:1]).shape[1:] != y.shape[1:]:
+            raise SurgeryError(f"block {name} yields {tuple(block(x[:1]).shape[1:])} but the original's yields "
+                               f"{tuple(y.shape[1:])}; reconstruction needs the same output shape")
+        per_image = (x[0].numel() + y[0].numel()) * 4
+        room = (max_bytes - size) // per_image
+        if room <= 0:
+            break
+        inputs.append(x[:room].float().cpu())
+        targets.append(y[:room].float().cpu())
+        size += per_image * len(inputs[-1])
+    if not inputs:
+        raise SurgeryError(f"one calibration image's activations at block {name} exceed the cache "
+                           f"({max_bytes} bytes); raise max_bytes")
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def _relative_block_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, device, chunk: int = 256) -> float:
+    """sum |block(x) - y|^2 over the target's sum of squared deviations from its per-channel means."""
+    dims = [0, *range(2, y.dim())]
+    var = ((y - y.mean(dim=dims, keepdim=True)) ** 2).sum().double()
+    err = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            out = block(x[i : i + chunk].to(device)).float().cpu()
+            err += ((out - y[i : i + chunk]) ** 2).sum().double()
+    return float(err / var.clamp_min(1e-30))
+
+
+def reconstruct_blocks(
+    model: nn.Module,
+    original: nn.Module,
+    blocks: Sequence[str],
+    batches,
+    *,
+    iterations: int = RECONSTRUCT_ITERATIONS,
+    lr: float = RECONSTRUCT_LR,
+    batch_size: int = RECONSTRUCT_BATCH,
+    max_bytes: int = RECONSTRUCT_BYTES,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[BlockFit]:
+    """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
+    ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam with a
+    cosine schedule; ``iterations`` mini-batches of ``batch_size`` drawn from the cached activations of
+    ``batches``). Blocks go in forward order, each on the inputs left by the ones before it (BRECQ). Norms stay
+    in eval mode, so running statistics are untouched; no other parameter changes."""
+    device = model_device(model)
+    for name in blocks:
+        _module(model, name, nn.Module, "the converted model")
+        _module(original, name, nn.Module, "the original model")
+    first = next(iter(batches), None)
+    if first is None:
+        raise SurgeryError("the calibration data yielded no images")
+    generator = torch.Generator().manual_seed(seed)
+    fits = []
+    with eval_mode(model, original):
+        with torch.no_grad():
+            order = _execution_order(model, list(blocks), first[0].to(device))
+        for name in order:
+            block = model.get_submodule(name)
+            start = time.process_time()
+            with torch.no_grad():
+                x, y = _block_io(model, original, name, batches, max_bytes, device)
+            before = _relative_block_error(block, x, y, device)
+            params = [p for p in block.parameters() if p.requires_grad]
+            opt = torch.optim.Adam(params, lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
+            try:
+                with torch.enable_grad():
+                    for _ in tqdm(range(iterations), desc=f"reconstruct {name}", disable=not progress, leave=False):
+                        pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
+                        loss = F.mse_loss(block(x[pick].to(device)), y[pick].to(device))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+            finally:
+                for p in params:
+                    p.grad = None
+            after = _relative_block_error(block, x, y, device)
+            fits.append(BlockFit(name, len(x), iterations, before, after, time.process_time() - start))
+            del x, y
+    return fits
+
+
 def calibrate(
     converted: nn.Module,
     original: nn.Module,
     data,
     *,
     num_images: int | None = 2048,
-    steps: Sequence[str] = CALIBRATION_STEPS,
+    steps: Sequence[str] = DEFAULT_STEPS,
+    iterations: int = RECONSTRUCT_ITERATIONS,
+    lr: float = RECONSTRUCT_LR,
     ridge: float = 1e-3,
     batch_size: int = 64,
     preset: str = "imagenet",
@@ -577,20 +698,30 @@ def calibrate(
 ) -> nn.Module:
     """A new model: ``converted`` with its approximately rewritten blocks repaired on unlabelled ``data``.
 
-    Steps, in order: "bn" re-estimates the running statistics of the rewritten blocks' BatchNorms on the new
-    activations; "transfer" refits each rewritten conv by ridge least squares (``ridge`` relative to the
-    mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms again
-    when "bn" is among the steps. ``num_images`` is a seeded random subset of ``data`` (None: all of it).
-    The result carries ``resnet_surgery_calibration``, a CalibrationReport with the agreement with
-    ``original`` before and after each step on the calibration images; ``converted`` is untouched.
+    Steps, in the order given: "bn" re-estimates the running statistics of the rewritten blocks' BatchNorms
+    on the new activations; "transfer" refits each rewritten conv by ridge least squares (``ridge`` relative
+    to the mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms
+    again when "bn" is among the steps; "reconstruct" optimises every parameter of each rewritten block, in
+    forward order, so that the block reproduces the original block's output (``iterations`` Adam steps per
+    block at peak ``lr``; see `reconstruct_blocks`). Statistics are not re-estimated after "reconstruct":
+    it optimised the block against the statistics it had (re-estimating then costs accuracy).
+    ``num_images`` is a seeded random subset of ``data`` (None: all of it). The result carries
+    ``resnet_surgery_calibration``, a CalibrationReport with the agreement with ``original`` before and after
+    each step on the calibration images; ``converted`` is untouched. Deterministic for a given ``seed``.
     """
     unknown = [s for s in steps if s not in CALIBRATION_STEPS]
     if unknown:
         raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
+    if iterations < 1 or lr <= 0:
+        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
     records = approximate_rewrites(converted)
+    if not records:
+        raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "
+                           "original's function, so there is nothing to calibrate")
     model = copy.deepcopy(converted)
     norms = [n for r in records for n in r.get("norms", [])]
     convs = {c: t for r in records for c, t in r.get("convs", {}).items()}
+    blocks = list(dict.fromkeys(r["block"] for r in records))
     loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size,
                        num_images=num_images, seed=seed)
     batches = _Batches(loader)
@@ -609,19 +740,23 @@ def calibrate(
     report = CalibrationReport(num_images=0, ridge=ridge, steps=[], fits=[])
     measure("naive copy", None, 0, 0)
     report.num_images = report.steps[0].agreement.num_images
-    if "bn" in steps and norms:
+    for step in dict.fromkeys(steps):
         with _CPUTimer() as timer:
-            seen = reestimate_bn(model, norms, batches, reference=original, progress=progress)
-        measure("bn", timer, seen, 1)
-    if "transfer" in steps and convs:
-        with _CPUTimer() as timer:
-            report.fits = transfer_weights(model, original, convs, batches, ridge=ridge, progress=progress)
-            passes = len(convs)
-            if "bn" in steps and norms:
-                # The refits changed the activations the re-estimated statistics describe.
-                reestimate_bn(model, norms, batches, reference=original, progress=progress)
-                passes += 1
-        measure("transfer", timer, report.num_images, passes)
+            if step == "bn":
+                images = reestimate_bn(model, norms, batches, reference=original, progress=progress)
+                passes = 1
+            elif step == "transfer":
+                report.fits = transfer_weights(model, original, convs, batches, ridge=ridge, progress=progress)
+                images, passes = report.num_images, len(convs)
+                if "bn" in steps:
+                    # The refits changed the activations the re-estimated statistics describe.
+                    reestimate_bn(model, norms, batches, reference=original, progress=progress)
+                    passes += 1
+            else:
+                report.blocks = reconstruct_blocks(model, original, blocks, batches, iterations=iterations, lr=lr,
+                                                   seed=seed, progress=progress)
+                images, passes = min(b.images for b in report.blocks), len(blocks)
+        measure(step, timer, images, passes)
     model.resnet_surgery_calibration = report
     model.resnet_surgery_recipe = {**model.resnet_surgery_recipe, "calibration": report.to_dict()}
     return model

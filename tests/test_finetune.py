@@ -179,3 +179,72 @@ def test_torchrun_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 12 and report["images"] == 192  # 64 images / 2 / 8
     assert report["loss_end"] < report["loss_start"], report
+
+
+# --- feature mimicking ------------------------------------------------------------------------------------
+
+
+def pre_pool_mse(student, teacher, data) -> float:
+    """Mean squared difference of the feature maps entering the global pool, on ``data`` (eval mode)."""
+    feats = {}
+    hooks = [m.avgpool.register_forward_pre_hook(lambda _, a, k=k: feats.__setitem__(k, a[0]))
+             for k, m in (("s", student), ("t", teacher))]
+    x = data.tensors[0]
+    with torch.no_grad():
+        student.eval()(x), teacher.eval()(x)
+    for h in hooks:
+        h.remove()
+    return float(((feats["s"] - feats["t"]) ** 2).mean())
+
+
+def test_features_objective_lowers_the_feature_error_and_keeps_the_classifier():
+    teacher, student = tiny_pair()
+    data = synthetic(labels=False)
+    out = finetune(student, teacher, data, objective="features", steps=24, batch_size=16, lr=0.05,
+                   augment="cifar", progress=False)
+    report = out.resnet_surgery_finetune
+    assert report.objective == "features" and report.steps == 24 and report.epochs == 6  # 4 batches a pass
+    assert pre_pool_mse(out, teacher, data) < 0.7 * pre_pool_mse(student, teacher, data)
+    assert torch.equal(out.fc.weight, student.fc.weight) and torch.equal(out.fc.bias, student.fc.bias)
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in out.state_dict().items() if "conv" in k)
+
+
+def test_step_budget_spans_the_schedule_and_is_deterministic():
+    teacher, student = tiny_pair()
+    runs = [finetune(student, teacher, synthetic(n=40, labels=False), objective="both", steps=7, batch_size=16,
+                     augment="cifar", seed=3, progress=False) for _ in range(2)]
+    assert states_equal(runs[0].state_dict(), runs[1].state_dict())
+    report = runs[0].resnet_surgery_finetune
+    assert report.steps == 7 and report.budget_steps == 7 and report.epochs == 3  # 3 batches a pass
+    other = finetune(student, teacher, synthetic(n=40, labels=False), objective="both", steps=7, batch_size=16,
+                     augment="cifar", seed=4, progress=False)
+    assert not states_equal(other.state_dict(), runs[0].state_dict())
+
+
+def test_features_and_recovery_refuse_what_they_cannot_do():
+    teacher, student = tiny_pair()
+    with pytest.raises(SurgeryError, match="unknown objective"):
+        finetune(student, teacher, synthetic(), objective="feature", progress=False)
+    with pytest.raises(SurgeryError, match="unknown augmentation"):
+        finetune(student, teacher, synthetic(), augment="autoaugment", progress=False)
+
+    class MeanPool(torch.nn.Module):  # pools with torch.mean: no pooling module to tap
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    model = MeanPool()
+    model.resnet_surgery_recipe = student.resnet_surgery_recipe
+    with pytest.raises(SurgeryError, match="no global pooling module"):
+        finetune(model, model, synthetic(), objective="features", progress=False)
+    with pytest.raises(SurgeryError, match="resnet_surgery_recipe"):
+        finetune(teacher, teacher, synthetic(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = convert(teacher, "v1.5", exact=True, input_size=(3, 16, 16))
+    with pytest.raises(SurgeryError, match="exact"):
+        finetune(exact, teacher, synthetic(), progress=False)

@@ -163,9 +163,9 @@ def test_calibrate_refuses_bad_input():
     model.resnet_surgery_recipe = {"rewrites": []}
     with pytest.raises(SurgeryError, match="unknown calibration step 'bm'"):
         calibrate(model, model, data, steps=("bm",), progress=False)
-    # Nothing approximate: a copy, with only the naive measurement.
-    out = calibrate(model, model, data, progress=False)
-    assert out is not model and [s.step for s in out.resnet_surgery_calibration.steps] == ["naive copy"]
+    # Nothing approximate: nothing to calibrate, said plainly.
+    with pytest.raises(SurgeryError, match="nothing to calibrate"):
+        calibrate(model, model, data, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +287,86 @@ def test_cli_bad_input_is_one_line_and_exit_2(cifar_folder, tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
         assert result.output.count("\n") == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- block reconstruction ---------------------------------------------------------------------------
+
+
+def tiny_conversion(to="v1", layout="v1.5", **kw):
+    """A tiny random CIFAR-layout model (BatchNorm statistics from a few batches) and its conversion."""
+    from resnet_surgery.zoo import cifar_resnet
+
+    torch.manual_seed(0)
+    original = cifar_resnet(layout, widths=(8, 8, 16), blocks=(1, 1, 1), stem_width=8)
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)  # torchvision zero-inits bn3: make every branch count
+    original.train()
+    with torch.no_grad():
+        for _ in range(3):
+            original(torch.randn(16, 3, 16, 16))
+    return original.eval(), quiet_convert(original, to, **kw)
+
+
+def block_errors(model, original, blocks, images):
+    """Relative MSE of each block's output, fed with ``model``'s own input to it, against ``original``'s."""
+    errors = []
+    with torch.no_grad():
+        for b in blocks:
+            x = recovery._capture(model, model.get_submodule(b), images, "input")
+            y = recovery._capture(original, original.get_submodule(b), images, "output")
+            errors.append(float(((model.get_submodule(b)(x) - y) ** 2).sum() / ((y - y.mean((0, 2, 3), keepdim=True)) ** 2).sum()))
+    return errors
+
+
+def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
+    original, converted = tiny_conversion("v1")
+    images = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    data = TensorDataset(images)
+    blocks = [r["block"] for r in recovery.approximate_rewrites(converted)]
+    assert blocks == ["layer2.0", "layer3.0"]
+    model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+                      batch_size=32, progress=False)
+    report = model.resnet_surgery_calibration
+    assert [s.step for s in report.steps] == ["naive copy", "reconstruct"]
+    assert [b.block for b in report.blocks] == blocks and all(b.images == 96 for b in report.blocks)
+    assert all(b.error_after < 0.7 * b.error_before for b in report.blocks), str(report)
+    before, after = block_errors(converted, original, blocks, images), block_errors(model, original, blocks, images)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
+    assert report.steps[1].agreement.kl < report.steps[0].agreement.kl
+    new, old = model.state_dict(), converted.state_dict()
+    changed = {k for k in old if not torch.equal(new[k], old[k])}
+    assert changed and all(k.startswith(("layer2.0.", "layer3.0.")) for k in changed)
+    # Norms stay in eval mode: running statistics are untouched, only weights, biases and affines train.
+    assert not any("running" in k or "num_batches" in k for k in changed)
+    assert "reconstruct layer2.0: relative error" in str(report)
+
+    again = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+                      batch_size=32, progress=False)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in new.items())  # deterministic under a seed
+    other = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+                      batch_size=32, seed=1, progress=False)
+    assert any(not torch.equal(v, other.state_dict()[k]) for k, v in new.items())
+
+
+def test_default_calibration_is_bn_then_reconstruct():
+    original, converted = tiny_conversion("d")
+    model = calibrate(converted, original, TensorDataset(torch.randn(32, 3, 16, 16)), iterations=5, progress=False)
+    report = model.resnet_surgery_calibration
+    assert [s.step for s in report.steps] == ["naive copy", "bn", "reconstruct"] and not report.fits
+    assert model.resnet_surgery_recipe["calibration"]["blocks"][0]["iterations"] == 5
+
+
+def test_reconstruct_refuses_an_exact_conversion_and_bad_options():
+    data = TensorDataset(torch.randn(8, 3, 16, 16))
+    original, exact = tiny_conversion("v1.5", layout="v1", exact=True)
+    with pytest.raises(SurgeryError, match="nothing to calibrate"):
+        calibrate(exact, original, data, progress=False)
+    with pytest.raises(SurgeryError, match="nothing to calibrate"):
+        calibrate(quiet_convert(original, "v1"), original, data, progress=False)  # a no-op conversion
+    # An exact step after an approximate one still leaves the approximate rewrites to repair.
+    original, converted = tiny_conversion()
+    pruned = quiet_convert(converted, None, prune_dead=True)
+    assert [r["block"] for r in recovery.approximate_rewrites(pruned)] == ["layer2.0", "layer3.0"]
+    with pytest.raises(SurgeryError, match="iterations >= 1"):
+        calibrate(converted, original, data, iterations=0, progress=False)
