@@ -66,21 +66,22 @@ def variant_options(fn):
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""
-    from .report import table
+    from .history import history
+    from .utils import table
 
-    recipe = converted.resnet_surgery_recipe
-    records = recipe["rewrites"]
-    lines = [f"{name} (weights {weights}): {recipe['variant_before']} -> {recipe['variant_after']}, "
-             f"{len(records)} rewrites ({sum(not r['exact'] for r in records)} change the function)"]
+    recipe = history(converted).recipe
+    records = recipe.rewrites
+    lines = [f"{name} (weights {weights}): {recipe.variant_before} -> {recipe.variant_after}, "
+             f"{len(records)} rewrites ({sum(not r.exact for r in records)} change the function)"]
     if records:
         lines += table([("block", "rewrite", "exact")] +
-                       [(r["block"], r["op"], "yes" if r["exact"] else "NO") for r in records])
+                       [(r.block, str(r.op), "yes" if r.exact else "NO") for r in records])
     change = (macs_after - macs_before) / macs_before
     lines.append(f"MACs: {macs_before / 1e9:.3f} G -> {macs_after / 1e9:.3f} G ({change:+.1%})")
     if probe is not None:
         lines.append(f"max |difference| on a probe input: {probe[0]:.3g} (max |logit| {probe[1]:.3g}, "
                      f"relative {probe[0] / max(probe[1], 1e-12):.2g})")
-    lines += [f"note: {n}" for n in recipe["notices"]]
+    lines += [f"note: {n}" for n in recipe.notices]
     return "\n".join(lines)
 
 
@@ -92,7 +93,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @user_errors
 def inspect_command(model, weights, input_size, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
-    from .models import load_model
+    from .recipe import load_model
     from .report import inspect
 
     report = inspect(load_model(model, weights), (3, input_size, input_size))
@@ -113,8 +114,8 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     import warnings
 
     from .atomic import check_writable
-    from .models import load_model
-    from .recipe import save
+    from .history import history
+    from .recipe import load_model, save
     from .report import count_macs
     from .rewrite import SurgeryNotice, convert, max_difference
 
@@ -130,7 +131,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     save(converted, out, force=force, summary=summary)
     if as_json:
         print_json({"out": out, "macs_before": before, "macs_after": after,
-                    "max_abs_diff": probe[0] if probe else None, "recipe": converted.resnet_surgery_recipe})
+                    "max_abs_diff": probe[0] if probe else None, "recipe": history(converted).recipe.to_json()})
     else:
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
@@ -157,7 +158,7 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
     """
     from .atomic import check_writable
     from .export import ParityError, export_onnx
-    from .models import load_model
+    from .recipe import load_model
 
     check_writable(out, force)
     model = load_model(model_or_dir, weights)
@@ -270,15 +271,16 @@ def is_rank0() -> bool:
 
 def load_original(spec, weights, converted):
     """--original (default: the source model recorded in the converted folder's recipe, with its weights)."""
-    from .models import load_model
+    from .history import history
+    from .recipe import load_model
 
-    source = converted.resnet_surgery_recipe.get("source", {})
+    source = history(converted).recipe.source
     if spec is None:
-        if source.get("kind") not in ("torchvision", "timm", "zoo"):
+        if not source.loadable:
             raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
-        spec = source["model"]
+        spec = source.model
     if weights is None:
-        weights = source.get("weights", "none") if spec == source.get("model") else "none"
+        weights = (source.weights or "none") if spec == source.model else "none"
     return load_model(spec, weights)
 
 
@@ -300,7 +302,7 @@ original_options = [
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from .models import load_model
+    from .recipe import load_model
     from .recovery import evaluate
 
     transform = build_preprocessing(preset, size, resize, mean, std)
@@ -328,6 +330,7 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
     least-squares refit of each rewritten conv to the original model."""
     from .atomic import check_writable
+    from .history import history
     from .recipe import load, save
     from .recovery import calibrate
 
@@ -337,7 +340,7 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     source = load_original(original, weights, converted)
     model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
                       ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
     if as_json:
         print_json({"out": out, **report.to_dict()})
@@ -374,6 +377,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
     from .atomic import check_writable
     from .finetune import finetune
+    from .history import history
     from .recipe import load, save
 
     check_writable(out, force)
@@ -387,7 +391,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
                      progress=not as_json)
     if not is_rank0():
         return
-    report = model.resnet_surgery_finetune
+    report = history(model).finetune
     save(model, out, force=force, summary=f"fine-tuned {converted_dir} on {data}\n{report}")
     checkpoint.unlink(missing_ok=True)  # the finished folder replaces it
     print_json({"out": out, **report.to_dict()}) if as_json else click.echo(f"{report}\nwritten: {out}/")

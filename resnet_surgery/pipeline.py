@@ -9,8 +9,8 @@ import warnings
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, check_writable
-from .models import load_model
-from .recipe import save
+from .history import history
+from .recipe import load_model, save
 from .report import count_macs
 from .rewrite import SurgeryNotice, convert, max_difference
 
@@ -46,13 +46,13 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SurgeryNotice)
             converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
-        recipe = converted.resnet_surgery_recipe
-        for note in recipe["notices"]:
+        recipe = history(converted).recipe
+        for note in recipe.notices:
             echo(f"note: {note}")
         result["macs"] = {"original": count_macs(original, size), "converted": count_macs(converted, size)}
-        result["variants"] = [recipe["variant_before"], recipe["variant_after"]]
-        result["exact"] = recipe["exact"]
-        if recipe["exact"] and recipe["rewrites"]:
+        result["variants"] = [str(recipe.variant_before), str(recipe.variant_after)]
+        result["exact"] = recipe.exact
+        if recipe.exact and recipe.rewrites:
             result["max_abs_diff"] = max_difference(original, converted, size)[0]
         bar.update()
         if calibrate_data:
@@ -61,7 +61,7 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
             step("calibrate")
             converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
                                   progress=progress)
-            result["calibration"] = _report_dict(getattr(converted, "resnet_surgery_calibration", None))
+            result["calibration"] = _report_dict(history(converted).calibration)
             bar.update()
         if finetune_data:
             from .finetune import finetune
@@ -69,7 +69,7 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
             step("finetune")
             converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset,
                                  num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
-            result["finetune"] = _report_dict(getattr(converted, "resnet_surgery_finetune", None))
+            result["finetune"] = _report_dict(history(converted).finetune)
             # The checkpoint only matters to a run that may be resumed; this one finished.
             (tmp / "finetune.ckpt").unlink(missing_ok=True)
             bar.update()

@@ -13,7 +13,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from util import CaffeResNet, randomize_bn
 
 import resnet_surgery.export as export_module
-from resnet_surgery import SurgeryError, SurgeryNotice, convert, count_macs
+from resnet_surgery import SurgeryError, SurgeryNotice, convert, count_macs, history
 from resnet_surgery.cli import main
 from resnet_surgery.export import ParityError, export_onnx, onnx_input_shape, onnx_metadata
 
@@ -248,9 +248,9 @@ def test_every_engine_variant_exports_with_parity(tmp_path, variants, variant, s
 
 def test_engine_variants_are_what_they_claim(variants):
     ops = {
-        name: {r["op"] for r in m.resnet_surgery_recipe["rewrites"]}
+        name: {r.op for r in history(m).recipe.rewrites}
         for name, m in variants.items()
-        if hasattr(m, "resnet_surgery_recipe")
+        if history(m).recipe is not None
     }
     assert ops["v1"] == {"stride_to_1x1"}
     assert ops["v1.5-exact-dilated"] == {"stride_to_3x3_dilated"}

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -15,6 +16,7 @@ from resnet_surgery import (
     apply_recipe,
     convert,
     find_blocks,
+    history,
     trace,
 )
 
@@ -59,8 +61,8 @@ def test_dilated_form_is_what_was_asked():
     block = exact.layer3[0]
     assert block.conv1.stride == (1, 1)
     assert (block.conv2.stride, block.conv2.dilation, block.conv2.padding) == ((2, 2), (2, 2), (2, 2))
-    assert exact.resnet_surgery_recipe["exact"] is True
-    assert {r["op"] for r in exact.resnet_surgery_recipe["rewrites"]} == {"stride_to_3x3_dilated"}
+    assert history(exact).recipe.exact is True
+    assert {r.op for r in history(exact).recipe.rewrites} == {"stride_to_3x3_dilated"}
     # The dilated form goes back to plain v1 exactly too.
     back = convert(exact, "v1", exact=True)
     assert relative_error(v1, back, 57) <= TOL
@@ -116,9 +118,9 @@ def test_resnet_d_architecture_and_shapes(size):
         a = feats(base, {"layer4": "out"})(x)["out"]
         b = feats(d, {"layer4": "out"})(x)["out"]
     assert a.shape == b.shape
-    rec = d.resnet_surgery_recipe
+    rec = history(d).recipe
     assert rec["variant_after"] == "d" and not rec["exact"]
-    sc = [r for r in rec["rewrites"] if r["op"] == "shortcut_avgpool"][0]
+    sc = [r for r in rec["rewrites"] if r.op == "shortcut_avgpool"][0]
     assert sc["convs"] == {"layer2.0.downsample.0.1": "layer2.0.downsample.0"}
     assert sc["keys"] == {"layer2.0.downsample.0.weight": "layer2.0.downsample.0.1.weight"}
     back = quiet_convert(d, "v1.5")
@@ -148,7 +150,7 @@ def test_exact_requests_that_cannot_be_exact_say_why():
 def test_no_op_says_so():
     with pytest.warns(SurgeryNotice, match="already v1.5: nothing to change"):
         same = convert(torchvision.models.resnet50(), "v1.5")
-    assert same.resnet_surgery_recipe["rewrites"] == []
+    assert history(same).recipe.rewrites == []
 
 
 def test_approximate_conversion_says_it_changes_the_function():
@@ -160,9 +162,9 @@ def test_basicblock_stride_move_not_applicable_but_shortcut_swaps_apply():
     r18 = randomize_bn(torchvision.models.resnet18())
     with pytest.warns(SurgeryNotice, match="do not apply to 3 blocks"):
         same = convert(r18, "v1")
-    assert same.resnet_surgery_recipe["rewrites"] == []
+    assert history(same).recipe.rewrites == []
     d = quiet_convert(r18, "d")
-    assert [r["op"] for r in d.resnet_surgery_recipe["rewrites"]] == ["shortcut_avgpool"] * 3
+    assert [r.op for r in history(d).recipe.rewrites] == ["shortcut_avgpool"] * 3
     assert relative_error(r18, convert(r18, shortcut="conv3x3", exact=True), 45) <= TOL
 
 
@@ -176,11 +178,11 @@ def test_bad_arguments():
 def test_custom_model_converts_and_apply_recipe_reproduces():
     base = randomize_bn(CaffeResNet(v1=False))
     d = quiet_convert(base, "d")
-    rewrites = [(r["block"], r["op"]) for r in d.resnet_surgery_recipe["rewrites"]]
+    rewrites = [(r.block, r.op) for r in history(d).recipe.rewrites]
     assert rewrites == [("res3.0", "shortcut_avgpool"), ("res4.0", "shortcut_avgpool")]
     assert d.res3[0].branch2a.stride == (1, 1) and isinstance(d.res3[0].branch1[0][0], nn.AvgPool2d)
-    again = apply_recipe(randomize_bn(CaffeResNet(v1=False)), d.resnet_surgery_recipe)
+    again = apply_recipe(randomize_bn(CaffeResNet(v1=False)), history(d).recipe)
     again.load_state_dict(d.state_dict())
     assert relative_error(d, again, 35) == 0.0
     with pytest.raises(SurgeryError, match="recipe does not fit"):
-        apply_recipe(CaffeResNet(v1=False, units=(1, 1, 3)), {**d.resnet_surgery_recipe, "rewrites": []})
+        apply_recipe(CaffeResNet(v1=False, units=(1, 1, 3)), dataclasses.replace(history(d).recipe, rewrites=[]))
