@@ -1,7 +1,7 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
 from .blocks import Block, Subsample, find_blocks, trace
-from .data import as_loader, cifar10_tensors, extract_cifar10, split_batch
+from .data import as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
 from .errors import NotExactError, SurgeryError, TraceError
 from .export import ExportError, ParityError, ParityReport, export_onnx
 from .finetune import FinetuneReport, finetune
@@ -22,6 +22,6 @@ __all__ = [
     "Report", "Rewrite", "Shortcut", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Variant",
     "apply_recipe", "as_loader", "calibrate", "cifar10_tensors", "cifar_resnet", "compare_latency", "convert",
     "count_macs", "evaluate", "export_onnx", "extract_cifar10", "find_blocks", "finetune", "history", "inspect",
-    "load", "load_cifar_resnet", "load_model", "max_difference", "onnx_input_shape", "predict",
+    "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "predict",
     "prune_dead_compute", "ratio_ci", "read_recipe", "save", "split_batch", "trace",
 ]

@@ -235,8 +235,9 @@ def with_options(options):
 preprocessing_options = [
     click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
                  help="ImageFolder directory (<root>/<class>/<image>, labelled) or a folder of images (unlabelled)"),
-    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std"),
+    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std  "
+                      "[default: the model's own (torchvision weights' transforms, timm's data config), else imagenet]"),
     click.option("--size", type=click.IntRange(8, 4096), help="final (centre-crop) size, overriding the preset"),
     click.option("--resize", type=click.IntRange(0, 4096), help="shorter side before the crop (0: straight to --size)"),
     click.option("--mean", help="normalisation mean, three comma-separated numbers"),
@@ -245,8 +246,14 @@ preprocessing_options = [
 ]
 
 
-def build_preprocessing(preset, size, resize, mean, std):
-    from .data import preset_transform
+def build_preprocessing(preset, size, resize, mean, std, model=None):
+    """--preset and its overrides; with none of them, the preprocessing ``model``'s weights were published with."""
+    from .data import model_transform, preset_transform
+
+    chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
+    own = model_transform(model) if model is not None and not chosen else None
+    if own is not None:
+        return own
 
     def three(value, name):
         if value is None:
@@ -259,7 +266,8 @@ def build_preprocessing(preset, size, resize, mean, std):
             raise SurgeryError(f"--{name} needs three comma-separated numbers (one per channel), got {value!r}")
         return numbers
 
-    return preset_transform(preset, size=size, resize=resize, mean=three(mean, "mean"), std=three(std, "std"))
+    return preset_transform(preset or "imagenet", size=size, resize=resize, mean=three(mean, "mean"),
+                            std=three(std, "std"))
 
 
 def is_rank0() -> bool:
@@ -305,9 +313,9 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
     from .recipe import load_model
     from .recovery import evaluate
 
-    transform = build_preprocessing(preset, size, resize, mean, std)
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
+    transform = build_preprocessing(preset, size, resize, mean, std, model)
     report = evaluate(model, data, reference=ref, batch_size=batch_size, transform=transform, num_images=num_images,
                       progress=not as_json)
     print_json(report.to_dict()) if as_json else click.echo(f"{model_or_dir}: {report}")
@@ -335,9 +343,9 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     from .recovery import calibrate
 
     check_writable(out, force)
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
                       ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
     report = history(model).calibration
@@ -382,9 +390,9 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
@@ -409,8 +417,8 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
               help="ImageFolder of unlabelled images: re-estimate BatchNorm and refit rewritten convs")
 @click.option("--finetune", "finetune_data", type=click.Path(exists=True, file_okay=False),
               help="ImageFolder for distillation fine-tuning from the original")
-@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-              help="preprocessing of --calibrate/--finetune images")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+              help="preprocessing of --calibrate/--finetune images  [default: the model's own, else imagenet]")
 @click.option("--num-images", default=2048, show_default=True, help="calibration images")
 @click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
 @click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")

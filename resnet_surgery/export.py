@@ -217,7 +217,8 @@ def _export_checked(model: nn.Module, staged: Path, options: ExportOptions) -> t
 def _raise_unless_passed(report: ParityReport) -> None:
     if report.passed:
         return
-    worst = max(report.checks, key=lambda c: c.max_abs_diff / c.tolerance)
+    # A difference, not a ratio: the tolerance may be 0 (--atol 0 --rtol 0).
+    worst = max((c for c in report.checks if not c.passed), key=lambda c: c.max_abs_diff - c.tolerance)
     raise ParityError(
         f"ONNX parity failed: at batch {worst.batch} max |onnx - torch| = {worst.max_abs_diff:.3g} > "
         f"tolerance {worst.tolerance:.3g} (atol {report.atol:g} + rtol {report.rtol:g} x max |logit| "
