@@ -302,7 +302,7 @@ def compare_latency(
     peak = max(peak, measure_peak_gflops(threads, n=peak_matmul_n, device=device))
     load_after = list(os.getloadavg())
 
-    results, warns = _results(timings, batch_sizes, macs, peak, seed)
+    results, warns = result_rows(timings, batch_sizes, macs, peak, seed)
     warns += _load_warnings(load_before, load_after)
     provider = next(iter(sessions.values())).get_providers()[0]
     settings = {
@@ -405,7 +405,7 @@ def _time_rounds(runners, rules: StoppingRule, rng, *, desc: str, progress: bool
                 return times
 
 
-def _results(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int):
+def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int):
     """One row per (batch, model): summary, ratio against the first model, compute; and interval warnings."""
     names = list(timings)
     results, warns = [], []

@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from util import CaffeResNet, randomize_bn, relative_error
+from util import CaffeResNet, Unit, randomize_bn, relative_error
 
 from resnet_surgery import (
     NotExactError,
@@ -186,3 +186,44 @@ def test_custom_model_converts_and_apply_recipe_reproduces():
     assert relative_error(d, again, 35) == 0.0
     with pytest.raises(SurgeryError, match="recipe does not fit"):
         apply_recipe(CaffeResNet(v1=False, units=(1, 1, 3)), dataclasses.replace(history(d).recipe, rewrites=[]))
+
+
+def test_a_conv_shared_by_two_blocks_is_refused_and_the_argument_kept():
+    # Two downsampling units that share one projection shortcut: rewriting it would change both.
+    first, second = Unit(16, 4, 16, 2, stride_on_1x1=False), Unit(16, 4, 16, 2, stride_on_1x1=False)
+    second.branch1 = first.branch1
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), first, second).eval()
+    with pytest.raises(SurgeryError, match=r"1\.branch1\.0 is called 2 times in the forward"):
+        convert(model, "d", input_size=(3, 16, 16))
+    assert isinstance(model[1].branch1[0], nn.Conv2d) and model[1].branch1[0].stride == (2, 2)
+
+
+def test_a_3x3_shortcut_with_off_centre_taps_has_no_exact_1x1_form():
+    wide = convert(randomize_bn(CaffeResNet()), shortcut="conv3x3", exact=True, input_size=(3, 32, 32))
+    with torch.no_grad():
+        wide.res3[0].branch1[0].weight[:, :, 0, 0] += 0.1  # trained 3x3 shortcuts use their whole kernel
+    with pytest.raises(NotExactError, match="res3.0: the 3x3 shortcut has non-zero off-centre taps"):
+        convert(wide, shortcut="conv1x1", exact=True, input_size=(3, 32, 32))
+    # res4.0 still holds only its centre tap: without exact=True both convert, res3.0 marked approximate.
+    narrow = quiet_convert(wide, shortcut="conv1x1", input_size=(3, 32, 32))
+    assert [(r.block, r.exact) for r in history(narrow).recipe.rewrites] == [("res3.0", False), ("res4.0", True)]
+
+
+class StrideOnLast(nn.Module):
+    """A bottleneck whose stride sits on the last 1x1: neither v1 nor v1.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c, self.proj = nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2)
+
+    def forward(self, x):
+        return torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))) + self.proj(x))
+
+
+def test_unrecognised_stride_placement_is_a_notice_and_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), StrideOnLast())
+    with pytest.warns(SurgeryNotice, match=r"1: stride placement not recognised \(main convs \['1.a', '1.b', '1.c'\]\)"):
+        out = convert(model, "v1", input_size=(3, 16, 16))
+    assert history(out).recipe.rewrites == []
+    assert [out[1].a.stride, out[1].b.stride, out[1].c.stride] == [(1, 1), (1, 1), (2, 2)]
