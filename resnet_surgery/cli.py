@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import SurgeryError
+from .vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
 
 
 def user_errors(fn):
@@ -52,8 +53,8 @@ size_option = click.option("--input-size", default=224, show_default=True, type=
 def variant_options(fn):
     """--to, --shortcut, --exact and --prune-dead: what `convert` and `run` both take."""
     for option in reversed([
-        click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant"),
-        click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]),
+        click.option("--to", "to", type=click.Choice([v.value for v in TARGET_VARIANTS]), help="target variant"),
+        click.option("--shortcut", type=click.Choice([s.value for s in TARGET_SHORTCUTS]),
                      help="projection shortcut type"),
         click.option("--exact", is_flag=True, help="only function-preserving rewrites (error if none exists)"),
         click.option("--prune-dead", is_flag=True,

@@ -274,12 +274,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) ->
         wanted = [(r.block, r.op) for r in step.rewrites]
         if done != wanted:
             raise SurgeryError(f"the recipe does not fit this model: it rewrote {len(wanted)} blocks "
-                               f"({_pairs(wanted)}...), this model gives {len(done)} ({_pairs(done)}...)")
+                               f"({wanted[:2]}...), this model gives {len(done)} ({done[:2]}...)")
     return record(converted, recipe=recipe)
-
-
-def _pairs(rewrites: list[tuple[str, Op]]) -> str:
-    return str([(block, str(op)) for block, op in rewrites[:2]])
 
 
 def load(folder: str | os.PathLike) -> nn.Module:

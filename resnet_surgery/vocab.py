@@ -18,6 +18,9 @@ class _Name(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
+    def __repr__(self) -> str:
+        return repr(self.value)  # lists and tuples of them print like the plain strings they replace
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(m.value for m in cls)
