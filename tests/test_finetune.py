@@ -151,6 +151,7 @@ import json, os, sys, warnings
 import torch
 sys.path.insert(0, {tests!r})
 from test_finetune import synthetic, tiny_pair
+from resnet_surgery import history
 from resnet_surgery.finetune import finetune
 
 teacher, student = tiny_pair()
