@@ -52,7 +52,12 @@ def history(model: nn.Module) -> History:
 
 def record(model: nn.Module, **changes) -> nn.Module:
     """Replace fields of ``model``'s History (a new object: copies made earlier keep theirs); returns ``model``."""
-    setattr(model, ATTRIBUTE, dataclasses.replace(history(model), **changes))
+    new = dataclasses.replace(history(model), **changes)
+    setattr(model, ATTRIBUTE, new)
+    # Read-only mirrors for code written before history(): model.resnet_surgery_recipe["rewrites"] still reads.
+    for field in dataclasses.fields(new):
+        value = getattr(new, field.name)
+        setattr(model, f"resnet_surgery_{field.name}", dataclasses.asdict(value) if isinstance(value, Source) else value)
     return model
 
 

@@ -137,6 +137,10 @@ def test_history_is_the_one_place_steps_record_on(tmp_path):
     save(converted, tmp_path / "c")
     again = load(tmp_path / "c")
     assert history(again).recipe == h.recipe and history(again).source == h.source
+    # Code written before history() still reads the old attributes.
+    assert converted.resnet_surgery_recipe["rewrites"] == h.recipe.rewrites
+    assert converted.resnet_surgery_source == {"model": "cifar10-resnet-v1", "kind": "zoo", "weights": "DEFAULT"}
+    assert converted.resnet_surgery_calibration is None
     custom = history(quiet_convert(plain, "d")).recipe
     assert custom.source == Source("CaffeResNet", "custom") and custom.to_json()["source"] == {
         "model": "CaffeResNet", "kind": "custom"}
