@@ -30,6 +30,7 @@ from torch.utils.data import TensorDataset
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.finetune import finetune
+from resnet_surgery.history import history
 from resnet_surgery.recovery import calibrate, evaluate, predict
 from resnet_surgery.rewrite import convert
 from resnet_surgery.zoo import load_cifar_resnet
@@ -71,7 +72,7 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
                       seed=args.seed, progress=False)
     calibrated = calibrate(converted, original, calib, num_images=None, steps=("bn", "reconstruct"), batch_size=128,
                            iterations=args.iterations, seed=args.seed, progress=False)
-    steps = {s.step: s for m in (refit, calibrated) for s in m.resnet_surgery_calibration.steps}
+    steps = {s.step: s for m in (refit, calibrated) for s in history(m).calibration.steps}
     for name, model in (("bn", None), ("transfer", refit), ("reconstruct", calibrated)):
         s = steps[name]
         if model is None:  # BatchNorm re-estimation alone: the same first step of both calibrations
@@ -85,14 +86,14 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
 
     mimicked = finetune(calibrated, original, calib, objective="features", steps=args.feature_steps, augment="cifar",
                         lr=args.feature_lr, batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty())
-    fm = mimicked.resnet_surgery_finetune
+    fm = history(mimicked).finetune
     rows.append(row("features", ev(mimicked), len(calib), fm.cpu_seconds, fm.wall_seconds))
     print(f"  features: {rows[-1]['top1']:.2f} ({fm.steps} steps, {fm.cpu_seconds:.0f} CPU s)", flush=True)
 
     tuned = finetune(mimicked, original, train, objective=args.objective, epochs=1, lr=args.lr,
                      batch_size=args.batch_size, alpha=args.alpha, augment="cifar", bf16=args.bf16, seed=args.seed,
                      progress=sys.stderr.isatty())
-    ft = tuned.resnet_surgery_finetune
+    ft = history(tuned).finetune
     rows.append(row("finetune", ev(tuned), ft.images, ft.cpu_seconds, ft.wall_seconds))
     print(f"  finetune: {rows[-1]['top1']:.2f} ({ft.images} images, {ft.cpu_seconds:.0f} CPU s)", flush=True)
 
@@ -101,12 +102,12 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
     return {
         "rewrite": f"{source} -> {to}" + (" (plain)" if to == "v1.5" else ""),
         "source": source, "to": to,
-        "ops": sorted({r["op"] for r in converted.resnet_surgery_recipe["rewrites"]}),
+        "ops": sorted({r.op for r in history(converted).recipe.rewrites}),
         "steps": rows,
         "gap_points": gap,
         "goals_met": {step: gap[step] <= goal for step, goal in GOALS.items()},
-        "fits": [f.__dict__ for f in refit.resnet_surgery_calibration.fits],
-        "blocks": [b.__dict__ for b in calibrated.resnet_surgery_calibration.blocks],
+        "fits": [f.__dict__ for f in history(refit).calibration.fits],
+        "blocks": [b.__dict__ for b in history(calibrated).calibration.blocks],
         "feature_loss": {"start": fm.loss_start, "end": fm.loss_end},
         "finetune_loss": {"start": ft.loss_start, "end": ft.loss_end},
     }

@@ -23,15 +23,17 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .atomic import atomic_file
-from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
+from .history import record_result
 from .recovery import approximate_rewrites
+from .utils import eval_mode, model_device
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
 OBJECTIVES = ("logits", "features", "both")
-AUGMENTATIONS = ("none", "cifar", "imagenet")
+AUGMENTATIONS = ("none", "auto", "cifar", "imagenet")
+AUTO_CIFAR_SIZE = 64  # "auto" augments images up to this size like CIFAR (pad-crop), larger ones like ImageNet
 # Global pooling that ends a ResNet's trunk: its input is the feature map that objective="features" matches.
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -112,7 +114,7 @@ def _trainable_prefixes(converted: nn.Module, freeze: str) -> list[str] | None:
     """Module-name prefixes that train (None: the whole model)."""
     if freeze == "none":
         return None
-    blocks = sorted({r["block"] for r in approximate_rewrites(converted)})
+    blocks = sorted({r.block for r in approximate_rewrites(converted)})
     if not blocks:
         raise SurgeryError("freeze='rewritten' but the conversion has no approximate rewrites; use freeze='none'")
     return blocks
@@ -212,14 +214,14 @@ def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor)
     return F.mse_loss(student_features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
 
 
-def _augmenter(augment: str, seed: int):
+def _augmenter(augment: str, objective: str, seed: int):
     """A function that augments a batch image by image (teacher and student then see the same images)."""
-    if augment == "none":
+    if augment == "none" or (augment == "auto" and objective == "logits"):
         return None
     from torchvision.transforms import v2
 
     def build(size):
-        if augment == "cifar":
+        if augment == "cifar" or (augment == "auto" and min(size) <= AUTO_CIFAR_SIZE):
             return v2.Compose([v2.RandomCrop(size, padding=min(size) // 8), v2.RandomHorizontalFlip()])
         return v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip()])
 
@@ -406,15 +408,14 @@ def finetune(
     classifier frozen; MiR, Wang et al. 2022), which works from a few hundred unlabelled images; "both" adds
     the two. With labels the loss is ``alpha`` * that + (1 - ``alpha``) * cross-entropy. The budget is
     ``epochs`` passes over the data, or ``steps`` optimizer steps when given (as many passes as they need);
-    ``augment`` ("cifar": pad-crop + flip, "imagenet": random resized crop + flip) varies the images that a
-    small set shows many times. SGD (momentum 0.9, Nesterov; default lr 0.01) or AdamW (default lr 1e-4),
+    ``augment`` ("cifar": pad-crop + flip, "imagenet": random resized crop + flip; "auto": none for "logits",
+    else "cifar" up to 64x64 images and "imagenet" above) varies the images that a small set shows many times. SGD (momentum 0.9, Nesterov; default lr 0.01) or AdamW (default lr 1e-4),
     cosine schedule over the budget. ``freeze="rewritten"`` trains only the blocks the recipe rewrote.
     ``checkpoint``: written atomically after every pass (model, optimizer, scheduler, epoch, step);
     ``resume=True`` continues from it, an existing one is replaced only with ``force``. ``max_steps`` stops
     early (the schedule still spans the budget); ``num_images`` trains on a seeded subset. ``batch_size`` is
     per process. ``bf16`` runs the forward passes under bfloat16 autocast. A NaN/inf loss raises SurgeryError
-    and keeps the last checkpoint. The result carries ``resnet_surgery_finetune`` (a FinetuneReport);
-    ``converted`` is untouched.
+    and keeps the last checkpoint. ``history(result).finetune`` is a FinetuneReport; ``converted`` is untouched.
     """
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -450,7 +451,7 @@ def finetune(
                                 objective=objective, budget_steps=run.total_steps)
         cpu, wall = time.process_time(), time.perf_counter()
         _train(run, report, objective=objective, start_epoch=start_epoch, step=step, max_steps=max_steps,
-               augment=_augmenter(augment, seed + rank), temperature=temperature, alpha=alpha, bf16=bf16, ckpt=ckpt,
+               augment=_augmenter(augment, objective, seed + rank), temperature=temperature, alpha=alpha, bf16=bf16, ckpt=ckpt,
                progress=progress)
         report.cpu_seconds, report.wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
         if world > 1:
@@ -466,11 +467,8 @@ def _finish(student: nn.Module, report: FinetuneReport) -> nn.Module:
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    student.resnet_surgery_finetune = report
-    recipe = getattr(student, "resnet_surgery_recipe", None)
-    if isinstance(recipe, dict):
-        summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
-        student.resnet_surgery_recipe = {**recipe, "finetune": summary}
+    summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
+    record_result(student, "finetune", report, summary)
     return student
 
 

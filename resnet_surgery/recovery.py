@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
+from .history import history, record_result
+from .utils import eval_mode, model_device
 
 CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
 DEFAULT_STEPS = ("bn", "reconstruct")
@@ -273,17 +274,16 @@ class _CPUTimer:
         self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
 
 
-def approximate_rewrites(model: nn.Module) -> list[dict]:
-    """The rewrite records of ``model.resnet_surgery_recipe`` (its history included) that change the function."""
-    recipe = getattr(model, "resnet_surgery_recipe", None)
-    if not isinstance(recipe, dict) or "rewrites" not in recipe:
+def approximate_rewrites(model: nn.Module) -> list:
+    """The Rewrites of ``history(model).recipe`` (earlier conversions of a chain included) that change the function."""
+    recipe = history(model).recipe
+    if recipe is None:
         raise SurgeryError(
-            "the model has no resnet_surgery_recipe; calibrate and finetune need a model returned by "
+            "the model has no recipe; calibrate and finetune need a model returned by "
             "resnet_surgery.convert() or loaded with resnet_surgery.load()"
         )
     # Earlier conversions of a chain (e.g. an approximate v1, then an exact prune) count too.
-    steps = [*recipe.get("history", []), recipe]
-    return [r for step in steps for r in step.get("rewrites", []) if not r.get("exact", False)]
+    return [r for step in [*recipe.history, recipe] for r in step.rewrites if not r.exact]
 
 
 def _module(model: nn.Module, name: str, kind: type, what: str) -> nn.Module:
@@ -705,9 +705,9 @@ def calibrate(
     forward order, so that the block reproduces the original block's output (``iterations`` Adam steps per
     block at peak ``lr``; see `reconstruct_blocks`). Statistics are not re-estimated after "reconstruct":
     it optimised the block against the statistics it had (re-estimating then costs accuracy).
-    ``num_images`` is a seeded random subset of ``data`` (None: all of it). The result carries
-    ``resnet_surgery_calibration``, a CalibrationReport with the agreement with ``original`` before and after
-    each step on the calibration images; ``converted`` is untouched. Deterministic for a given ``seed``.
+    ``num_images`` is a seeded random subset of ``data`` (None: all of it). ``history(result).calibration`` is a
+    CalibrationReport with the agreement with ``original`` before and after each step on the calibration
+    images; ``converted`` is untouched. Deterministic for a given ``seed``.
     """
     unknown = [s for s in steps if s not in CALIBRATION_STEPS]
     if unknown:
@@ -719,9 +719,9 @@ def calibrate(
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "
                            "original's function, so there is nothing to calibrate")
     model = copy.deepcopy(converted)
-    norms = [n for r in records for n in r.get("norms", [])]
-    convs = {c: t for r in records for c, t in r.get("convs", {}).items()}
-    blocks = list(dict.fromkeys(r["block"] for r in records))
+    norms = [n for r in records for n in r.norms]
+    convs = {c: t for r in records for c, t in r.convs.items()}
+    blocks = list(dict.fromkeys(r.block for r in records))
     loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size,
                        num_images=num_images, seed=seed)
     batches = _Batches(loader)
@@ -757,6 +757,5 @@ def calibrate(
                                                    seed=seed, progress=progress)
                 images, passes = min(b.images for b in report.blocks), len(blocks)
         measure(step, timer, images, passes)
-    model.resnet_surgery_calibration = report
-    model.resnet_surgery_recipe = {**model.resnet_surgery_recipe, "calibration": report.to_dict()}
+    record_result(model, "calibration", report, report.to_dict())
     return model

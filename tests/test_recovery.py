@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from util import CaffeResNet
 
-from resnet_surgery import SurgeryError, convert, recovery
+from resnet_surgery import SurgeryError, convert, history, recovery
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.recovery import calibrate, evaluate, predict, reestimate_bn, transfer_weights
 from resnet_surgery.zoo import load_cifar_resnet
@@ -158,9 +159,9 @@ def test_report_flags_a_fit_with_too_few_positions():
 def test_calibrate_refuses_bad_input():
     model = nn.Sequential(nn.Conv2d(3, 3, 1))
     data = TensorDataset(torch.randn(4, 3, 8, 8))
-    with pytest.raises(SurgeryError, match="resnet_surgery_recipe"):
+    with pytest.raises(SurgeryError, match="the model has no recipe"):
         calibrate(model, model, data, progress=False)
-    model.resnet_surgery_recipe = {"rewrites": []}
+    model = convert(CaffeResNet(), "v1", input_size=(3, 8, 8))  # already v1: a recipe with no rewrites
     with pytest.raises(SurgeryError, match="unknown calibration step 'bm'"):
         calibrate(model, model, data, steps=("bm",), progress=False)
     # Nothing approximate: nothing to calibrate, said plainly.
@@ -187,7 +188,7 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     converted = quiet_convert(original, to)
     state = copy.deepcopy(converted.state_dict())
     model = calibrate(converted, original, calib, num_images=None, batch_size=128, progress=False)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     assert [s.step for s in report.steps] == ["naive copy", "bn", "transfer"]
     assert report.num_images == 512 and report.steps[1].images == 512
     agreement = [s.agreement.agreement for s in report.steps]
@@ -196,7 +197,7 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     assert kl[1] < kl[0] and kl[2] < kl[1], str(report)
     assert all(f.error_after < f.error_before for f in report.fits)
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in state.items())  # input untouched
-    assert model.resnet_surgery_recipe["calibration"]["num_images"] == 512
+    assert history(model).recipe.calibration["num_images"] == 512
 
     # On held-out labelled images: the naive copy hurt, calibration measurably repairs it.
     base = evaluate(original, held_out, batch_size=256, progress=False)
@@ -327,7 +328,7 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
     assert blocks == ["layer2.0", "layer3.0"]
     model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
                       batch_size=32, progress=False)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     assert [s.step for s in report.steps] == ["naive copy", "reconstruct"]
     assert [b.block for b in report.blocks] == blocks and all(b.images == 96 for b in report.blocks)
     assert all(b.error_after < 0.7 * b.error_before for b in report.blocks), str(report)
@@ -352,9 +353,9 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
 def test_default_calibration_is_bn_then_reconstruct():
     original, converted = tiny_conversion("d")
     model = calibrate(converted, original, TensorDataset(torch.randn(32, 3, 16, 16)), iterations=5, progress=False)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     assert [s.step for s in report.steps] == ["naive copy", "bn", "reconstruct"] and not report.fits
-    assert model.resnet_surgery_recipe["calibration"]["blocks"][0]["iterations"] == 5
+    assert history(model).recipe.calibration["blocks"][0]["iterations"] == 5
 
 
 def test_reconstruct_refuses_an_exact_conversion_and_bad_options():
