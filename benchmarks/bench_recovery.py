@@ -31,7 +31,7 @@ from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.finetune import finetune
 from resnet_surgery.history import history
-from resnet_surgery.recovery import calibrate, evaluate, predict
+from resnet_surgery.recovery import RECONSTRUCT_ITERATIONS, calibrate, evaluate, predict
 from resnet_surgery.rewrite import convert
 from resnet_surgery.zoo import load_cifar_resnet
 
@@ -71,7 +71,8 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
     refit = calibrate(converted, original, calib, num_images=None, steps=("bn", "transfer"), batch_size=128,
                       seed=args.seed, progress=False)
     calibrated = calibrate(converted, original, calib, num_images=None, steps=("bn", "reconstruct"), batch_size=128,
-                           iterations=args.iterations, seed=args.seed, progress=False)
+                           seed=args.seed, progress=False,
+                           **({} if args.iterations is None else {"iterations": args.iterations}))
     steps = {s.step: s for m in (refit, calibrated) for s in history(m).calibration.steps}
     for name, model in (("bn", None), ("transfer", refit), ("reconstruct", calibrated)):
         s = steps[name]
@@ -85,7 +86,8 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
         print(f"  {name}: {rows[-1]['top1']:.2f} ({cpu:.1f} CPU s)", flush=True)
 
     mimicked = finetune(calibrated, original, calib, objective="features", steps=args.feature_steps, augment="cifar",
-                        lr=args.feature_lr, batch_size=args.batch_size, seed=args.seed, progress=sys.stderr.isatty())
+                        lr=args.feature_lr, batch_size=args.batch_size, bf16=args.bf16, seed=args.seed,
+                        progress=sys.stderr.isatty())
     fm = history(mimicked).finetune
     rows.append(row("features", ev(mimicked), len(calib), fm.cpu_seconds, fm.wall_seconds))
     print(f"  features: {rows[-1]['top1']:.2f} ({fm.steps} steps, {fm.cpu_seconds:.0f} CPU s)", flush=True)
@@ -167,10 +169,10 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-images", type=int, default=50000,
                    help="training images in the one fine-tuning epoch (the budget knob: about 2 CPU ms each)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on a subset (default: all 10,000)")
-    p.add_argument("--iterations", type=int, default=1000, help="block reconstruction steps per block")
+    p.add_argument("--iterations", type=int, default=None, help="block reconstruction steps per block (default: calibrate's)")
     p.add_argument("--feature-steps", type=int, default=2000, help="feature mimicking steps on the calibration images")
     p.add_argument("--feature-lr", type=float, default=None, help="feature mimicking learning rate (default: finetune's)")
-    p.add_argument("--objective", default="logits", choices=("logits", "features", "both"),
+    p.add_argument("--objective", default="both", choices=("logits", "features", "both"),
                    help="objective of the one-epoch fine-tuning")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: finetune's)")
     p.add_argument("--alpha", type=float, default=0.9, help="distillation weight against cross-entropy")
@@ -196,17 +198,21 @@ def main(argv=None) -> None:
     for pair in args.rewrites:
         source, to = pair.split(":")
         runs.append(run_rewrite(source, to, args, test, calib, train))
-    result = {
-        "benchmark": "recovery", "dataset": "CIFAR-10 JPEG (../shared/data/cifar10)",
-        "test_images": len(test), "calibration_images": len(calib), "finetune_images": len(train),
-        "reconstruct": {"iterations_per_block": args.iterations},
-        "features": {"steps": args.feature_steps, "lr": args.feature_lr, "augment": "cifar"},
-        "finetune": {"epochs": 1, "objective": args.objective, "lr": args.lr, "alpha": args.alpha,
-                     "batch_size": args.batch_size, "bf16": args.bf16, "augment": "cifar"},
-        "goals_points": GOALS,
-        "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
-        "wall_seconds": round(time.time() - start, 1), "rewrites": runs,
-    }
+        # Written after every rewrite, so a run cut short keeps what it finished.
+        write(args, {
+            "benchmark": "recovery", "dataset": "CIFAR-10 JPEG (../shared/data/cifar10)",
+            "test_images": len(test), "calibration_images": len(calib), "finetune_images": len(train),
+            "reconstruct": {"iterations_per_block": args.iterations or RECONSTRUCT_ITERATIONS, "previous": True},
+            "features": {"steps": args.feature_steps, "lr": args.feature_lr, "augment": "cifar", "bf16": args.bf16},
+            "finetune": {"epochs": 1, "objective": args.objective, "lr": args.lr, "alpha": args.alpha,
+                         "batch_size": args.batch_size, "bf16": args.bf16, "augment": "cifar"},
+            "goals_points": GOALS,
+            "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
+            "wall_seconds": round(time.time() - start, 1), "rewrites": runs,
+        })
+
+
+def write(args, result: dict) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(args.out, force=True) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -215,8 +221,7 @@ def main(argv=None) -> None:
         tmp.write_text(table)
     plot(result, args.out.with_suffix(".png"))
     print(table)
-    print(f"written: {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
-
+    print(f"written: {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}", flush=True)
 
 if __name__ == "__main__":
     main()

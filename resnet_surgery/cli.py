@@ -330,10 +330,12 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="unlabelled calibration images (a fixed random subset of --data)")
 @click.option("--steps", default="bn,reconstruct", show_default=True,
               help="calibration steps in order, comma-separated: bn, reconstruct, transfer")
-@click.option("--iterations", default=1000, show_default=True, type=click.IntRange(1),
+@click.option("--iterations", default=500, show_default=True, type=click.IntRange(1),
               help="optimizer steps per rewritten block (reconstruct)")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
               help="peak Adam learning rate (reconstruct)")
+@click.option("--block-only", is_flag=True,
+              help="reconstruct each rewritten block alone, not jointly with the block before it")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the mini-batches")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
@@ -341,7 +343,7 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, iterations, lr, ridge, seed, out, force, as_json):
+                      num_images, steps, iterations, lr, block_only, ridge, seed, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
     block reconstruction (each rewritten block trained to reproduce the original block's output)."""
     from .atomic import check_writable
@@ -354,7 +356,8 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     source = load_original(original, weights, converted)
     transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
-                      iterations=iterations, lr=lr, ridge=ridge, batch_size=batch_size, transform=transform, seed=seed,
+                      iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, batch_size=batch_size,
+                      transform=transform, seed=seed,
                       progress=not as_json)
     report = history(model).calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
@@ -376,8 +379,9 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
 @click.option("--augment", type=click.Choice(["auto", "none", "cifar", "imagenet"]), default="auto", show_default=True,
               help="per-image augmentation; auto: for features/both, cifar up to 64x64 images, else imagenet; "
                    "none for logits")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate [default: sgd 0.01, adamw 1e-4]")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate [default: sgd 0.01, adamw 3e-4]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]),
+              help="[default: sgd for --objective logits, adamw for features/both]")
 @click.option("--freeze", type=click.Choice(["none", "rewritten"]), default="none", show_default=True,
               help="rewritten: train only the blocks the conversion rewrote")
 @click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True))

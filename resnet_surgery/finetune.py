@@ -23,13 +23,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .atomic import atomic_file
+from .blocks import NORM_TYPES
 from .data import as_loader, split_batch
 from .errors import SurgeryError
 from .history import record_result
 from .recovery import approximate_rewrites
 from .utils import eval_mode, model_device
 
-OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
+OPTIMIZERS = {"sgd": 0.01, "adamw": 3e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
 OBJECTIVES = ("logits", "features", "both")
 AUGMENTATIONS = ("none", "auto", "cifar", "imagenet")
@@ -124,12 +125,12 @@ def _inside(name: str, prefixes: list[str] | None) -> bool:
     return prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _set_train_mode(model: nn.Module, prefixes: list[str] | None, frozen: list[str] = ()) -> None:
+def _set_train_mode(model: nn.Module, prefixes: list[str] | None, frozen: list[str] = (), train_norms: bool = True) -> None:
     # Frozen parts stay in eval mode so their BatchNorm statistics do not drift.
     model.eval()
     for name, m in model.named_modules():
         if _inside(name, prefixes) and not _inside(name, list(frozen)):
-            m.train()
+            m.train(train_norms or not isinstance(m, NORM_TYPES))
 
 
 def global_pool(model: nn.Module) -> tuple[str, list[str]]:
@@ -257,10 +258,11 @@ class _Run:
     epochs: int
     rank: int
     world: int
+    train_norms: bool  # norms in train mode (batch statistics, running averages updated), else frozen statistics
 
 
 def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weight_decay, epochs, steps, rank, world,
-           batch_size, num_images, preset, transform, seed) -> _Run:
+           batch_size, num_images, preset, transform, seed, train_norms) -> _Run:
     """Student and teacher on the device, trainable parameters, loader, optimizer and cosine schedule."""
     if torch.cuda.is_available() and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -292,7 +294,11 @@ def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weigh
     net = student
     if world > 1:
         net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, frozen, total, epochs, rank, world)
+    if train_norms is None:
+        # Few images seen many times (features) give noisy batch statistics: keep the calibrated ones.
+        train_norms = objective == "logits"
+    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, frozen, total, epochs, rank, world,
+                train_norms)
 
 
 def _loss(objective, logits, teacher_logits, taps: _Taps, labels, *, temperature, alpha):
@@ -324,7 +330,7 @@ def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, m
                     break
                 if run.sampler is not None:
                     run.sampler.set_epoch(epoch)
-                _set_train_mode(run.student, run.prefixes, run.frozen)
+                _set_train_mode(run.student, run.prefixes, run.frozen, run.train_norms)
                 epoch_loss, epoch_steps, finished = 0.0, 0, True
                 bar = tqdm(run.loader, desc=f"fine-tune epoch {epoch + 1}/{run.epochs}",
                            disable=not progress or run.rank != 0)
@@ -384,11 +390,12 @@ def finetune(
     steps: int | None = None,
     augment: str = "none",
     lr: float | None = None,
-    optimizer: str = "sgd",
+    optimizer: str | None = None,
     weight_decay: float = 0.0,
     temperature: float = 4.0,
     alpha: float = 0.9,
     freeze: str = "none",
+    train_norms: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     force: bool = False,
@@ -409,14 +416,18 @@ def finetune(
     the two. With labels the loss is ``alpha`` * that + (1 - ``alpha``) * cross-entropy. The budget is
     ``epochs`` passes over the data, or ``steps`` optimizer steps when given (as many passes as they need);
     ``augment`` ("cifar": pad-crop + flip, "imagenet": random resized crop + flip; "auto": none for "logits",
-    else "cifar" up to 64x64 images and "imagenet" above) varies the images that a small set shows many times. SGD (momentum 0.9, Nesterov; default lr 0.01) or AdamW (default lr 1e-4),
-    cosine schedule over the budget. ``freeze="rewritten"`` trains only the blocks the recipe rewrote.
+    else "cifar" up to 64x64 images and "imagenet" above) varies the images that a small set shows many times. SGD (momentum 0.9, Nesterov; default lr 0.01; the default for "logits") or AdamW
+    (default lr 3e-4; the default for "features"/"both"), cosine schedule over the budget. ``freeze="rewritten"`` trains only the blocks the recipe rewrote.
+    ``train_norms``: norms normalise with batch statistics and update their running ones (default for "logits"),
+    or keep their statistics and train only their affine (default for "features"/"both").
     ``checkpoint``: written atomically after every pass (model, optimizer, scheduler, epoch, step);
     ``resume=True`` continues from it, an existing one is replaced only with ``force``. ``max_steps`` stops
     early (the schedule still spans the budget); ``num_images`` trains on a seeded subset. ``batch_size`` is
     per process. ``bf16`` runs the forward passes under bfloat16 autocast. A NaN/inf loss raises SurgeryError
     and keeps the last checkpoint. ``history(result).finetune`` is a FinetuneReport; ``converted`` is untouched.
     """
+    if optimizer is None:
+        optimizer = "sgd" if objective == "logits" else "adamw"  # AdamW mimicked features better (README)
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if freeze not in FREEZE:
@@ -442,7 +453,8 @@ def finetune(
     try:
         run = _setup(converted, original, data, objective=objective, freeze=freeze, optimizer=optimizer, lr=lr,
                      weight_decay=weight_decay, epochs=epochs, steps=steps, rank=rank, world=world,
-                     batch_size=batch_size, num_images=num_images, preset=preset, transform=transform, seed=seed)
+                     batch_size=batch_size, num_images=num_images, preset=preset, transform=transform, seed=seed,
+                     train_norms=train_norms)
         start_epoch = step = 0
         if resume:
             state = _load_checkpoint(ckpt, run.student, run.opt, run.sched, run.epochs, run.device)

@@ -27,7 +27,7 @@ from .utils import eval_mode, model_device
 CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
 DEFAULT_STEPS = ("bn", "reconstruct")
 # Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero), mini-batch.
-RECONSTRUCT_ITERATIONS = 1000
+RECONSTRUCT_ITERATIONS = 500
 RECONSTRUCT_LR = 1e-3
 RECONSTRUCT_BATCH = 64
 # Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
@@ -202,7 +202,8 @@ class BlockFit:
     """The reconstruction of one rewritten block: its output error against the original block's output."""
 
     block: str
-    images: int  # calibration images whose block inputs and targets were cached
+    previous: str | None  # the block before it, optimised with it (None: the block alone)
+    images: int  # calibration images whose inputs and targets were cached
     iterations: int
     error_before: float  # squared error relative to the target's per-channel variance
     error_after: float
@@ -231,7 +232,8 @@ class CalibrationReport:
             few = f" (only {f.rows} positions for {f.unknowns} weights: use more images)" if f.rows < 4 * f.unknowns else ""
             lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}{few}")
         for b in self.blocks:
-            lines.append(f"  reconstruct {b.block}: relative error {b.error_before:.4f} -> {b.error_after:.4f} "
+            name = f"{b.previous} + {b.block}" if b.previous else b.block
+            lines.append(f"  reconstruct {name}: relative error {b.error_before:.4f} -> {b.error_after:.4f} "
                          f"({b.iterations} iterations on {b.images} images, {b.cpu_seconds:.1f} CPU s)")
         return "\n".join(lines)
 
@@ -587,16 +589,18 @@ def transfer_weights(
     return fits
 
 
-def _block_io(model: nn.Module, original: nn.Module, name: str, batches, max_bytes: int, device):
-    """The converted block's inputs (from ``model`` as it is now) and the original block's outputs on
-    ``batches``, concatenated on the CPU; stops adding batches once ``max_bytes`` would be passed."""
-    block, ref = model.get_submodule(name), original.get_submodule(name)
+def _unit_io(model: nn.Module, original: nn.Module, unit: nn.Module, first: str, name: str, batches,
+             max_bytes: int, device):
+    """The inputs of ``model``'s block ``first`` (from ``model`` as it is now) and the outputs of ``original``'s
+    block ``name`` on ``batches``, concatenated on the CPU; stops adding batches once ``max_bytes`` would be
+    passed."""
+    start, ref = model.get_submodule(first), original.get_submodule(name)
     inputs, targets, size = [], [], 0
     for images, _ in batches:
         images = images.to(device)
-        x, y = _capture(model, block, images, "input"), _capture(original, ref, images, "output")
-        if not inputs and block(x[:1]).shape[1:] != y.shape[1:]:
-            raise SurgeryError(f"block {name} yields {tuple(block(x[:1]).shape[1:])} but the original's yields "
+        x, y = _capture(model, start, images, "input"), _capture(original, ref, images, "output")
+        if not inputs and unit(x[:1]).shape[1:] != y.shape[1:]:
+            raise SurgeryError(f"block {name} yields {tuple(unit(x[:1]).shape[1:])} but the original's yields "
                                f"{tuple(y.shape[1:])}; reconstruction needs the same output shape")
         per_image = (x[0].numel() + y[0].numel()) * 4
         room = (max_bytes - size) // per_image
@@ -611,16 +615,44 @@ def _block_io(model: nn.Module, original: nn.Module, name: str, batches, max_byt
     return torch.cat(inputs), torch.cat(targets)
 
 
-def _relative_block_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, device, chunk: int = 256) -> float:
-    """sum |block(x) - y|^2 over the target's sum of squared deviations from its per-channel means."""
+def _relative_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, device, chunk: int = 256) -> float:
+    """sum |unit(x) - y|^2 over the target's sum of squared deviations from its per-channel means."""
     dims = [0, *range(2, y.dim())]
     var = ((y - y.mean(dim=dims, keepdim=True)) ** 2).sum().double()
     err = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, len(x), chunk):
-            out = block(x[i : i + chunk].to(device)).float().cpu()
+            out = unit(x[i : i + chunk].to(device)).float().cpu()
             err += ((out - y[i : i + chunk]) ** 2).sum().double()
     return float(err / var.clamp_min(1e-30))
+
+
+def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tensor) -> dict[str, str | None]:
+    """For each block in ``blocks``, the residual block whose output *is* its input (None when it reads
+    anything else, e.g. the stem), found by running ``model`` once on ``images``."""
+    from .blocks import find_blocks, trace
+
+    names = [b.name for b in find_blocks(trace(model))]
+    modules = {n: m for n in names if (m := _submodule(model, n)) is not None}
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _, __, out, n=n: outputs.__setitem__(n, out)) for n, m in modules.items()]
+    handles += [model.get_submodule(n).register_forward_pre_hook(lambda _, args, n=n: inputs.__setitem__(n, args[0]))
+                for n in blocks]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: next((p for p, out in outputs.items() if p != n and out is inputs.get(n)), None) for n in blocks}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name) if name else None
+    except AttributeError:
+        return None
 
 
 def reconstruct_blocks(
@@ -632,6 +664,7 @@ def reconstruct_blocks(
     iterations: int = RECONSTRUCT_ITERATIONS,
     lr: float = RECONSTRUCT_LR,
     batch_size: int = RECONSTRUCT_BATCH,
+    previous: bool = True,
     max_bytes: int = RECONSTRUCT_BYTES,
     seed: int = 0,
     progress: bool = True,
@@ -639,8 +672,12 @@ def reconstruct_blocks(
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam with a
     cosine schedule; ``iterations`` mini-batches of ``batch_size`` drawn from the cached activations of
-    ``batches``). Blocks go in forward order, each on the inputs left by the ones before it (BRECQ). Norms stay
-    in eval mode, so running statistics are untouched; no other parameter changes."""
+    ``batches``). Blocks go in forward order, each on the inputs left by the ones before it (BRECQ).
+
+    With ``previous``, the block whose output is the rewritten block's input is optimised with it (when there
+    is one): after a stride move that block's output is read at other positions than before (v1 reads 1 of 4),
+    and it can move there what the rewritten block needs. Norms stay in eval mode, so running statistics are
+    untouched; no other parameter changes."""
     device = model_device(model)
     for name in blocks:
         _module(model, name, nn.Module, "the converted model")
@@ -652,21 +689,24 @@ def reconstruct_blocks(
     fits = []
     with eval_mode(model, original):
         with torch.no_grad():
-            order = _execution_order(model, list(blocks), first[0].to(device))
+            order = _execution_order(model, list(blocks), first[0][:2].to(device))
+        before_of = previous_blocks(model, order, first[0][:2].to(device)) if previous else {}
         for name in order:
-            block = model.get_submodule(name)
+            prev = before_of.get(name)
+            names = [prev, name] if prev else [name]
+            unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
             start = time.process_time()
             with torch.no_grad():
-                x, y = _block_io(model, original, name, batches, max_bytes, device)
-            before = _relative_block_error(block, x, y, device)
-            params = [p for p in block.parameters() if p.requires_grad]
+                x, y = _unit_io(model, original, unit, names[0], name, batches, max_bytes, device)
+            before = _relative_error(unit, x, y, device)
+            params = [p for p in unit.parameters() if p.requires_grad]
             opt = torch.optim.Adam(params, lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
             try:
                 with torch.enable_grad():
                     for _ in tqdm(range(iterations), desc=f"reconstruct {name}", disable=not progress, leave=False):
                         pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
-                        loss = F.mse_loss(block(x[pick].to(device)), y[pick].to(device))
+                        loss = F.mse_loss(unit(x[pick].to(device)), y[pick].to(device))
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -674,8 +714,8 @@ def reconstruct_blocks(
             finally:
                 for p in params:
                     p.grad = None
-            after = _relative_block_error(block, x, y, device)
-            fits.append(BlockFit(name, len(x), iterations, before, after, time.process_time() - start))
+            after = _relative_error(unit, x, y, device)
+            fits.append(BlockFit(name, prev, len(x), iterations, before, after, time.process_time() - start))
             del x, y
     return fits
 
@@ -689,6 +729,7 @@ def calibrate(
     steps: Sequence[str] = DEFAULT_STEPS,
     iterations: int = RECONSTRUCT_ITERATIONS,
     lr: float = RECONSTRUCT_LR,
+    previous: bool = True,
     ridge: float = 1e-3,
     batch_size: int = 64,
     preset: str = "imagenet",
@@ -703,7 +744,8 @@ def calibrate(
     to the mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms
     again when "bn" is among the steps; "reconstruct" optimises every parameter of each rewritten block, in
     forward order, so that the block reproduces the original block's output (``iterations`` Adam steps per
-    block at peak ``lr``; see `reconstruct_blocks`). Statistics are not re-estimated after "reconstruct":
+    block at peak ``lr``; with ``previous`` the block before it is optimised jointly; see
+    `reconstruct_blocks`). Statistics are not re-estimated after "reconstruct":
     it optimised the block against the statistics it had (re-estimating then costs accuracy).
     ``num_images`` is a seeded random subset of ``data`` (None: all of it). ``history(result).calibration`` is a
     CalibrationReport with the agreement with ``original`` before and after each step on the calibration
@@ -754,7 +796,7 @@ def calibrate(
                     passes += 1
             else:
                 report.blocks = reconstruct_blocks(model, original, blocks, batches, iterations=iterations, lr=lr,
-                                                   seed=seed, progress=progress)
+                                                   previous=previous, seed=seed, progress=progress)
                 images, passes = min(b.images for b in report.blocks), len(blocks)
         measure(step, timer, images, passes)
     record_result(model, "calibration", report, report.to_dict())

@@ -335,12 +335,14 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
     before, after = block_errors(converted, original, blocks, images), block_errors(model, original, blocks, images)
     assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
     assert report.steps[1].agreement.kl < report.steps[0].agreement.kl
+    # Each rewritten block is optimised with the block that feeds it (layer1.0 feeds layer2.0, which feeds layer3.0).
+    assert [b.previous for b in report.blocks] == ["layer1.0", "layer2.0"]
     new, old = model.state_dict(), converted.state_dict()
     changed = {k for k in old if not torch.equal(new[k], old[k])}
-    assert changed and all(k.startswith(("layer2.0.", "layer3.0.")) for k in changed)
+    assert changed and all(k.startswith(("layer1.0.", "layer2.0.", "layer3.0.")) for k in changed)
     # Norms stay in eval mode: running statistics are untouched, only weights, biases and affines train.
     assert not any("running" in k or "num_batches" in k for k in changed)
-    assert "reconstruct layer2.0: relative error" in str(report)
+    assert "reconstruct layer1.0 + layer2.0: relative error" in str(report)
 
     again = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
                       batch_size=32, progress=False)
@@ -348,6 +350,13 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
     other = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
                       batch_size=32, seed=1, progress=False)
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in new.items())
+
+    alone = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+                      batch_size=32, previous=False, progress=False)
+    assert [b.previous for b in history(alone).calibration.blocks] == [None, None]
+    changed = {k for k in old if not torch.equal(alone.state_dict()[k], old[k])}
+    assert changed and all(k.startswith(("layer2.0.", "layer3.0.")) for k in changed)
+    assert block_errors(alone, original, blocks, images)[0] < 0.7 * before[0]
 
 
 def test_default_calibration_is_bn_then_reconstruct():
