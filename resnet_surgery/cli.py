@@ -442,6 +442,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 @click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
               help="preprocessing of --calibrate/--finetune images  [default: the model's own, else imagenet]")
 @click.option("--num-images", default=2048, show_default=True, help="calibration images")
+@click.option("--iterations", type=click.IntRange(1), help="block reconstruction steps per block [default: calibrate's]")
 @click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
 @click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
               help="what fine-tuning matches: the original's logits, its features before global pooling, or both")
@@ -454,7 +455,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @user_errors
 def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, calibrate_data, finetune_data, preset,
-                num_images, epochs, objective, finetune_steps, batches, threads, min_time, out, force, as_json):
+                num_images, iterations, epochs, objective, finetune_steps, batches, threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
     from .pipeline import run_pipeline
 
@@ -464,7 +465,8 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
         raise SurgeryError(f"--batch takes comma-separated integers like 1,8, not {batches!r}") from None
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
-                          finetune_data=finetune_data, preset=preset, num_images=num_images, epochs=epochs,
+                          finetune_data=finetune_data, preset=preset, num_images=num_images, iterations=iterations,
+                          epochs=epochs,
                           objective=objective, finetune_steps=finetune_steps,
                           augment="auto", batch_sizes=batch_sizes, threads=threads, min_time_s=min_time,
                           echo=click.echo)

@@ -18,12 +18,13 @@ from .rewrite import SurgeryNotice, convert, max_difference
 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
                  out: str | os.PathLike, force=False, input_size=224, calibrate_data=None, finetune_data=None,
-                 preset=None, num_images=2048, epochs=1, finetune_images=None, objective="logits",
+                 preset=None, num_images=2048, iterations=None, epochs=1, finetune_images=None, objective="logits",
                  finetune_steps=None, augment="auto", batch_sizes=(1,), threads=None, min_time_s=5.0, progress=True,
                  echo=print) -> dict:
     """Convert ``model`` and prove what that did; everything lands in ``out`` atomically.
 
-    Calibration uses `calibrate`'s default steps (BatchNorm, then block reconstruction); fine-tuning takes
+    Calibration uses `calibrate`'s default steps (BatchNorm, then block reconstruction of ``iterations`` steps
+    per block, default `calibrate`'s); fine-tuning takes
     ``objective``, ``finetune_steps`` (instead of ``epochs``) and ``augment`` as `finetune` does. An exact
     conversion has nothing to recover: both steps are skipped with a note.
     ``out`` gets: converted/ (a folder ``resnet_surgery.load`` reads), original.onnx, converted.onnx
@@ -72,7 +73,8 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
 
             step("calibrate")
             converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
-                                  transform=transform, progress=progress)
+                                  transform=transform, progress=progress,
+                                  **({} if iterations is None else {"iterations": iterations}))
             result["calibration"] = _report_dict(history(converted).calibration)
             bar.update()
         if finetune_data:

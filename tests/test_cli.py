@@ -108,12 +108,12 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
         Image.fromarray(pixels).save(images / f"{i}.png")
     out = tmp_path / "run"
     result = run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=out, input_size=32,
-                          calibrate_data=images, num_images=8, min_time_s=0.05, progress=False, echo=lambda *a: None)
+                          calibrate_data=images, num_images=8, iterations=10, min_time_s=0.05, progress=False, echo=lambda *a: None)
     assert sorted(p.name for p in out.iterdir()) == ["converted", "converted.onnx", "latency.json", "latency.png",
                                                       "original.onnx", "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["variants"] == ["v1.5", "v1"] and report["exact"] is False
-    assert [s["step"] for s in report["calibration"]["steps"]] == ["naive copy", "bn", "transfer"]
+    assert [s["step"] for s in report["calibration"]["steps"]] == ["naive copy", "bn", "reconstruct"]
     assert report["calibration"]["num_images"] == 8 and all(p["passed"] for p in report["parity"].values())
     assert report["macs"]["converted"] < report["macs"]["original"]
     assert result["latency"]["batch_sizes"] == [1]

@@ -187,15 +187,17 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     original = load_cifar_resnet(source)
     converted = quiet_convert(original, to)
     state = copy.deepcopy(converted.state_dict())
-    model = calibrate(converted, original, calib, num_images=None, batch_size=128, progress=False)
+    model = calibrate(converted, original, calib, num_images=None, steps=("bn", "transfer", "reconstruct"),
+                      iterations=150, batch_size=128, progress=False)
     report = history(model).calibration
-    assert [s.step for s in report.steps] == ["naive copy", "bn", "transfer"]
+    assert [s.step for s in report.steps] == ["naive copy", "bn", "transfer", "reconstruct"]
     assert report.num_images == 512 and report.steps[1].images == 512
     agreement = [s.agreement.agreement for s in report.steps]
     kl = [s.agreement.kl for s in report.steps]
-    assert agreement[1] >= agreement[0] and agreement[2] >= agreement[1], str(report)
-    assert kl[1] < kl[0] and kl[2] < kl[1], str(report)
+    assert agreement[1] >= agreement[0] and agreement[2] >= agreement[1] and agreement[3] >= agreement[2], str(report)
+    assert kl[1] < kl[0] and kl[2] < kl[1] and kl[3] < kl[2], str(report)
     assert all(f.error_after < f.error_before for f in report.fits)
+    assert report.blocks and all(b.error_after < b.error_before for b in report.blocks)
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in state.items())  # input untouched
     assert history(model).recipe.calibration["num_images"] == 512
 
@@ -243,9 +245,9 @@ def test_cli_evaluate_calibrate_finetune(cifar_folder, tmp_path):
     naive = json.loads(naive.output)
     assert naive["num_images"] == 100 and naive["agreement"] < 100 and naive["top1"] is not None
 
-    result = cli("calibrate", conv, *data, "--num-images", 100, "--out", cal)
+    result = cli("calibrate", conv, *data, "--num-images", 100, "--iterations", 20, "--out", cal)
     assert result.exit_code == 0, result.output
-    assert "transfer" in result.output and "written:" in result.output
+    assert "reconstruct layer1.0 + layer2.0" in result.output and "written:" in result.output
     fixed = json.loads(cli("evaluate", cal, *data, *reference, "--json").output)
     assert fixed["kl"] < naive["kl"]
     assert "calibration" in json.loads((cal / "recipe.json").read_text())
@@ -257,15 +259,39 @@ def test_cli_evaluate_calibrate_finetune(cifar_folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_reconstruction_and_feature_options_round_trip(cifar_folder, tmp_path):
+    conv, cal, ft = tmp_path / "conv", tmp_path / "cal", tmp_path / "ft"
+    assert cli("convert", "cifar10-resnet-v1", "--weights", "DEFAULT", "--to", "d", "--input-size", 32,
+               "--out", conv).exit_code == 0
+    data = ("--data", cifar_folder, "--preset", "cifar10")
+    result = cli("calibrate", conv, *data, "--num-images", 40, "--steps", "reconstruct", "--iterations", 7,
+                 "--lr", 0.002, "--block-only", "--seed", 3, "--out", cal, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["step"] for s in report["steps"]] == ["naive copy", "reconstruct"] and report["num_images"] == 40
+    assert [(b["iterations"], b["previous"]) for b in report["blocks"]] == [(7, None)] * 3
+    assert json.loads((cal / "recipe.json").read_text())["calibration"]["blocks"][0]["iterations"] == 7
+
+    result = cli("finetune", cal, *data, "--objective", "features", "--steps", 3, "--augment", "cifar",
+                 "--batch-size", 20, "--out", ft, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert (report["objective"], report["steps"], report["budget_steps"], report["epochs"]) == ("features", 3, 3, 1)
+    assert json.loads((ft / "recipe.json").read_text())["finetune"]["objective"] == "features"
+    bad = cli("finetune", cal, *data, "--objective", "pixels", "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "pixels" in bad.output
+
+
+@pytest.mark.slow
 def test_cli_run_with_calibrate_and_finetune_records_both(cifar_folder, tmp_path):
     out = tmp_path / "run"
     result = cli("run", "cifar10-resnet-v1", "--weights", "DEFAULT", "--to", "v1.5", "--input-size", 32,
-                 "--calibrate", cifar_folder, "--finetune", cifar_folder, "--preset", "cifar10", "--num-images", 64,
+                 "--calibrate", cifar_folder, "--finetune", cifar_folder, "--preset", "cifar10", "--num-images", 64, "--iterations", 10,
                  "--min-time", 0.2, "--out", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     steps = [s["step"] for s in report["calibration"]["steps"]]
-    assert steps == ["naive copy", "bn", "transfer"] and report["calibration"]["num_images"] == 64
+    assert steps == ["naive copy", "bn", "reconstruct"] and report["calibration"]["num_images"] == 64
     assert report["finetune"]["images"] == 100 and report["finetune"]["epochs"] == 1
     recipe = json.loads((out / "converted" / "recipe.json").read_text())
     assert {"calibration", "finetune"} <= set(recipe) and recipe["variant_after"] == "v1.5"
