@@ -246,3 +246,38 @@ def as_loader(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def as_dataset(data, *, preset: str = "imagenet", transform=None) -> Dataset:
+    """The Dataset behind ``data``: an ImageFolder or flat-folder path (preprocessed with ``transform`` or
+    ``preset``), a Dataset, or a DataLoader's dataset; an empty one is an error."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    elif isinstance(data, (str, os.PathLike)):
+        data = image_folder(data, transform or preset_transform(preset))
+    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        raise SurgeryError(
+            f"data must be an ImageFolder directory, a sized torch Dataset or a DataLoader, not {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise SurgeryError("the dataset is empty; pass data with at least one image")
+    return data
+
+
+def disjoint_subsets(dataset: Dataset, sizes: Sequence[int | None], seed: int = 0) -> list[Dataset]:
+    """Seeded random subsets of ``dataset`` that share no image, of the given sizes (None: all the rest).
+
+    Sizes larger than what is left are cut down to it; a subset that would be empty is an error.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    subsets, start = [], 0
+    for size in sizes:
+        stop = len(order) if size is None else min(len(order), start + size)
+        if stop <= start:
+            raise SurgeryError(
+                f"the dataset has {len(dataset)} images, too few for disjoint subsets of {list(sizes)}; "
+                "pass more images or ask for fewer"
+            )
+        subsets.append(Subset(dataset, sorted(order[start:stop])))
+        start = stop
+    return subsets

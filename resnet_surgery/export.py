@@ -276,6 +276,35 @@ def _session(path) -> ort.InferenceSession:
         raise ExportError(f"onnxruntime cannot load the exported file: {_first_line(e)}") from e
 
 
+class OnnxModule(nn.Module):
+    """An ONNX file run in onnxruntime (CPU) behind a torch module's forward: images in, first output out,
+    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SurgeryError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
+        self.input = self.session.get_inputs()[0]
+        # A static batch axis takes the images that many at a time.
+        self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().cpu().numpy()
+        step = self.batch or len(x)
+        if len(x) % step:
+            raise SurgeryError(f"the ONNX file takes batches of {step}; {len(x)} images do not split into them")
+        try:
+            out = [self.session.run(None, {self.input.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+        except Exception as e:  # onnxruntime's errors name the input and its expected shape
+            raise SurgeryError(f"onnxruntime cannot run the images through the file: {_first_line(e)}") from e
+        return torch.from_numpy(np.concatenate(out))
+
+
 def _run_onnx(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
 
