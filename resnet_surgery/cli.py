@@ -137,40 +137,6 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
 
 # --- export and latency commands: export, bench (resnet_surgery.export / latency) -----------------
 
-@main.command("export")
-@click.argument("model_or_dir")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
-@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
-@click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
-@weights_option
-@size_option
-@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
-@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(0),
-              help="parity: tolerance relative to the largest |logit|")
-@click.option("--force", is_flag=True, help="overwrite --out if it exists")
-@click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
-@user_errors
-def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, force, as_json):
-    """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
-
-    The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4.
-    """
-    from .atomic import check_writable
-    from .export import ParityError, export_onnx
-    from .models import load_model
-
-    check_writable(out, force)
-    model = load_model(model_or_dir, weights)
-    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
-    try:
-        report = export_onnx(model, out, input_size=(3, input_size, input_size), dynamic_batch=not static_batch,
-                             opset=opset, atol=atol, rtol=rtol, force=force)
-    except ParityError as e:
-        print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
-        raise
-    print_json(report.to_dict()) if as_json else click.echo(str(report))
-
-
 def parse_batches(ctx, param, value: str) -> list[int]:
     try:
         batches = [int(b) for b in value.split(",") if b.strip()]
@@ -440,3 +406,91 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
         click.echo(f"ONNX parity {name}: max |diff| {p.get('max_abs_diff', '?')}, passed {p.get('passed', '?')}")
     click.echo(result["latency_table"])
     click.echo(f"written: {out}/ (converted/, original.onnx, converted.onnx, latency.json, latency.png, report.json)")
+
+
+# --- deploy commands: export (fp32, int8), explore (resnet_surgery.export / quantize / explore) ----
+
+# Preprocessing of image folders, as evaluate/calibrate/finetune take it (without their --data).
+image_options = preprocessing_options[1:]
+
+int8_options = [
+    click.option("--int8", is_flag=True, help="quantize to int8 (onnxruntime static QDQ) after the fp32 export"),
+    click.option("--calibration-data", type=click.Path(exists=True, file_okay=False),
+                 help="--int8: ImageFolder or folder of images whose activation ranges set the int8 scales"),
+    click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+                 show_default=True, help="--int8: how activation ranges are calibrated"),
+    click.option("--calibration-images", default=512, show_default=True, type=click.IntRange(1),
+                 help="--int8: calibration images (a fixed random subset)"),
+    click.option("--parity-images", default=512, show_default=True, type=click.IntRange(1),
+                 help="--int8: held-out images (never used for calibration) for agreement with fp32"),
+    click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
+                 help="--int8: keep the int8 file only if its top-1 agrees with fp32 on this percent of images"),
+    click.option("--per-tensor", is_flag=True, help="--int8: one weight scale per tensor instead of per channel"),
+]
+
+
+@main.command("export")
+@click.argument("model_or_dir")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
+@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
+@click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
+@weights_option
+@size_option
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
+@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(0),
+              help="parity: tolerance relative to the largest |logit|")
+@with_options(int8_options)
+@with_options(image_options)
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
+@user_errors
+def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, int8, calibration_data,
+                   method, calibration_images, parity_images, min_agreement, per_tensor, preset, size, resize, mean,
+                   std, batch_size, force, as_json):
+    """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
+
+    The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4. With --int8
+    the verified fp32 file is quantized and --out is the int8 file, kept only if it agrees with fp32 on at
+    least --min-agreement percent of held-out --calibration-data images.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .atomic import check_writable
+    from .export import ParityError, export_onnx
+    from .models import load_model
+    from .quantize import QuantizationError, quantize_onnx
+
+    if int8 != bool(calibration_data):
+        raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
+    check_writable(out, force)
+    model = load_model(model_or_dir, weights)
+    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
+    with tempfile.TemporaryDirectory(prefix=".export.", dir=Path(out).parent if int8 else None) as work:
+        fp32_out = Path(work) / "fp32.onnx" if int8 else out
+        try:
+            report = export_onnx(model, fp32_out, input_size=(3, input_size, input_size),
+                                 dynamic_batch=not static_batch, opset=opset, atol=atol, rtol=rtol, force=force)
+        except ParityError as e:
+            print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
+            raise
+        if not int8:
+            print_json(report.to_dict()) if as_json else click.echo(str(report))
+            return
+        if not as_json:
+            click.echo(str(report))
+        click.echo(f"quantizing to int8, calibrated on {calibration_data} ...", err=True)
+        try:
+            int8_report = quantize_onnx(fp32_out, out, calibration_data, per_channel=not per_tensor, method=method,
+                                        num_images=calibration_images, parity_images=parity_images,
+                                        min_agreement=min_agreement, batch_size=batch_size, force=force,
+                                        transform=build_preprocessing(preset, size, resize, mean, std),
+                                        progress=not as_json)
+        except QuantizationError as e:
+            print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
+            raise
+    if as_json:
+        print_json({"fp32": report.to_dict(), "int8": int8_report.to_dict()})
+    else:
+        click.echo(str(int8_report))
+

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .atomic import atomic_file, check_writable
 from .data import as_dataset, disjoint_subsets, split_batch
@@ -83,9 +84,9 @@ class QuantReport:
 class _Reader(CalibrationDataReader):
     """onnxruntime's calibration reader over a DataLoader: one {input: images} feed per batch."""
 
-    def __init__(self, loader: DataLoader, input_name: str):
-        self.loader, self.input_name = loader, input_name
-        self.batches = iter(loader)
+    def __init__(self, loader: DataLoader, input_name: str, progress: bool):
+        self.loader, self.input_name, self.progress = loader, input_name, progress
+        self.rewind()
 
     def get_next(self) -> dict | None:
         batch = next(self.batches, None)
@@ -94,17 +95,17 @@ class _Reader(CalibrationDataReader):
         return {self.input_name: split_batch(batch)[0].float().numpy()}
 
     def rewind(self) -> None:
-        self.batches = iter(self.loader)
+        self.batches = iter(tqdm(self.loader, desc="int8 calibration", disable=not self.progress, leave=False))
 
 
-def _check_images(loader: DataLoader, shape: list, path) -> None:
+def _check_images(loader: DataLoader, shape: list) -> None:
     """Fail in one line when the images do not have the shape the file takes (e.g. a wrong --preset)."""
     images = split_batch(next(iter(loader)))[0]
     fixed = [(i, s) for i, s in enumerate(shape) if i > 0 and isinstance(s, int)]
     if images.dim() != len(shape) or any(images.shape[i] != s for i, s in fixed):
         raise SurgeryError(
-            f"the calibration images are {list(images.shape[1:])} but {path} takes {shape[1:]}; preprocess them to "
-            "the model's input size (--preset, --size)"
+            f"the calibration images are {list(images.shape[1:])} but the model takes {shape[1:]}; preprocess them "
+            "to the model's input size (--preset, --size)"
         )
 
 
@@ -148,7 +149,7 @@ def quantize_onnx(
     # A static batch axis takes exactly that many images per run.
     batch = shape[0] if isinstance(shape[0], int) else batch_size
     loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
-    _check_images(loaders[0], shape, fp32_onnx)
+    _check_images(loaders[0], shape)
 
     start = time.perf_counter()
     with (
@@ -156,7 +157,7 @@ def quantize_onnx(
         tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".quant", dir=out.parent) as work,
     ):
         staged = Path(work) / out.name
-        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name), per_channel, method)
+        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, len(calibration), min_agreement,
                          seconds, progress)
