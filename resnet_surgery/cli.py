@@ -494,3 +494,54 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
     else:
         click.echo(str(int8_report))
 
+
+
+@main.command("explore")
+@model_argument
+@weights_option
+@with_options(preprocessing_options)
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False),
+              help="labelled held-out ImageFolder for top-1 [default: hold out --eval-images of --data]")
+@click.option("--eval-images", type=click.IntRange(1),
+              help="held-out images to evaluate on  [default: all of --eval-data, else 1000 of --data]")
+@click.option("--input-size", type=click.IntRange(8, 4096), help="model input size  [default: --size or the preset's]")
+@click.option("--variants", help="comma-separated candidates besides the original  [default: all of v1,v1.5,d,v1-pruned,v1.5-exact]")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="also quantize every candidate to int8")
+@click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
+              help="images that calibrate each approximate rewrite")
+@click.option("--finetune-steps", default=0, show_default=True, type=click.IntRange(0),
+              help="distillation fine-tuning steps after calibration (0: none)")
+@click.option("--quant-images", default=512, show_default=True, type=click.IntRange(1), help="int8 calibration images")
+@click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
+              help="drop an int8 candidate whose top-1 agrees with its fp32 file on fewer held-out images (percent)")
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="comma-separated batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads  [default: every usable core]")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0), help="seconds of timing per batch size")
+@click.option("--max-time", type=click.FloatRange(0), help="seconds per batch size at most  [default: 3 x --min-time]")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="output folder; a rerun with the same folder reuses every finished candidate")
+@click.option("--force", is_flag=True, help="rebuild finished candidates instead of reusing them")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
+@user_errors
+def explore_command(model, weights, data, preset, size, resize, mean, std, batch_size, eval_data, eval_images,
+                    input_size, variants, int8, calibrate_images, finetune_steps, quant_images, min_agreement, batches,
+                    threads, min_time, max_time, out, force, as_json):
+    """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
+    optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
+    from .data import PRESETS
+    from .explore import explore
+    from .models import load_model
+
+    side = input_size or size or PRESETS[preset]["size"]
+    report = explore(load_model(model, weights), data, eval_data=eval_data, input_size=(3, side, side),
+                     variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
+                     calibrate_images=calibrate_images, finetune_steps=finetune_steps, eval_images=eval_images,
+                     quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
+                     min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size, preset=preset,
+                     transform=build_preprocessing(preset, size, resize, mean, std), progress=not as_json)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        click.echo(str(report))
+        click.echo(f"written: {out}/ (explore.json, explore.png, candidates/)")
