@@ -306,8 +306,10 @@ class _Builder:
         if model is None:
             return {"name": name, "precision": "fp32", "status": f"skipped: {how}"}
         recipe = getattr(model, "resnet_surgery_recipe", {"rewrites": []})
+        # Rewrites of earlier conversions count too (v1-pruned is the approximate v1, pruned exactly).
+        rewrites = [r for step in [*recipe.get("history", []), recipe] for r in step["rewrites"]]
         result = {"name": name, "precision": "fp32", "status": "ok", "variant": recipe.get("variant_after", self.variant),
-                  "exact": all(r["exact"] for r in recipe["rewrites"]), "rewrites": len(recipe["rewrites"]), **how}
+                  "exact": all(r["exact"] for r in rewrites), "rewrites": len(rewrites), **how}
         with atomic_dir(self.out / name, force=True) as tmp:
             if name != "original":
                 save(model, tmp / "model", summary=json.dumps(how, indent=2, default=str))
@@ -386,7 +388,7 @@ class _Builder:
             try:
                 quant = quantize_onnx(self.out / fp32["name"] / ONNX_FILE, tmp / ONNX_FILE, self.calib_set,
                                       num_images=quant_images, parity_data=self.eval_loader.dataset,
-                                      parity_images=quant_images, min_agreement=min_agreement,
+                                      parity_images=len(self.eval_loader.dataset), min_agreement=min_agreement,
                                       batch_size=self.settings["batch_size"], seed=self.settings["seed"],
                                       progress=self.progress)
                 result["eval"] = evaluate(OnnxModule(tmp / ONNX_FILE), self.eval_loader, reference=self.reference(),
