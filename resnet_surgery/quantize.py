@@ -25,19 +25,24 @@ from tqdm import tqdm
 from .atomic import atomic_file, check_writable
 from .data import as_dataset, disjoint_subsets, split_batch
 from .errors import SurgeryError
-from .export import MACS_METADATA_KEY, OnnxModule, _first_line, _input_info, _set_metadata, load_onnx_header
+from .export import (
+    MACS_METADATA_KEY,
+    OnnxModule,
+    ParityError,
+    _first_line,
+    _input_info,
+    _set_metadata,
+    load_onnx_header,
+)
 from .recovery import evaluate
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANT_METADATA_KEY = "resnet_surgery.quantization"
 
 
-class QuantizationError(SurgeryError):
-    """The int8 file disagrees with the fp32 file more than allowed; ``.report`` has the figures."""
-
-    def __init__(self, message: str, report: QuantReport):
-        super().__init__(message)
-        self.report = report
+class QuantizationError(ParityError):
+    """int8 parity failed: the int8 file disagrees with the fp32 file more than allowed; ``.report`` (a
+    QuantReport) has the figures."""
 
 
 @dataclasses.dataclass
