@@ -96,11 +96,12 @@ def run_cifar(args, results: Path) -> list[dict]:
 
 def run_resnet50(args, results: Path) -> dict:
     g = torch.Generator().manual_seed(0)
-    images = TensorDataset(torch.randn(args.r50_images, 3, 224, 224, generator=g))
+    images = TensorDataset(torch.randn(args.r50_images, 3, args.r50_size, args.r50_size, generator=g))
     print("explore resnet50 (random weights, latency only) ...", flush=True)
-    report = explore(load_model("resnet50", "none"), images, input_size=(3, 224, 224),
+    report = explore(load_model("resnet50", "none"), images, input_size=(3, args.r50_size, args.r50_size),
                      calibrate_images=args.r50_images // 2, eval_images=args.r50_images // 4,
-                     quant_images=args.r50_images // 2, min_agreement=0, batch_sizes=(1, 8), threads=args.threads,
+                     quant_images=args.r50_images // 2, min_agreement=0, batch_sizes=args.r50_batch,
+                     threads=args.threads,
                      min_time_s=args.min_time, out=args.runs / "resnet50", force=True, batch_size=16,
                      progress=args.progress)
     print(report, flush=True)
@@ -109,9 +110,10 @@ def run_resnet50(args, results: Path) -> dict:
 
 
 def save_report(report, stem: Path) -> None:
-    with atomic_file(stem.with_suffix(".json"), force=True) as tmp:
+    # Not with_suffix: "cifar10-resnet-v1.5" would lose its ".5".
+    with atomic_file(stem.parent / f"{stem.name}.json", force=True) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    report.plot(stem.with_suffix(".png"))
+    report.plot(stem.parent / f"{stem.name}.png")
 
 
 def run_int8(args) -> dict:
@@ -133,11 +135,12 @@ def run_int8(args) -> dict:
 
         g = torch.Generator().manual_seed(0)
         r50 = load_model("resnet50", "none")
-        export_onnx(r50, work / "r50.onnx")
-        images = TensorDataset(torch.randn(2 * args.r50_images, 3, 224, 224, generator=g))
+        size = (3, args.r50_size, args.r50_size)
+        export_onnx(r50, work / "r50.onnx", input_size=size)
+        images = TensorDataset(torch.randn(2 * args.r50_images, *size, generator=g))
         quantize_onnx(work / "r50.onnx", work / "r50.int8.onnx", images, num_images=args.r50_images,
                       parity_images=args.r50_images, min_agreement=0, batch_size=16, progress=args.progress)
-        latency = compare_latency({"fp32": work / "r50.onnx", "int8": work / "r50.int8.onnx"}, batch_sizes=(1, 8),
+        latency = compare_latency({"fp32": work / "r50.onnx", "int8": work / "r50.int8.onnx"}, batch_sizes=args.r50_batch,
                                   threads=args.threads, min_time_s=args.min_time, progress=args.progress)
     print(latency, flush=True)
     ratios = {str(r["batch"]): {k: r[k] for k in ("ratio", "ratio_low", "ratio_high", "p50_ms")}
@@ -156,7 +159,7 @@ def markdown(result: dict) -> str:
                   "| --- | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {c['model']} | {c['top1_fp32']:.2f} | {c['top1_int8']:.2f} | {c['agreement']:.2f} | "
                   f"{c['kl']:.4f} | {'met' if c['goal_met'] else '**NOT MET**'} |" for c in result["int8"]["cifar"]]
-        lines += ["", "| ResNet-50 int8 / fp32 | median latency ratio [95% CI] | int8 p50 ms | goal (<= 0.35) |",
+        lines += ["", f"| ResNet-50 int8 / fp32 ({result['settings']['r50_size']}x{result['settings']['r50_size']}) | median latency ratio [95% CI] | int8 p50 ms | goal (<= 0.35) |",
                   "| --- | ---: | ---: | --- |"]
         r50 = result["int8"]["resnet50"]
         lines += [f"| batch {b} | {r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}] | {r['p50_ms']:.2f} | "
@@ -180,6 +183,8 @@ def main(argv=None) -> None:
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default all)")
     p.add_argument("--r50-images", type=int, default=64, help="random images for ResNet-50 (calibration and checks)")
     p.add_argument("--batch", default="1,8", help="batch sizes timed for the CIFAR models")
+    p.add_argument("--r50-batch", default="1,8", help="batch sizes timed for ResNet-50")
+    p.add_argument("--r50-size", type=int, default=224, help="ResNet-50 input size")
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timing per batch size, at least")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data", type=Path, default=SHARED)
@@ -189,11 +194,12 @@ def main(argv=None) -> None:
     if unknown := set(parts) - set(PARTS):
         p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     args.batch = [int(b) for b in args.batch.split(",")]
+    args.r50_batch = [int(b) for b in args.r50_batch.split(",")]
     args.progress = True
     results = RESULTS
     if args.smoke:
         args.calibrate_images, args.quant_images, args.train_images, args.test_images = 64, 32, 256, 128
-        args.r50_images, args.min_time, args.batch = 8, 0.2, [1]
+        args.r50_images, args.r50_size, args.min_time, args.batch, args.r50_batch = 8, 64, 0.2, [1], [1]
         args.runs = REPO / "runs" / "bench_explore_smoke"
         results = args.runs / "results"
         shutil.rmtree(results, ignore_errors=True)
