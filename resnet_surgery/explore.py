@@ -39,6 +39,7 @@ from .data import as_dataset, disjoint_subsets, split_batch
 from .errors import NotExactError, SurgeryError
 from .export import OnnxModule, export_onnx
 from .latency import compare_latency
+from .pipeline import _report_dict
 from .quantize import QuantizationError, quantize_onnx
 from .recipe import save
 from .recovery import calibrate, evaluate, predict
@@ -353,13 +354,14 @@ class _Builder:
         steps = self.settings["finetune_steps"]
         model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
                           batch_size=self.settings["batch_size"], progress=self.progress)
-        how = {"recovery": "calibrate", "calibration": model.resnet_surgery_calibration.to_dict()}
+        how = {"recovery": "calibrate", "calibration": _report_dict(getattr(model, "resnet_surgery_calibration", None))}
         if steps:
             from .finetune import finetune
 
             model = finetune(model, self.original, self.calib_set, max_steps=steps,
                              batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
-            how.update(recovery=f"calibrate + finetune {steps} steps", finetune=model.resnet_surgery_finetune.to_dict())
+            how.update(recovery=f"calibrate + finetune {steps} steps",
+                       finetune=_report_dict(getattr(model, "resnet_surgery_finetune", None)))
         return model, how
 
     def recovered(self, name: str) -> nn.Module | None:

@@ -80,8 +80,11 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path):
+def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeypatch):
     images = TensorDataset(labelled().tensors[0])
+    calls = []
+    real_calibrate = explore_module.calibrate
+    monkeypatch.setattr(explore_module, "calibrate", lambda *a, **k: calls.append(k["num_images"]) or real_calibrate(*a, **k))
     report = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=16,
                      eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
     assert report.metric == "agreement" and [c["name"] for c in report.candidates] == ["original", "d"]
@@ -89,7 +92,7 @@ def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path):
     # Other settings: the finished candidate is not reused.
     again = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
                     eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
-    assert again.candidates[1]["calibration"]["num_images"] == 8
+    assert calls == [16, 8] and again.settings["calibrate_images"] == 8
 
 
 def test_explore_bad_input(tmp_path):
