@@ -135,7 +135,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
 
-# --- export and latency commands: export, bench (resnet_surgery.export / latency) -----------------
+# --- latency command: bench (resnet_surgery.latency); export is with the deploy commands at the end ----
 
 def parse_batches(ctx, param, value: str) -> list[int]:
     try:

@@ -189,12 +189,14 @@ def explore(
     settings = {
         "model": name, "weights": _fingerprint(model), "data": _describe(data), "eval_data": _describe(eval_data),
         "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
-        "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
+        "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
     }
     build = _Builder(model, calib_set, eval_loader, out, settings, force, input_size, progress)
     results = []
-    for cand in tqdm([*wanted], desc="explore", disable=not progress):
+    bar = tqdm(wanted, desc="explore", disable=not progress)
+    for cand in bar:
+        bar.set_postfix_str(cand)
         fp32 = build.fp32(cand)
         results.append(fp32)
         if int8 and fp32["status"] == "ok":
