@@ -120,3 +120,21 @@ def test_cli_export_int8(shared_data, tmp_path):
     assert wrong_size.exit_code == 2 and "error: the calibration images are [3, 224, 224]" in wrong_size.output
     assert "Traceback" not in wrong_size.output and not (tmp_path / "y.onnx").exists()
     assert export(out).exit_code == 2  # an existing file needs --force
+
+
+def test_onnx_module_scores_a_file_like_a_model(tmp_path):
+    from resnet_surgery import OnnxModule, evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    x = torch.randn(3, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    export_onnx(model.eval(), tmp_path / "static.onnx", input_size=(3, 8, 8), dynamic_batch=False)
+    onnx_model = OnnxModule(tmp_path / "static.onnx")
+    assert onnx_model.batch == 1  # a static batch axis: the three images run one at a time
+    with torch.no_grad():
+        assert torch.allclose(onnx_model(x), model(x), atol=1e-5)
+    report = evaluate(onnx_model, TensorDataset(x, torch.tensor([0, 1, 2])), reference=model, progress=False)
+    assert report.agreement == 100.0 and report.num_images == 3
+    with pytest.raises(SurgeryError, match="cannot load"):
+        OnnxModule(tmp_path / "missing.onnx")
