@@ -24,6 +24,9 @@ def user_errors(fn):
         except FileNotFoundError as e:
             click.echo(f"error: file not found: {e.filename or e}", err=True)
             sys.exit(2)
+        except OSError as e:  # outputs are checked up front; this is the last line of defence
+            click.echo(f"error: {e.strerror or e}: {e.filename or ''}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -140,7 +143,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
 @main.command("export")
 @click.argument("model_or_dir")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
-@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
 @click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
 @weights_option
 @size_option
@@ -203,10 +206,10 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
 
     if plot:
         check_writable(plot, force)
+    if len({Path(m).resolve() for m in models}) != len(models):
+        raise SurgeryError("the same file is given twice; pass each model once")
     stems = [Path(m).stem for m in models]
     names = stems if len(set(stems)) == len(stems) else [str(m) for m in models]
-    if len(set(names)) != len(names):
-        raise SurgeryError("the same file is given twice; pass each model once")
     report = compare_latency(dict(zip(names, models)), batch_sizes=batches, threads=threads, min_time_s=min_time,
                              max_time_s=max_time, device=device)
     if plot:
@@ -261,6 +264,25 @@ def build_preprocessing(preset, size, resize, mean, std):
     return preset_transform(preset, size=size, resize=resize, mean=three(mean, "mean"), std=three(std, "std"))
 
 
+skip_bad_images_option = click.option(
+    "--skip-bad-images", is_flag=True,
+    help="leave out images that cannot be decoded (each image is read once beforehand) and report them")
+
+
+def image_loader(data, transform, batch_size, num_images, skip_bad_images, progress):
+    """The images of --data as the library would load them, less unreadable ones with --skip-bad-images."""
+    from .data import as_loader
+
+    return as_loader(data, transform=transform, batch_size=batch_size, num_images=num_images,
+                     skip_bad_images=skip_bad_images, progress=progress)
+
+
+def skipped_line(loader) -> str:
+    skipped = loader.skipped_images
+    more = f", ... {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"skipped {len(skipped)} unreadable images ({', '.join(skipped[:3])}{more})\n" if skipped else ""
+
+
 def is_rank0() -> bool:
     import os
 
@@ -295,10 +317,11 @@ original_options = [
 @click.option("--reference-weights", default="none", show_default=True, help="weights of --reference")
 @with_options(preprocessing_options)
 @click.option("--num-images", type=click.IntRange(1), help="evaluate a fixed random subset of this many images")
+@skip_bad_images_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
-                     batch_size, num_images, as_json):
+                     batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
     from .models import load_model
     from .recovery import evaluate
@@ -306,9 +329,12 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
     transform = build_preprocessing(preset, size, resize, mean, std)
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
-    report = evaluate(model, data, reference=ref, batch_size=batch_size, transform=transform, num_images=num_images,
-                      progress=not as_json)
-    print_json(report.to_dict()) if as_json else click.echo(f"{model_or_dir}: {report}")
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    report = evaluate(model, loader, reference=ref, progress=not as_json)
+    if as_json:
+        print_json({**report.to_dict(), "skipped_images": loader.skipped_images})
+    else:
+        click.echo(f"{skipped_line(loader)}{model_or_dir}: {report}")
 
 
 @main.command("calibrate")
@@ -319,12 +345,13 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="unlabelled calibration images (a fixed random subset of --data)")
 @click.option("--steps", default="bn,transfer", show_default=True, help="calibration steps, comma-separated")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit")
+@skip_bad_images_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, ridge, out, force, as_json):
+                      num_images, steps, ridge, skip_bad_images, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
     least-squares refit of each rewritten conv to the original model."""
     from .atomic import check_writable
@@ -335,14 +362,15 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
-    model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
-                      ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
+                      ridge=ridge, progress=not as_json)
     report = model.resnet_surgery_calibration
-    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
+    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
-        print_json({"out": out, **report.to_dict()})
+        print_json({"out": out, **report.to_dict(), "skipped_images": loader.skipped_images})
     else:
-        click.echo(f"{report}\nwritten: {out}/")
+        click.echo(f"{skipped_line(loader)}{report}\nwritten: {out}/")
 
 
 @main.command("finetune")
@@ -407,11 +435,13 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
               help="ImageFolder for distillation fine-tuning from the original")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
               help="preprocessing of --calibrate/--finetune images")
-@click.option("--num-images", default=2048, show_default=True, help="calibration images")
-@click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
-@click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-@click.option("--min-time", default=5.0, show_default=True, help="seconds of timing per batch size")
+@click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1), help="calibration images")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1), help="fine-tuning epochs")
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores)")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="seconds of timing per batch size")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
@@ -421,14 +451,10 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
     from .pipeline import run_pipeline
 
-    try:
-        batch_sizes = [int(b) for b in batches.split(",")]
-    except ValueError:
-        raise SurgeryError(f"--batch takes comma-separated integers like 1,8, not {batches!r}") from None
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, epochs=epochs,
-                          batch_sizes=batch_sizes, threads=threads, min_time_s=min_time, echo=click.echo)
+                          batch_sizes=batches, threads=threads, min_time_s=min_time, echo=click.echo)
     if as_json:
         print_json({k: v for k, v in result.items() if k != "latency_table"})
         return

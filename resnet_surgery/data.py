@@ -119,6 +119,9 @@ def build_transform(
     """
     from torchvision import transforms as T
 
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise SurgeryError(f"mean and std need three numbers (one per channel), std all positive; got mean {tuple(mean)} "
+                           f"and std {tuple(std)}")
     steps = [T.Resize(resize), T.CenterCrop(size)] if resize else [T.Resize(size), T.CenterCrop(size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
@@ -138,6 +141,29 @@ def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) ->
     return (images.float() / 255 - m) / s
 
 
+class BadImageError(SurgeryError):
+    """An image file that cannot be decoded; ``.path`` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot read image {path} ({reason}); delete or replace it, or pass --skip-bad-images "
+                         "(skip_bad_images=True) to leave unreadable images out")
+        self.path = str(path)
+
+
+def read_image(path: str | os.PathLike):
+    """torchvision's image loader (what ImageFolder uses), with an unreadable file as one BadImageError."""
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image format PIL can read") from None
+    except Exception as e:  # PIL raises many types for corrupt files (OSError, SyntaxError, ValueError, ...)
+        text = str(e).strip().splitlines()
+        raise BadImageError(path, text[0][:120] if text else type(e).__name__) from None
+
+
 class ImageFiles(Dataset):
     """The images of one flat folder, sorted by name, without labels (e.g. unlabelled calibration images)."""
 
@@ -148,9 +174,24 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from torchvision.datasets.folder import default_loader  # what ImageFolder reads images with
+        return self.transform(read_image(self.files[index]))
 
-        return self.transform(default_loader(self.files[index]))
+
+def without_bad_images(dataset: Dataset, progress: bool = True) -> tuple[Dataset, list[str]]:
+    """``dataset`` less the items whose image cannot be read (each is decoded once to find out), and their paths."""
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
+        try:
+            dataset[i]
+        except BadImageError as e:
+            bad.append(e.path)
+        else:
+            good.append(i)
+    if not good:
+        raise SurgeryError(f"none of the {len(bad)} images can be read (first: {bad[0]}); check the data folder")
+    return (dataset if not bad else Subset(dataset, good)), bad
 
 
 def _is_image(path: Path) -> bool:
@@ -169,7 +210,7 @@ def image_folder(path: str | os.PathLike, transform) -> Dataset:
     if flat:
         return ImageFiles(flat, transform)
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         # ImageFolder raises for no class folders or no images in them.
         raise SurgeryError(
@@ -213,9 +254,14 @@ def as_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    skip_bad_images: bool = False,
+    progress: bool = True,
 ) -> DataLoader:
     """A DataLoader over ``data``: an ImageFolder path (preprocessed with ``transform`` or ``preset``),
     a Dataset, or a DataLoader (both used as they are). ``num_images`` keeps a fixed seeded subset.
+    An unreadable image is an error naming it; ``skip_bad_images`` leaves such images of a path out
+    instead (each image of the subset is then decoded once beforehand) and lists them in the loader's
+    ``skipped_images``.
 
     Batches may be image tensors or (images, labels); read them with `split_batch`.
     """
@@ -239,10 +285,15 @@ def as_loader(
         )
     if hasattr(data, "__len__") and len(data) == 0:
         raise SurgeryError("the dataset is empty; pass data with at least one image")
-    return DataLoader(
-        _subset(data, num_images, seed),
+    subset, skipped = _subset(data, num_images, seed), []
+    if skip_bad_images:
+        subset, skipped = without_bad_images(subset, progress)
+    loader = DataLoader(
+        subset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+    loader.skipped_images = skipped
+    return loader

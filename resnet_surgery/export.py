@@ -13,9 +13,13 @@ does not gate: two logits closer than the tolerance may swap places without the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .atomic import atomic_file, check_writable
+from .atomic import atomic_file, check_writable, temp_prefix
 from .blocks import eval_mode, model_device
 from .errors import SurgeryError
 
@@ -138,6 +142,9 @@ def export_onnx(
     Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
     disagrees with PyTorch; in both cases nothing is left at ``path``.
     """
+    check_opset(opset)
+    if atol < 0 or rtol < 0:
+        raise SurgeryError(f"parity tolerances must be >= 0, got atol {atol} and rtol {rtol}")
     path = check_writable(path, force)
     input_size = tuple(int(s) for s in input_size)
     with eval_mode(model):
@@ -148,7 +155,7 @@ def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, 
     big = _state_bytes(model) > _MAX_INLINE_BYTES
     with (
         atomic_file(path, force) as tmp,
-        tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".export", dir=path.parent) as work,
+        tempfile.TemporaryDirectory(prefix=temp_prefix(path), suffix=".export", dir=path.parent) as work,
     ):
         # Stage under the final file name so any external-data reference already names the final file.
         staged = Path(work) / path.name
@@ -177,7 +184,7 @@ def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, 
             fallback_reason=reason,
         )
         if not report.passed:
-            worst = max(checks, key=lambda c: c.max_abs_diff / c.tolerance)
+            worst = max(checks, key=lambda c: c.max_abs_diff - c.tolerance)  # a ratio divides by 0 at atol=rtol=0
             raise ParityError(
                 f"ONNX parity failed: at batch {worst.batch} max |onnx - torch| = {worst.max_abs_diff:.3g} > "
                 f"tolerance {worst.tolerance:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
@@ -193,26 +200,46 @@ def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, 
     return report
 
 
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporters cannot write before any work starts."""
+    low, high = supported_opsets()
+    if opset is not None and not low <= opset <= high:
+        raise SurgeryError(f"opset {opset} is not supported: choose one from {low} to {high}, or leave it out "
+                           "for the exporter's default")
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset both torch's exporters and the installed onnx package can write."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_MIN_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
 def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, str | None]:
     """Try the dynamo exporter, then the TorchScript one; return (exporter, why dynamo failed)."""
     device = model_device(model)
     # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.randn(2 if dynamic_batch else 1, *input_size, device=device)
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    # torch.export prints whole graphs to stderr when it fails: keep them for a success only.
+    noise = io.StringIO()
     try:
         dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-        torch.onnx.export(
-            model,
-            (example,),
-            str(staged),
-            dynamo=True,
-            external_data=big,
-            dynamic_shapes=dynamic_shapes,
-            verbose=False,
-            **names,
-        )
+        with contextlib.redirect_stderr(noise):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(staged),
+                dynamo=True,
+                external_data=big,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                **names,
+            )
+        sys.stderr.write(noise.getvalue())
         return "dynamo", None
     except Exception as e:  # any failure of the new exporter is a reason to try the old one
+        _refuse_data_dependent(model, e)
         reason = f"{type(e).__name__}: {_first_line(e)}"
     for p in staged.parent.iterdir():
         p.unlink()
@@ -232,6 +259,25 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
             f"{type(e).__name__}: {_first_line(e)}"
         ) from e
     return "torchscript", reason
+
+
+def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
+    """A forward that branches on tensor values exports as one branch (the TorchScript tracer bakes in the
+    one this input took): refuse it, naming the module and line, as `convert` does."""
+    cause = error
+    while cause is not None and type(cause).__name__ != "GuardOnDataDependentSymNode":
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    where = "the model's forward"
+    for frame, line in traceback.walk_tb(cause.__traceback__):
+        module = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(module) in names:
+            label = names[id(module)] or "the model"
+            where = f"{label} ({type(module).__name__}.forward, {Path(frame.f_code.co_filename).name}:{line})"
+    raise ExportError(f"{where} branches on tensor values (data-dependent control flow): an ONNX graph would keep "
+                      "only one branch; make that forward free of it (e.g. torch.where) before exporting") from None
 
 
 def _parity_checks(model, staged, input_size, batches, atol, rtol, seed) -> list[ParityCheck]:

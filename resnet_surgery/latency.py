@@ -292,6 +292,8 @@ def compare_latency(
         raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
     if device not in ("cpu", "cuda"):
         raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
+    if threads is not None and int(threads) < 1:
+        raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     threads = int(threads) if threads else _usable_cores()
     max_time_s = 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s)
     paths = {name: Path(p) for name, p in models.items()}

@@ -311,8 +311,14 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
 
 
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
-    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode."""
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode.
+
+    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
     with eval_mode(a, b), torch.no_grad():
         ya, yb = a(x), b(x)
+    for which, y in (("original", ya), ("converted", yb)):
+        if not torch.isfinite(y).all():
+            raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
+                               "rewrite cannot be verified; check its weights for NaN/inf")
     return float((ya - yb).abs().max()), float(ya.abs().max())
