@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .atomic import atomic_file
+from .atomic import atomic_file, check_writable
 from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
@@ -255,6 +255,8 @@ def finetune(
         raise SurgeryError("resume needs the checkpoint path of the run to continue")
     if ckpt is not None and ckpt.exists() and not resume and not force:
         raise SurgeryError(f"checkpoint {ckpt} already exists; resume from it (--resume) or pass --force to start over")
+    if ckpt is not None:
+        check_writable(ckpt, force=True)  # now, not after the first epoch
     prefixes = _trainable_prefixes(converted, freeze)
 
     rank, world, started_group = _distributed()

@@ -132,6 +132,14 @@ def test_check_writable_refuses_what_cannot_be_written(tmp_path, a_file, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+def test_finetune_checks_its_checkpoint_path_before_training(a_file):
+    teacher = tiny_cifar("v1")
+    student = quiet_convert(teacher, "v1.5")
+    student.register_forward_pre_hook(lambda *a: pytest.fail("training started"))
+    with pytest.raises(SurgeryError, match=f"cannot write {a_file / 'ckpt.pt'}: {a_file} is a file"):
+        finetune(student, teacher, images(16), batch_size=16, checkpoint=a_file / "ckpt.pt", progress=False)
+
+
 @pytest.mark.parametrize("command", ["convert", "export", "calibrate", "finetune", "bench", "run"])
 def test_every_command_refuses_an_unwritable_out_up_front(tmp_path, a_file, command, monkeypatch):
     import resnet_surgery.models
