@@ -20,9 +20,9 @@ STALE_SECONDS = 3600
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
     """Refuse an output that exists (unless ``force``) or cannot be written, before any work starts."""
-    path = Path(path)
+    given, path = os.fspath(path), Path(path)
     if path.name in ("", ".", "..") or path.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise SurgeryError(f"--out {path} is the current folder or one above it; name a new folder to write")
+        raise SurgeryError(f"--out {given!r} is the current folder or one above it; name a new folder to write")
     if path.exists() and not force:
         raise SurgeryError(f"{path} already exists; pass --force (force=True) to overwrite it")
     folder = path.parent

@@ -106,7 +106,7 @@ def _stride_step(block: Block, target: str) -> Step | None:
     if target == "v1.5-dilated":
         return Step(block, "stride_to_3x3_dilated", True)
     why = (f"{block.name}: with the stride on the 3x3, the 3x3 reads positions the strided 1x1 never computed; "
-           "use exact=True for the dilated form, which is exact")
+           "use --exact (exact=True) for the dilated form, which is exact")
     if current == "v1.5-dilated":
         why = f"{block.name}: dropping the dilation changes which positions the 3x3 reads"
     return Step(block, "stride_to_3x3", False, why)
@@ -259,7 +259,8 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     if shortcut is not None and shortcut not in SHORTCUTS:
         raise SurgeryError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
     if to is None and shortcut is None and not prune_dead:
-        raise SurgeryError("nothing to do: give a target variant (to=), a shortcut= or prune_dead=True")
+        raise SurgeryError("nothing to do: give a target variant (--to, to=), a shortcut (--shortcut, shortcut=) or "
+                           "--prune-dead (prune_dead=True)")
 
     new = private_copy(model)
     gm = trace(new, leaf_modules)

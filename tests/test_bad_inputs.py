@@ -408,6 +408,12 @@ def test_weight_choices_list_default_once():
     assert str(caught.value).count("DEFAULT") == 1
 
 
+def test_cli_messages_name_cli_options(tmp_path):
+    one_line_error(run("convert", "cifar10-resnet-v1", "--input-size", 32, "--out", tmp_path / "x"),
+                   "nothing to do", "--to", "--shortcut", "--prune-dead")
+    one_line_error(run("convert", "cifar10-resnet-v1", "--to", "v1.5", "--out", ""), "--out ''")
+
+
 def test_bench_refuses_one_file_given_twice(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     one_line_error(run("bench", "a.onnx", "./a.onnx"), "the same file is given twice")
