@@ -53,25 +53,22 @@ def temp_prefix(path: Path) -> str:
 
 def remove_stale_temps(path: Path) -> None:
     """Remove temporary files and folders of ``path`` whose writer process no longer runs (killed runs)."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?.*\.(?:tmp|export)")
-    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*"):
+    # .NAME.<pid>.<8 random characters>.tmp|.export (tempfile's names), or the same without a pid (older versions).
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}\.(?:tmp|export)")
+    for candidate in path.parent.iterdir():
         match = pattern.fullmatch(candidate.name)
         if not match or not _stale(candidate, match.group(1)):
             continue
         shutil.rmtree(candidate, ignore_errors=True) if candidate.is_dir() else candidate.unlink(missing_ok=True)
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def _stale(candidate: Path, pid: str | None) -> bool:
-    if pid is None:
-        return time.time() - candidate.lstat().st_mtime > STALE_SECONDS
     try:
+        if pid is None:
+            return time.time() - candidate.lstat().st_mtime > STALE_SECONDS
         os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
+    except (ProcessLookupError, FileNotFoundError) as e:
+        return isinstance(e, ProcessLookupError)  # a dead writer's; or already gone
     except (PermissionError, OverflowError):
         return False  # alive under another user, or not a process id
     return False

@@ -366,13 +366,16 @@ def test_nan_weights_fail_verification(tmp_path):
 
 def test_stale_temporaries_of_the_same_output_are_removed(tmp_path):
     dead = dead_pid()
-    stale = [tmp_path / f".out.{dead}.abc123.tmp", tmp_path / f".model.onnx.{dead}.x1.tmp",
-             tmp_path / f".model.onnx.{dead}.x2.export", tmp_path / ".out.legacy_1.tmp"]
-    alive = [tmp_path / f".out.{os.getpid()}.running.tmp", tmp_path / f".other.{dead}.abc.tmp"]
+    stale = [tmp_path / f".out.{dead}.abc12345.tmp", tmp_path / f".model.onnx.{dead}.x1x1x1x1.tmp",
+             tmp_path / f".model.onnx.{dead}.x2x2x2x2.export", tmp_path / ".out.legacy_1.tmp"]
+    # A live writer's, another output's (even one whose name starts the same), and a user's own folder stay.
+    alive = [tmp_path / f".out.{os.getpid()}.running1.tmp", tmp_path / f".other.{dead}.abcabcab.tmp",
+             tmp_path / f".out.onnx.{dead}.abcabcab.tmp", tmp_path / ".out.my notes.tmp"]
     for p in stale + alive:
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"x" * 100)
-    os.utime(tmp_path / ".out.legacy_1.tmp", (0, 0))  # a killed older version's folder, long ago
+    for p in (".out.legacy_1.tmp", ".out.onnx.{dead}.abcabcab.tmp", ".out.my notes.tmp"):
+        os.utime(tmp_path / p.format(dead=dead), (0, 0))  # long ago
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "recipe.json").write_text("{}")
     with atomic_file(tmp_path / "model.onnx") as tmp:
