@@ -28,7 +28,7 @@ from .atomic import atomic_file, check_writable
 from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
-from .models import torch_load
+from .models import first_line, torch_load
 from .recovery import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
@@ -175,7 +175,7 @@ def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> No
                            "start fresh with --force (force=True)")
     for key, value in identity.items():
         if saved.get(key) != value:
-            what = "a different model (its conv strides, dilations or rewrites differ)" if key == "model" else (
+            what = "a different model (its modules, conv geometry or rewrites differ)" if key == "model" else (
                 f"{key} {saved.get(key)!r}, not {value!r}")
             raise SurgeryError(f"{path} belongs to another run: {what}; resume with the same model, data and "
                                "options, or start fresh with --force (force=True)")
@@ -201,7 +201,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, devic
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({str(e).splitlines()[0]}); "
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({first_line(e)}); "
                            "pass the right checkpoint or start fresh with --force (force=True)") from None
     if state["epochs"] != epochs:
         raise SurgeryError(f"{path} belongs to a run of {state['epochs']} epochs; resume with epochs={state['epochs']}")
