@@ -1,7 +1,7 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
 from .blocks import Block, Subsample, find_blocks, trace
-from .data import as_loader, cifar10_tensors, extract_cifar10, split_batch
+from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, split_batch
 from .errors import NotExactError, SurgeryError, TraceError
 from .export import ExportError, ParityError, ParityReport, export_onnx, onnx_input_shape
 from .finetune import FinetuneReport, finetune
@@ -15,7 +15,7 @@ from .rewrite import SurgeryNotice, convert, max_difference
 from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
 __all__ = [
-    "Block", "CIFAR_MODELS", "CalibrationReport", "EvalReport", "ExportError", "FinetuneReport",
+    "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "EvalReport", "ExportError", "FinetuneReport",
     "LatencyReport", "NotExactError", "ParityError", "ParityReport", "RatioCI", "Report", "Subsample",
     "SurgeryError", "SurgeryNotice", "TraceError", "apply_recipe", "as_loader", "calibrate",
     "cifar10_tensors", "cifar_resnet", "compare_latency", "convert", "count_macs", "evaluate", "export_onnx",

@@ -140,7 +140,7 @@ def _sync_buffers(model: nn.Module, world: int) -> None:
             dist.broadcast(b, src=0)
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def _model_fingerprint(model: nn.Module) -> str:
     """A hash of what key names and shapes do not show: every module's class, the geometry of every conv and
     pool (stride, dilation, padding, kernel), and the recipe's rewrites."""
     geometry = [
@@ -162,9 +162,9 @@ def _data_identity(data) -> str:
     return f"{type(data).__name__} of {size} {type(dataset).__name__} items"
 
 
-def run_identity(model: nn.Module, data, **options) -> dict:
+def _run_identity(model: nn.Module, data, **options) -> dict:
     """What a checkpoint belongs to: the model's fingerprint, the data and the options that shape the run."""
-    return {"model": model_fingerprint(model), "data": _data_identity(data), **options}
+    return {"model": _model_fingerprint(model), "data": _data_identity(data), **options}
 
 
 def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> None:
@@ -282,7 +282,7 @@ def finetune(
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
         start_epoch = step = 0
-        identity = run_identity(converted, data, optimizer=optimizer, lr=lr, freeze=freeze, num_images=num_images,
+        identity = _run_identity(converted, data, optimizer=optimizer, lr=lr, freeze=freeze, num_images=num_images,
                                 batch_size=batch_size, world_size=world, seed=seed, temperature=temperature, alpha=alpha)
         if resume:
             state = _load_checkpoint(ckpt, student, opt, sched, epochs, device, identity)
