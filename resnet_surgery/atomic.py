@@ -25,6 +25,8 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
         raise SurgeryError(f"--out {given!r} is the current folder or one above it; name a new folder to write")
     if path.exists() and not force:
         raise SurgeryError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise SurgeryError(f"{path} is a device or other special file, which --force never replaces; choose another --out")
     folder = path.parent
     while not folder.exists():
         folder = folder.parent

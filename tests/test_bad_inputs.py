@@ -123,6 +123,8 @@ def test_check_writable_refuses_what_cannot_be_written(tmp_path, a_file, monkeyp
     for bad in (a_file / "out", a_file / "deeper" / "model.onnx"):
         with pytest.raises(SurgeryError, match=r"^cannot write .*; choose another --out$"):
             check_writable(bad, force=True)
+    with pytest.raises(SurgeryError, match="special file"):
+        check_writable(os.devnull, force=True)  # checked only: never written, even on failure
     monkeypatch.chdir(tmp_path)
     for here in (".", "..", tmp_path):
         with pytest.raises(SurgeryError, match="current folder"):
