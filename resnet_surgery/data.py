@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .atomic import atomic_dir, atomic_file
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 CIFAR10_SPLITS = ("train", "test")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -160,8 +160,7 @@ def read_image(path: str | os.PathLike):
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image format PIL can read") from None
     except Exception as e:  # PIL raises many types for corrupt files (OSError, SyntaxError, ValueError, ...)
-        text = str(e).strip().splitlines()
-        raise BadImageError(path, text[0][:120] if text else type(e).__name__) from None
+        raise BadImageError(path, first_line(e)) from None
 
 
 class ImageFiles(Dataset):

@@ -11,3 +11,9 @@ class NotExactError(SurgeryError):
 
 class TraceError(SurgeryError):
     """torch.fx could not trace the model."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0][:120] if text else type(e).__name__

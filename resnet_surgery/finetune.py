@@ -27,8 +27,8 @@ from tqdm import tqdm
 from .atomic import atomic_file, check_writable
 from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
-from .errors import SurgeryError
-from .models import first_line, torch_load
+from .errors import SurgeryError, first_line
+from .models import torch_load
 from .recovery import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
@@ -53,12 +53,12 @@ def torch_load(path: Path, map_location="cpu"):
     if not zipfile.is_zipfile(path) and not _starts_like_pickle(path):
         with open(path, "rb") as f:
             head = f.read(16)
-        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint (neither the zip archive torch.save writes nor a pickle; "
-                           f"it starts with {head!r}); pass a file written by torch.save, or a .safetensors file")
+        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint (neither the zip archive torch.save writes "
+                           f"nor a pickle; it starts with {head!r}); pass a file written by torch.save, or .safetensors")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path) and _starts_like_pickle(path):
+        if not zipfile.is_zipfile(path):  # and so starts like a pickle (checked above)
             raise SurgeryError(
                 f"{path} is a plain pickle, which safe loading (weights_only=True) refuses because unpickling can "
                 "run code; if you trust it, convert it once: torch.save(torch.load(PATH, weights_only=False), "
@@ -77,12 +77,6 @@ def torch_load(path: Path, map_location="cpu"):
 def _starts_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:120] if text else type(e).__name__
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
