@@ -16,6 +16,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import resnet_surgery.export as export_module
+import resnet_surgery.models
+import resnet_surgery.pipeline  # imported before any test patches the load_model it binds
+import resnet_surgery.recipe
 from resnet_surgery import (
     ExportError,
     ParityError,
@@ -144,13 +147,12 @@ def test_finetune_checks_its_checkpoint_path_before_training(a_file):
 
 @pytest.mark.parametrize("command", ["convert", "export", "calibrate", "finetune", "bench", "run"])
 def test_every_command_refuses_an_unwritable_out_up_front(tmp_path, a_file, command, monkeypatch):
-    import resnet_surgery.models
-
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
-    monkeypatch.setattr(resnet_surgery.models, "load_model", no_work)
-    monkeypatch.setattr(resnet_surgery.recipe, "load", no_work)
+    for module, name in ((resnet_surgery.models, "load_model"), (resnet_surgery.pipeline, "load_model"),
+                         (resnet_surgery.recipe, "load")):
+        monkeypatch.setattr(module, name, no_work)
     out = a_file / "out"
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -394,8 +396,6 @@ def test_saved_weights_get_ordinary_permissions(tmp_path, umask_022):
 
 
 def test_run_validates_its_options_before_any_work(tmp_path, monkeypatch):
-    import resnet_surgery.pipeline
-
     monkeypatch.setattr(resnet_surgery.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
     for option in (["--batch", "0"], ["--batch", "1,x"], ["--threads", "-1"], ["--epochs", "0"],
                    ["--num-images", "0"], ["--min-time", "-1"]):
