@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import SurgeryError
+from .vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
 
 
 def user_errors(fn):
@@ -55,8 +56,8 @@ size_option = click.option("--input-size", default=224, show_default=True, type=
 def variant_options(fn):
     """--to, --shortcut, --exact and --prune-dead: what `convert` and `run` both take."""
     for option in reversed([
-        click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant"),
-        click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]),
+        click.option("--to", "to", type=click.Choice([v.value for v in TARGET_VARIANTS]), help="target variant"),
+        click.option("--shortcut", type=click.Choice([s.value for s in TARGET_SHORTCUTS]),
                      help="projection shortcut type"),
         click.option("--exact", is_flag=True, help="only function-preserving rewrites (error if none exists)"),
         click.option("--prune-dead", is_flag=True,
@@ -69,21 +70,22 @@ def variant_options(fn):
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""
-    from .report import table
+    from .history import history
+    from .utils import table
 
-    recipe = converted.resnet_surgery_recipe
-    records = recipe["rewrites"]
-    lines = [f"{name} (weights {weights}): {recipe['variant_before']} -> {recipe['variant_after']}, "
-             f"{len(records)} rewrites ({sum(not r['exact'] for r in records)} change the function)"]
+    recipe = history(converted).recipe
+    records = recipe.rewrites
+    lines = [f"{name} (weights {weights}): {recipe.variant_before} -> {recipe.variant_after}, "
+             f"{len(records)} rewrites ({sum(not r.exact for r in records)} change the function)"]
     if records:
         lines += table([("block", "rewrite", "exact")] +
-                       [(r["block"], r["op"], "yes" if r["exact"] else "NO") for r in records])
+                       [(r.block, str(r.op), "yes" if r.exact else "NO") for r in records])
     change = (macs_after - macs_before) / macs_before
     lines.append(f"MACs: {macs_before / 1e9:.3f} G -> {macs_after / 1e9:.3f} G ({change:+.1%})")
     if probe is not None:
         lines.append(f"max |difference| on a probe input: {probe[0]:.3g} (max |logit| {probe[1]:.3g}, "
                      f"relative {probe[0] / max(probe[1], 1e-12):.2g})")
-    lines += [f"note: {n}" for n in recipe["notices"]]
+    lines += [f"note: {n}" for n in recipe.notices]
     return "\n".join(lines)
 
 
@@ -95,7 +97,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @user_errors
 def inspect_command(model, weights, input_size, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
-    from .models import load_model
+    from .recipe import load_model
     from .report import inspect
 
     report = inspect(load_model(model, weights), (3, input_size, input_size))
@@ -116,8 +118,8 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     import warnings
 
     from .atomic import check_writable
-    from .models import load_model
-    from .recipe import save
+    from .history import history
+    from .recipe import load_model, save
     from .report import count_macs
     from .rewrite import SurgeryNotice, convert, max_difference
 
@@ -133,7 +135,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     save(converted, out, force=force, summary=summary)
     if as_json:
         print_json({"out": out, "macs_before": before, "macs_after": after,
-                    "max_abs_diff": probe[0] if probe else None, "recipe": converted.resnet_surgery_recipe})
+                    "max_abs_diff": probe[0] if probe else None, "recipe": history(converted).recipe.to_json()})
     else:
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
@@ -160,7 +162,7 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
     """
     from .atomic import check_writable
     from .export import ParityError, export_onnx
-    from .models import load_model
+    from .recipe import load_model
 
     check_writable(out, force)
     model = load_model(model_or_dir, weights)
@@ -237,8 +239,9 @@ def with_options(options):
 preprocessing_options = [
     click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
                  help="ImageFolder directory (<root>/<class>/<image>, labelled) or a folder of images (unlabelled)"),
-    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std"),
+    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std  "
+                      "[default: the model's own (torchvision weights' transforms, timm's data config), else imagenet]"),
     click.option("--size", type=click.IntRange(8, 4096), help="final (centre-crop) size, overriding the preset"),
     click.option("--resize", type=click.IntRange(0, 4096), help="shorter side before the crop (0: straight to --size)"),
     click.option("--mean", help="normalisation mean, three comma-separated numbers"),
@@ -247,8 +250,14 @@ preprocessing_options = [
 ]
 
 
-def build_preprocessing(preset, size, resize, mean, std):
-    from .data import preset_transform
+def build_preprocessing(preset, size, resize, mean, std, model=None):
+    """--preset and its overrides; with none of them, the preprocessing ``model``'s weights were published with."""
+    from .data import model_transform, preset_transform
+
+    chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
+    own = model_transform(model) if model is not None and not chosen else None
+    if own is not None:
+        return own
 
     def three(value, name):
         if value is None:
@@ -261,7 +270,8 @@ def build_preprocessing(preset, size, resize, mean, std):
             raise SurgeryError(f"--{name} needs three comma-separated numbers (one per channel), got {value!r}")
         return numbers
 
-    return preset_transform(preset, size=size, resize=resize, mean=three(mean, "mean"), std=three(std, "std"))
+    return preset_transform(preset or "imagenet", size=size, resize=resize, mean=three(mean, "mean"),
+                            std=three(std, "std"))
 
 
 skip_bad_images_option = click.option(
@@ -292,15 +302,16 @@ def is_rank0() -> bool:
 
 def load_original(spec, weights, converted):
     """--original (default: the source model recorded in the converted folder's recipe, with its weights)."""
-    from .models import load_model
+    from .history import history
+    from .recipe import load_model
 
-    source = converted.resnet_surgery_recipe.get("source", {})
+    source = history(converted).recipe.source
     if spec is None:
-        if source.get("kind") not in ("torchvision", "timm", "zoo"):
+        if not source.loadable:
             raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
-        spec = source["model"]
+        spec = source.model
     if weights is None:
-        weights = source.get("weights", "none") if spec == source.get("model") else "none"
+        weights = (source.weights or "none") if spec == source.model else "none"
     return load_model(spec, weights)
 
 
@@ -323,12 +334,12 @@ original_options = [
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from .models import load_model
+    from .recipe import load_model
     from .recovery import evaluate
 
-    transform = build_preprocessing(preset, size, resize, mean, std)
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
+    transform = build_preprocessing(preset, size, resize, mean, std, model)
     loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
     report = evaluate(model, loader, reference=ref, progress=not as_json)
     if as_json:
@@ -355,17 +366,18 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
     least-squares refit of each rewritten conv to the original model."""
     from .atomic import check_writable
+    from .history import history
     from .recipe import load, save
     from .recovery import calibrate
 
     check_writable(out, force)
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
     loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
     model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
                       ridge=ridge, progress=not as_json)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
         print_json({"out": out, **report.to_dict(), "skipped_images": loader.skipped_images})
@@ -402,20 +414,21 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
     from .atomic import check_writable
     from .finetune import finetune
+    from .history import history
     from .recipe import load, save
 
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
                      progress=not as_json)
     if not is_rank0():
         return
-    report = model.resnet_surgery_finetune
+    report = history(model).finetune
     save(model, out, force=force, summary=f"fine-tuned {converted_dir} on {data}\n{report}")
     checkpoint.unlink(missing_ok=True)  # the finished folder replaces it
     print_json({"out": out, **report.to_dict()}) if as_json else click.echo(f"{report}\nwritten: {out}/")
@@ -433,8 +446,8 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
               help="ImageFolder of unlabelled images: re-estimate BatchNorm and refit rewritten convs")
 @click.option("--finetune", "finetune_data", type=click.Path(exists=True, file_okay=False),
               help="ImageFolder for distillation fine-tuning from the original")
-@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-              help="preprocessing of --calibrate/--finetune images")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+              help="preprocessing of --calibrate/--finetune images  [default: the model's own, else imagenet]")
 @click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1), help="calibration images")
 @click.option("--epochs", default=1, show_default=True, type=click.IntRange(1), help="fine-tuning epochs")
 @click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,

@@ -30,10 +30,12 @@ _DONE = ".complete"
 
 
 def cache_root(path: str | os.PathLike | None = None) -> Path:
-    """The project's ignored cache folder: ``path``, else $RESNET_SURGERY_CACHE, else <repo>/.cache."""
+    """The user's cache folder: ``path``, else $RESNET_SURGERY_CACHE, else $XDG_CACHE_HOME/resnet-surgery,
+    else ~/.cache/resnet-surgery (where torch keeps its own: never inside the installed package)."""
     if path is None:
-        path = os.environ.get("RESNET_SURGERY_CACHE") or Path(__file__).resolve().parents[1] / ".cache"
-    path = Path(path)
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = os.environ.get("RESNET_SURGERY_CACHE") or Path(base) / "resnet-surgery"
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -132,6 +134,30 @@ def preset_transform(preset: str = "imagenet", **overrides):
         raise SurgeryError(f"unknown preprocessing preset {preset!r}; choose one of {', '.join(PRESETS)}")
     opts = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return build_transform(**opts)
+
+
+def model_transform(model):
+    """The preprocessing ``model``'s weights were published with, or None when it is not known: torchvision
+    enum weights carry theirs (``weights.transforms()``: resize 232 for IMAGENET1K_V2), timm models their
+    data config, the CIFAR-10 zoo the cifar10 preset. Random or file weights and custom models: None."""
+    from .history import history
+
+    source = history(model).source
+    if source is None:
+        return None
+    if source.kind == "timm":
+        import timm.data
+
+        return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    if source.kind == "zoo":
+        return preset_transform("cifar10")  # the project's CIFAR-10 models were trained with it
+    weights = source.weights or "none"
+    if source.kind != "torchvision" or weights.lower() == "none" or Path(weights).suffix:
+        return None  # random init or a local file: nothing says how its images were prepared
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(source.model)
+    return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
 
 
 def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:

@@ -13,7 +13,8 @@ class TraceError(SurgeryError):
     """torch.fx could not trace the model."""
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type when the message is
+    empty), for one-line errors: libraries put whole dumps in theirs."""
     text = str(e).strip()
-    return text.splitlines()[0][:120] if text else type(e).__name__
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -25,11 +25,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .atomic import atomic_file, check_writable
-from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError, first_line
+from .history import history, record_result
 from .models import torch_load
 from .recovery import approximate_rewrites
+from .utils import eval_mode, model_device
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
@@ -109,7 +110,7 @@ def _trainable_prefixes(converted: nn.Module, freeze: str) -> list[str] | None:
     """Module-name prefixes that train (None: the whole model)."""
     if freeze == "none":
         return None
-    blocks = sorted({r["block"] for r in approximate_rewrites(converted)})
+    blocks = sorted({r.block for r in approximate_rewrites(converted)})
     if not blocks:
         raise SurgeryError("freeze='rewritten' but the conversion has no approximate rewrites; use freeze='none'")
     return blocks
@@ -148,8 +149,8 @@ def _model_fingerprint(model: nn.Module) -> str:
                                                                     "groups", "ceil_mode", "count_include_pad"))]
         for name, m in model.named_modules()
     ]
-    recipe = getattr(model, "resnet_surgery_recipe", None) or {}
-    rewrites = [[r.get("block"), r.get("op")] for r in recipe.get("rewrites", [])]
+    recipe = history(model).recipe
+    rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
     text = json.dumps({"modules": geometry, "rewrites": rewrites})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -242,7 +243,7 @@ def finetune(
     ``max_steps`` stops early (the schedule still spans ``epochs``); ``num_images`` trains on a seeded
     subset. ``batch_size`` is per process. ``bf16`` runs the forward passes under bfloat16 autocast (about twice
     as fast on CPUs with AVX-512 BF16, and on GPUs). A NaN/inf loss raises SurgeryError and keeps the last checkpoint.
-    The result carries ``resnet_surgery_finetune`` (a FinetuneReport); ``converted`` is untouched.
+    ``history(result).finetune`` is a FinetuneReport; ``converted`` is untouched.
     """
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -350,11 +351,8 @@ def finetune(
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    student.resnet_surgery_finetune = report
-    recipe = getattr(student, "resnet_surgery_recipe", None)
-    if isinstance(recipe, dict):
-        summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
-        student.resnet_surgery_recipe = {**recipe, "finetune": summary}
+    summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
+    record_result(student, "finetune", report, summary)
     return student
 
 

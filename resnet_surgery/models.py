@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from .errors import SurgeryError, first_line
+from .history import Source, record
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
@@ -176,13 +177,9 @@ def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
     return model
 
 
-def load_model(spec: str, weights: str = "none") -> nn.Module:
-    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
+def load_named(spec: str, weights: str = "none") -> nn.Module:
+    """A model by torchvision name, ``timm:NAME`` or CIFAR-10 zoo name (folders: ``recipe.load_model``)."""
     weights = str(weights)
-    if Path(spec).is_dir():
-        from .recipe import load
-
-        return load(spec)
     if spec.startswith("timm:"):
         model, kind = load_timm(spec.removeprefix("timm:"), weights), "timm"
     elif spec in TORCHVISION_MODELS or spec in torchvision.models.list_models(module=torchvision.models):
@@ -193,5 +190,4 @@ def load_model(spec: str, weights: str = "none") -> nn.Module:
         raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, timm:NAME, "
                            "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
     model.eval()
-    model.resnet_surgery_source = {"model": spec, "kind": kind, "weights": weights}
-    return model
+    return record(model, source=Source(spec, kind, weights))

@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import resnet_surgery.export as export_module
-import resnet_surgery.models
 import resnet_surgery.pipeline  # imported before any test patches the load_model it binds
 import resnet_surgery.recipe
 from resnet_surgery import (
@@ -29,6 +28,7 @@ from resnet_surgery import (
     evaluate,
     export_onnx,
     finetune,
+    history,
     load_model,
     max_difference,
     save,
@@ -116,7 +116,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_other_options(tmp_path)
     with pytest.raises(SurgeryError, match="belongs to another run: data"):
         finetune(plain, teacher, images(48), epochs=2, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
     resumed = finetune(plain, teacher, data, epochs=2, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
-    assert resumed.resnet_surgery_finetune.start_epoch == 1
+    assert history(resumed).finetune.start_epoch == 1
 
 
 # --- 2. unwritable --out: one line naming it, before the work ---------------------------------------
@@ -150,7 +150,7 @@ def test_every_command_refuses_an_unwritable_out_up_front(tmp_path, a_file, comm
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
-    for module, name in ((resnet_surgery.models, "load_model"), (resnet_surgery.pipeline, "load_model"),
+    for module, name in ((resnet_surgery.recipe, "load_model"), (resnet_surgery.pipeline, "load_model"),
                          (resnet_surgery.recipe, "load")):
         monkeypatch.setattr(module, name, no_work)
     out = a_file / "out"
