@@ -38,8 +38,8 @@ from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.explore import explore
 from resnet_surgery.export import export_onnx
 from resnet_surgery.latency import compare_latency
-from resnet_surgery.models import load_model
 from resnet_surgery.quantize import quantize_onnx
+from resnet_surgery.recipe import load_model
 from resnet_surgery.zoo import load_cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from resnet_surgery import convert, inspect
+from resnet_surgery import convert, history, inspect
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.export import export_onnx
 from resnet_surgery.latency import compare_latency
@@ -50,11 +50,11 @@ def variants(arch: str) -> tuple[dict, list[str]]:
         d = convert(base, "d")
         pruned = convert(v1, prune_dead=True)
     for name, model in (("v1", v1), ("d", d), ("v1-pruned", pruned)):
-        if model.resnet_surgery_recipe["rewrites"]:
+        if history(model).recipe.rewrites:
             models[name] = model
         else:
             notes.append(
-                f"{arch} {name}: the engine changes nothing ({'; '.join(model.resnet_surgery_recipe['notices'])})"
+                f"{arch} {name}: the engine changes nothing ({'; '.join(history(model).recipe.notices)})"
             )
     return models, notes
 

@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.finetune import finetune
+from resnet_surgery.history import history
 from resnet_surgery.recovery import calibrate, evaluate, predict
 from resnet_surgery.rewrite import convert
 from resnet_surgery.zoo import load_cifar_resnet
@@ -63,7 +64,7 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
 
     bn_only = calibrate(converted, original, calib, num_images=None, steps=("bn",), batch_size=128, progress=False)
     calibrated = calibrate(converted, original, calib, num_images=None, batch_size=128, progress=False)
-    steps = {s.step: s for s in calibrated.resnet_surgery_calibration.steps}
+    steps = {s.step: s for s in history(calibrated).calibration.steps}
     for name, model in (("bn", bn_only), ("transfer", calibrated)):
         s = steps[name]
         rows.append(row(name, ev(model), s.images, s.cpu_seconds, s.wall_seconds))
@@ -71,7 +72,7 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
 
     tuned = finetune(calibrated, original, train, epochs=1, lr=args.lr, batch_size=args.batch_size, alpha=args.alpha,
                      bf16=args.bf16, seed=args.seed, progress=sys.stderr.isatty())
-    ft = tuned.resnet_surgery_finetune
+    ft = history(tuned).finetune
     rows.append(row("finetune", ev(tuned), ft.images, ft.cpu_seconds, ft.wall_seconds))
     print(f"  finetune: {rows[-1]['top1']:.2f} ({ft.images} images, {ft.cpu_seconds:.0f} CPU s)", flush=True)
 
@@ -80,12 +81,12 @@ def run_rewrite(source: str, to: str, args, test, calib, train) -> dict:
     return {
         "rewrite": f"{source} -> {to}" + (" (plain)" if to == "v1.5" else ""),
         "source": source, "to": to,
-        "ops": sorted({r["op"] for r in converted.resnet_surgery_recipe["rewrites"]}),
+        "ops": sorted({r.op for r in history(converted).recipe.rewrites}),
         "steps": rows,
         "gap_points": gap,
         "calibration_goal_met": gap["transfer"] <= CALIBRATION_GOAL,
         "finetune_goal_met": gap["finetune"] <= FINETUNE_GOAL,
-        "fits": [f.__dict__ for f in calibrated.resnet_surgery_calibration.fits],
+        "fits": [f.__dict__ for f in history(calibrated).calibration.fits],
         "finetune_loss": {"start": ft.loss_start, "end": ft.loss_end},
     }
 

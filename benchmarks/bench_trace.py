@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from resnet_surgery import SurgeryNotice, convert, find_blocks, trace
-from resnet_surgery.report import table
+from resnet_surgery.utils import table
 
 OUT = Path(__file__).resolve().parent / "results" / "trace.json"
 

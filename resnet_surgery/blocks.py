@@ -7,10 +7,7 @@ the operand whose path holds two or more convolutions is the main branch, the ot
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import operator
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import SurgeryError, TraceError
+from .vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
@@ -82,34 +80,6 @@ def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in the same train/eval mode, module by module (deepcopy of a GraphModule loses it)."""
-    new = copy.deepcopy(model)
-    modes = {name: m.training for name, m in model.named_modules()}
-    for name, m in new.named_modules():
-        m.training = modes.get(name, m.training)
-    return new
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and give every submodule its own training flag back afterwards."""
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (CPU for a model without any)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 @dataclass
 class Block:
     """One residual block: the nodes and modules of its two branches, in forward order."""
@@ -123,10 +93,10 @@ class Block:
     shortcut_convs: list[str]
     shortcut_pools: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
-    kind: str = "other"  # bottleneck | basic | other
+    kind: BlockKind = BlockKind.OTHER
     stride: int = 1
-    layout: str | None = None  # v1 | v1.5 | v1.5-dilated | n/a | other (downsampling blocks only)
-    shortcut_type: str = "identity"  # identity | conv1x1 | avgpool | conv3x3 | subsample | other
+    layout: Layout | None = None  # downsampling blocks only
+    shortcut_type: Shortcut = Shortcut.IDENTITY
 
     @property
     def downsamples(self) -> bool:
@@ -182,49 +152,49 @@ def _classify(block: Block, modules: dict[str, nn.Module]) -> None:
     convs = [modules[c] for c in block.main_convs]
     kernels = [_pair(c.kernel_size)[0] for c in convs]
     if len(convs) == 3 and kernels[0] == 1 and kernels[1] > 1 and kernels[2] == 1:
-        block.kind = "bottleneck"
+        block.kind = BlockKind.BOTTLENECK
     elif len(convs) == 2 and all(k > 1 for k in kernels):
-        block.kind = "basic"
+        block.kind = BlockKind.BASIC
     stride = 1
     for n in block.main:
         if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)):
             stride *= _stride(modules[n.target])
     block.stride = stride
     if stride > 1:
-        if block.kind == "bottleneck":
+        if block.kind == BlockKind.BOTTLENECK:
             a, b = convs[0], convs[1]
             if _stride(a) == stride and _stride(b) == 1:
-                block.layout = "v1"
+                block.layout = Layout.V1
             elif _stride(a) == 1 and _stride(b) == stride and _pair(b.dilation)[0] == 1:
-                block.layout = "v1.5"
+                block.layout = Layout.V1_5
             elif _stride(a) == 1 and _stride(b) == stride and _pair(b.dilation)[0] == 2 and _pair(b.padding)[0] == 2:
-                block.layout = "v1.5-dilated"
+                block.layout = Layout.V1_5_DILATED
             else:
-                block.layout = "other"
+                block.layout = Layout.OTHER
         else:
-            block.layout = "n/a"
+            block.layout = Layout.NOT_APPLICABLE
     block.shortcut_type = _shortcut_type(block, modules)
 
 
-def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> str:
+def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> Shortcut:
     mods = [modules[n.target] for n in block.shortcut if n.op == "call_module"]
     mods = [m for m in mods if not isinstance(m, nn.Identity)]
     convs = [m for m in mods if isinstance(m, nn.Conv2d)]
     pools = [m for m in mods if isinstance(m, nn.AvgPool2d)]
     if not block.shortcut or (not convs and not mods):
-        return "identity"
+        return Shortcut.IDENTITY
     if len(mods) == 1 and isinstance(mods[0], Subsample):
-        return "subsample"
+        return Shortcut.SUBSAMPLE
     if len(convs) != 1:
-        return "other"
+        return Shortcut.OTHER
     k, s = _pair(convs[0].kernel_size)[0], _stride(convs[0])
     if pools and k == 1 and s == 1:
-        return "avgpool"
+        return Shortcut.AVGPOOL
     if not pools and k == 1:
-        return "conv1x1"
+        return Shortcut.CONV1X1
     if not pools and k == 3 and s > 1 and _pair(convs[0].padding)[0] == 1:
-        return "conv3x3"
-    return "other"
+        return Shortcut.CONV3X3
+    return Shortcut.OTHER
 
 
 def _depthwise(conv: nn.Conv2d) -> bool:
@@ -278,21 +248,21 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
     return blocks
 
 
-def model_variant(blocks: list[Block]) -> str:
+def model_variant(blocks: list[Block]) -> Variant:
     """v1, v1.5, d or mixed, from the downsampling blocks' stride placement and shortcut."""
     labels = set()
     for b in blocks:
         if not b.downsamples:
             continue
-        layout = "v1.5" if b.layout in ("v1.5", "v1.5-dilated", "n/a") else b.layout
-        if layout == "v1" and b.shortcut_type in ("conv1x1", "conv3x3"):
-            labels.add("v1")
-        elif layout == "v1.5" and b.shortcut_type in ("conv1x1", "conv3x3"):
-            labels.add("v1.5")
-        elif layout == "v1.5" and b.shortcut_type == "avgpool":
-            labels.add("d")
+        on_3x3 = b.layout in (Layout.V1_5, Layout.V1_5_DILATED, Layout.NOT_APPLICABLE)
+        if b.layout == Layout.V1 and b.shortcut_type in PROJECTIONS:
+            labels.add(Variant.V1)
+        elif on_3x3 and b.shortcut_type in PROJECTIONS:
+            labels.add(Variant.V1_5)
+        elif on_3x3 and b.shortcut_type == Shortcut.AVGPOOL:
+            labels.add(Variant.D)
         else:
-            labels.add("mixed")
+            labels.add(Variant.MIXED)
     if not labels:
-        return "v1.5"  # no downsampling block: nothing distinguishes the variants
-    return labels.pop() if len(labels) == 1 else "mixed"
+        return Variant.V1_5  # no downsampling block: nothing distinguishes the variants
+    return labels.pop() if len(labels) == 1 else Variant.MIXED

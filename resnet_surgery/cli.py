@@ -9,6 +9,7 @@ import sys
 import click
 
 from .errors import SurgeryError
+from .vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
 
 
 def user_errors(fn):
@@ -23,6 +24,9 @@ def user_errors(fn):
             sys.exit(2)
         except FileNotFoundError as e:
             click.echo(f"error: file not found: {e.filename or e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # outputs are checked up front; this is the last line of defence
+            click.echo(f"error: {e.strerror or e}: {e.filename or ''}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -52,8 +56,8 @@ size_option = click.option("--input-size", default=224, show_default=True, type=
 def variant_options(fn):
     """--to, --shortcut, --exact and --prune-dead: what `convert` and `run` both take."""
     for option in reversed([
-        click.option("--to", "to", type=click.Choice(["v1", "v1.5", "d"]), help="target variant"),
-        click.option("--shortcut", type=click.Choice(["avgpool", "conv1x1", "conv3x3"]),
+        click.option("--to", "to", type=click.Choice([v.value for v in TARGET_VARIANTS]), help="target variant"),
+        click.option("--shortcut", type=click.Choice([s.value for s in TARGET_SHORTCUTS]),
                      help="projection shortcut type"),
         click.option("--exact", is_flag=True, help="only function-preserving rewrites (error if none exists)"),
         click.option("--prune-dead", is_flag=True,
@@ -66,21 +70,22 @@ def variant_options(fn):
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""
-    from .report import table
+    from .history import history
+    from .utils import table
 
-    recipe = converted.resnet_surgery_recipe
-    records = recipe["rewrites"]
-    lines = [f"{name} (weights {weights}): {recipe['variant_before']} -> {recipe['variant_after']}, "
-             f"{len(records)} rewrites ({sum(not r['exact'] for r in records)} change the function)"]
+    recipe = history(converted).recipe
+    records = recipe.rewrites
+    lines = [f"{name} (weights {weights}): {recipe.variant_before} -> {recipe.variant_after}, "
+             f"{len(records)} rewrites ({sum(not r.exact for r in records)} change the function)"]
     if records:
         lines += table([("block", "rewrite", "exact")] +
-                       [(r["block"], r["op"], "yes" if r["exact"] else "NO") for r in records])
+                       [(r.block, str(r.op), "yes" if r.exact else "NO") for r in records])
     change = (macs_after - macs_before) / macs_before
     lines.append(f"MACs: {macs_before / 1e9:.3f} G -> {macs_after / 1e9:.3f} G ({change:+.1%})")
     if probe is not None:
         lines.append(f"max |difference| on a probe input: {probe[0]:.3g} (max |logit| {probe[1]:.3g}, "
                      f"relative {probe[0] / max(probe[1], 1e-12):.2g})")
-    lines += [f"note: {n}" for n in recipe["notices"]]
+    lines += [f"note: {n}" for n in recipe.notices]
     return "\n".join(lines)
 
 
@@ -92,7 +97,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @user_errors
 def inspect_command(model, weights, input_size, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
-    from .models import load_model
+    from .recipe import load_model
     from .report import inspect
 
     report = inspect(load_model(model, weights), (3, input_size, input_size))
@@ -113,8 +118,8 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     import warnings
 
     from .atomic import check_writable
-    from .models import load_model
-    from .recipe import save
+    from .history import history
+    from .recipe import load_model, save
     from .report import count_macs
     from .rewrite import SurgeryNotice, convert, max_difference
 
@@ -130,7 +135,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     save(converted, out, force=force, summary=summary)
     if as_json:
         print_json({"out": out, "macs_before": before, "macs_after": after,
-                    "max_abs_diff": probe[0] if probe else None, "recipe": converted.resnet_surgery_recipe})
+                    "max_abs_diff": probe[0] if probe else None, "recipe": history(converted).recipe.to_json()})
     else:
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
@@ -169,10 +174,10 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
 
     if plot:
         check_writable(plot, force)
+    if len({Path(m).resolve() for m in models}) != len(models):
+        raise SurgeryError("the same file is given twice; pass each model once")
     stems = [Path(m).stem for m in models]
     names = stems if len(set(stems)) == len(stems) else [str(m) for m in models]
-    if len(set(names)) != len(names):
-        raise SurgeryError("the same file is given twice; pass each model once")
     report = compare_latency(dict(zip(names, models)), batch_sizes=batches, threads=threads, min_time_s=min_time,
                              max_time_s=max_time, device=device)
     if plot:
@@ -200,8 +205,9 @@ def with_options(options):
 preprocessing_options = [
     click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
                  help="ImageFolder directory (<root>/<class>/<image>, labelled) or a folder of images (unlabelled)"),
-    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std"),
+    click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+                 help="imagenet: resize 256, crop 224, ImageNet mean/std; cifar10: 32x32, CIFAR-10 mean/std  "
+                      "[default: the model's own (torchvision weights' transforms, timm's data config), else imagenet]"),
     click.option("--size", type=click.IntRange(8, 4096), help="final (centre-crop) size, overriding the preset"),
     click.option("--resize", type=click.IntRange(0, 4096), help="shorter side before the crop (0: straight to --size)"),
     click.option("--mean", help="normalisation mean, three comma-separated numbers"),
@@ -210,8 +216,14 @@ preprocessing_options = [
 ]
 
 
-def build_preprocessing(preset, size, resize, mean, std):
-    from .data import preset_transform
+def build_preprocessing(preset, size, resize, mean, std, model=None):
+    """--preset and its overrides; with none of them, the preprocessing ``model``'s weights were published with."""
+    from .data import model_transform, preset_transform
+
+    chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
+    own = model_transform(model) if model is not None and not chosen else None
+    if own is not None:
+        return own
 
     def three(value, name):
         if value is None:
@@ -224,7 +236,27 @@ def build_preprocessing(preset, size, resize, mean, std):
             raise SurgeryError(f"--{name} needs three comma-separated numbers (one per channel), got {value!r}")
         return numbers
 
-    return preset_transform(preset, size=size, resize=resize, mean=three(mean, "mean"), std=three(std, "std"))
+    return preset_transform(preset or "imagenet", size=size, resize=resize, mean=three(mean, "mean"),
+                            std=three(std, "std"))
+
+
+skip_bad_images_option = click.option(
+    "--skip-bad-images", is_flag=True,
+    help="leave out images that cannot be decoded (each image is read once beforehand) and report them")
+
+
+def image_loader(data, transform, batch_size, num_images, skip_bad_images, progress):
+    """The images of --data as the library would load them, less unreadable ones with --skip-bad-images."""
+    from .data import as_loader
+
+    return as_loader(data, transform=transform, batch_size=batch_size, num_images=num_images,
+                     skip_bad_images=skip_bad_images, progress=progress)
+
+
+def skipped_line(loader) -> str:
+    skipped = loader.skipped_images
+    more = f", ... {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"skipped {len(skipped)} unreadable images ({', '.join(skipped[:3])}{more})\n" if skipped else ""
 
 
 def is_rank0() -> bool:
@@ -236,15 +268,16 @@ def is_rank0() -> bool:
 
 def load_original(spec, weights, converted):
     """--original (default: the source model recorded in the converted folder's recipe, with its weights)."""
-    from .models import load_model
+    from .history import history
+    from .recipe import load_model
 
-    source = converted.resnet_surgery_recipe.get("source", {})
+    source = history(converted).recipe.source
     if spec is None:
-        if source.get("kind") not in ("torchvision", "timm", "zoo"):
+        if not source.loadable:
             raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
-        spec = source["model"]
+        spec = source.model
     if weights is None:
-        weights = source.get("weights", "none") if spec == source.get("model") else "none"
+        weights = (source.weights or "none") if spec == source.model else "none"
     return load_model(spec, weights)
 
 
@@ -261,20 +294,24 @@ original_options = [
 @click.option("--reference-weights", default="none", show_default=True, help="weights of --reference")
 @with_options(preprocessing_options)
 @click.option("--num-images", type=click.IntRange(1), help="evaluate a fixed random subset of this many images")
+@skip_bad_images_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
-                     batch_size, num_images, as_json):
+                     batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from .models import load_model
+    from .recipe import load_model
     from .recovery import evaluate
 
-    transform = build_preprocessing(preset, size, resize, mean, std)
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
-    report = evaluate(model, data, reference=ref, batch_size=batch_size, transform=transform, num_images=num_images,
-                      progress=not as_json)
-    print_json(report.to_dict()) if as_json else click.echo(f"{model_or_dir}: {report}")
+    transform = build_preprocessing(preset, size, resize, mean, std, model)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    report = evaluate(model, loader, reference=ref, progress=not as_json)
+    if as_json:
+        print_json({**report.to_dict(), "skipped_images": loader.skipped_images})
+    else:
+        click.echo(f"{skipped_line(loader)}{model_or_dir}: {report}")
 
 
 @main.command("calibrate")
@@ -285,30 +322,33 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="unlabelled calibration images (a fixed random subset of --data)")
 @click.option("--steps", default="bn,transfer", show_default=True, help="calibration steps, comma-separated")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit")
+@skip_bad_images_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, ridge, out, force, as_json):
+                      num_images, steps, ridge, skip_bad_images, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation and a
     least-squares refit of each rewritten conv to the original model."""
     from .atomic import check_writable
+    from .history import history
     from .recipe import load, save
     from .recovery import calibrate
 
     check_writable(out, force)
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
-    model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
-                      ridge=ridge, batch_size=batch_size, transform=transform, progress=not as_json)
-    report = model.resnet_surgery_calibration
-    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
+                      ridge=ridge, progress=not as_json)
+    report = history(model).calibration
+    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
-        print_json({"out": out, **report.to_dict()})
+        print_json({"out": out, **report.to_dict(), "skipped_images": loader.skipped_images})
     else:
-        click.echo(f"{report}\nwritten: {out}/")
+        click.echo(f"{skipped_line(loader)}{report}\nwritten: {out}/")
 
 
 @main.command("finetune")
@@ -340,20 +380,21 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
     from .atomic import check_writable
     from .finetune import finetune
+    from .history import history
     from .recipe import load, save
 
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
-    transform = build_preprocessing(preset, size, resize, mean, std)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = finetune(converted, source, data, epochs=epochs, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
                      progress=not as_json)
     if not is_rank0():
         return
-    report = model.resnet_surgery_finetune
+    report = history(model).finetune
     save(model, out, force=force, summary=f"fine-tuned {converted_dir} on {data}\n{report}")
     checkpoint.unlink(missing_ok=True)  # the finished folder replaces it
     print_json({"out": out, **report.to_dict()}) if as_json else click.echo(f"{report}\nwritten: {out}/")
@@ -371,13 +412,15 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
               help="ImageFolder of unlabelled images: re-estimate BatchNorm and refit rewritten convs")
 @click.option("--finetune", "finetune_data", type=click.Path(exists=True, file_okay=False),
               help="ImageFolder for distillation fine-tuning from the original")
-@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]), default="imagenet", show_default=True,
-              help="preprocessing of --calibrate/--finetune images")
-@click.option("--num-images", default=2048, show_default=True, help="calibration images")
-@click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
-@click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-@click.option("--min-time", default=5.0, show_default=True, help="seconds of timing per batch size")
+@click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
+              help="preprocessing of --calibrate/--finetune images  [default: the model's own, else imagenet]")
+@click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1), help="calibration images")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1), help="fine-tuning epochs")
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores)")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="seconds of timing per batch size")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
@@ -387,14 +430,10 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
     from .pipeline import run_pipeline
 
-    try:
-        batch_sizes = [int(b) for b in batches.split(",")]
-    except ValueError:
-        raise SurgeryError(f"--batch takes comma-separated integers like 1,8, not {batches!r}") from None
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, epochs=epochs,
-                          batch_sizes=batch_sizes, threads=threads, min_time_s=min_time, echo=click.echo)
+                          batch_sizes=batches, threads=threads, min_time_s=min_time, echo=click.echo)
     if as_json:
         print_json({k: v for k, v in result.items() if k != "latency_table"})
         return
@@ -432,7 +471,7 @@ int8_options = [
 @main.command("export")
 @click.argument("model_or_dir")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
-@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
 @click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
 @weights_option
 @size_option
@@ -456,17 +495,20 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
     import tempfile
     from pathlib import Path
 
-    from .atomic import check_writable
+    from .atomic import check_writable, output_errors, temp_prefix
     from .export import ParityError, export_onnx
-    from .models import load_model
     from .quantize import QuantizationError, quantize_onnx
+    from .recipe import load_model
 
     if int8 != bool(calibration_data):
         raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
-    check_writable(out, force)
+    out = check_writable(out, force)
     model = load_model(model_or_dir, weights)
     click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
-    with tempfile.TemporaryDirectory(prefix=".export.", dir=Path(out).parent if int8 else None) as work:
+    if int8:  # the fp32 file is staged beside --out, under a name a later run cleans up if this one is killed
+        with output_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent if int8 else None) as work:
         fp32_out = Path(work) / "fp32.onnx" if int8 else out
         try:
             report = export_onnx(model, fp32_out, input_size=(3, input_size, input_size),
@@ -484,7 +526,7 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
             int8_report = quantize_onnx(fp32_out, out, calibration_data, per_channel=not per_tensor, method=method,
                                         num_images=calibration_images, parity_images=parity_images,
                                         min_agreement=min_agreement, batch_size=batch_size, force=force,
-                                        transform=build_preprocessing(preset, size, resize, mean, std),
+                                        transform=build_preprocessing(preset, size, resize, mean, std, model),
                                         progress=not as_json)
         except QuantizationError as e:
             print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
@@ -504,7 +546,7 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
               help="labelled held-out ImageFolder for top-1 [default: hold out --eval-images of --data]")
 @click.option("--eval-images", type=click.IntRange(1),
               help="held-out images to evaluate on  [default: all of --eval-data, else 1000 of --data]")
-@click.option("--input-size", type=click.IntRange(8, 4096), help="model input size  [default: --size or the preset's]")
+@click.option("--input-size", type=click.IntRange(8, 4096), help="model input size  [default: --size, else the crop of the preprocessing]")
 @click.option("--variants", help="comma-separated candidates besides the original  [default: all of v1,v1.5,d,v1-pruned,v1.5-exact]")
 @click.option("--int8/--no-int8", default=True, show_default=True, help="also quantize every candidate to int8")
 @click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
@@ -529,17 +571,20 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
                     threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
-    from .data import PRESETS
-    from .explore import explore
-    from .models import load_model
+    from .data import PRESETS, transform_size
+    from .explore import check_explore_out, explore
+    from .recipe import load_model
 
-    side = input_size or size or PRESETS[preset]["size"]
-    report = explore(load_model(model, weights), data, eval_data=eval_data, input_size=(3, side, side),
+    check_explore_out(out)
+    original = load_model(model, weights)
+    transform = build_preprocessing(preset, size, resize, mean, std, original)
+    side = input_size or transform_size(transform) or PRESETS[preset or "imagenet"]["size"]
+    report = explore(original, data, eval_data=eval_data, input_size=(3, side, side),
                      variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
                      calibrate_images=calibrate_images, finetune_steps=finetune_steps, eval_images=eval_images,
                      quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
-                     min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size, preset=preset,
-                     transform=build_preprocessing(preset, size, resize, mean, std), progress=not as_json)
+                     min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size,
+                     preset=preset or "imagenet", transform=transform, progress=not as_json)
     if as_json:
         print_json(report.to_dict())
     else:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .atomic import atomic_dir, atomic_file
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 CIFAR10_SPLITS = ("train", "test")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -30,10 +30,12 @@ _DONE = ".complete"
 
 
 def cache_root(path: str | os.PathLike | None = None) -> Path:
-    """The project's ignored cache folder: ``path``, else $RESNET_SURGERY_CACHE, else <repo>/.cache."""
+    """The user's cache folder: ``path``, else $RESNET_SURGERY_CACHE, else $XDG_CACHE_HOME/resnet-surgery,
+    else ~/.cache/resnet-surgery (where torch keeps its own: never inside the installed package)."""
     if path is None:
-        path = os.environ.get("RESNET_SURGERY_CACHE") or Path(__file__).resolve().parents[1] / ".cache"
-    path = Path(path)
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = os.environ.get("RESNET_SURGERY_CACHE") or Path(base) / "resnet-surgery"
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -119,6 +121,9 @@ def build_transform(
     """
     from torchvision import transforms as T
 
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise SurgeryError(f"mean and std need three numbers (one per channel), std all positive; got mean {tuple(mean)} "
+                           f"and std {tuple(std)}")
     steps = [T.Resize(resize), T.CenterCrop(size)] if resize else [T.Resize(size), T.CenterCrop(size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
@@ -131,11 +136,70 @@ def preset_transform(preset: str = "imagenet", **overrides):
     return build_transform(**opts)
 
 
+def model_transform(model):
+    """The preprocessing ``model``'s weights were published with, or None when it is not known: torchvision
+    enum weights carry theirs (``weights.transforms()``: resize 232 for IMAGENET1K_V2), timm models their
+    data config, the CIFAR-10 zoo the cifar10 preset. Random or file weights and custom models: None."""
+    from .history import history
+
+    source = history(model).source
+    if source is None:
+        return None
+    if source.kind == "timm":
+        import timm.data
+
+        return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    if source.kind == "zoo":
+        return preset_transform("cifar10")  # the project's CIFAR-10 models were trained with it
+    weights = source.weights or "none"
+    if source.kind != "torchvision" or weights.lower() == "none" or Path(weights).suffix:
+        return None  # random init or a local file: nothing says how its images were prepared
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(source.model)
+    return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
+
+
+def transform_size(transform) -> int | None:
+    """The side of the images ``transform`` makes (its centre crop), or None when it does not say."""
+    crop = getattr(transform, "crop_size", None)  # torchvision weights' ImageClassification
+    if crop is None:
+        from torchvision import transforms as T
+
+        crops = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.CenterCrop)]
+        crop = crops[-1].size if crops else None
+    if isinstance(crop, int):
+        return crop
+    return int(crop[0]) if crop else None
+
+
 def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
     """uint8 N x 3 x H x W -> normalised float32 (the tensor path's equivalent of the cifar10 preset)."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (images.float() / 255 - m) / s
+
+
+class BadImageError(SurgeryError):
+    """An image file that cannot be decoded; ``.path`` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot read image {path} ({reason}); delete or replace it, or pass --skip-bad-images "
+                         "(skip_bad_images=True) to leave unreadable images out")
+        self.path = str(path)
+
+
+def read_image(path: str | os.PathLike):
+    """torchvision's image loader (what ImageFolder uses), with an unreadable file as one BadImageError."""
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image format PIL can read") from None
+    except Exception as e:  # PIL raises many types for corrupt files (OSError, SyntaxError, ValueError, ...)
+        raise BadImageError(path, first_line(e)) from None
 
 
 class ImageFiles(Dataset):
@@ -148,9 +212,24 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from torchvision.datasets.folder import default_loader  # what ImageFolder reads images with
+        return self.transform(read_image(self.files[index]))
 
-        return self.transform(default_loader(self.files[index]))
+
+def without_bad_images(dataset: Dataset, progress: bool = True) -> tuple[Dataset, list[str]]:
+    """``dataset`` less the items whose image cannot be read (each is decoded once to find out), and their paths."""
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
+        try:
+            dataset[i]
+        except BadImageError as e:
+            bad.append(e.path)
+        else:
+            good.append(i)
+    if not good:
+        raise SurgeryError(f"none of the {len(bad)} images can be read (first: {bad[0]}); check the data folder")
+    return (dataset if not bad else Subset(dataset, good)), bad
 
 
 def _is_image(path: Path) -> bool:
@@ -169,7 +248,7 @@ def image_folder(path: str | os.PathLike, transform) -> Dataset:
     if flat:
         return ImageFiles(flat, transform)
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         # ImageFolder raises for no class folders or no images in them.
         raise SurgeryError(
@@ -213,9 +292,14 @@ def as_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    skip_bad_images: bool = False,
+    progress: bool = True,
 ) -> DataLoader:
     """A DataLoader over ``data``: an ImageFolder path (preprocessed with ``transform`` or ``preset``),
     a Dataset, or a DataLoader (both used as they are). ``num_images`` keeps a fixed seeded subset.
+    An unreadable image is an error naming it; ``skip_bad_images`` leaves such images of a path out
+    instead (each image of the subset is then decoded once beforehand) and lists them in the loader's
+    ``skipped_images``.
 
     Batches may be image tensors or (images, labels); read them with `split_batch`.
     """
@@ -239,13 +323,18 @@ def as_loader(
         )
     if hasattr(data, "__len__") and len(data) == 0:
         raise SurgeryError("the dataset is empty; pass data with at least one image")
-    return DataLoader(
-        _subset(data, num_images, seed),
+    subset, skipped = _subset(data, num_images, seed), []
+    if skip_bad_images:
+        subset, skipped = without_bad_images(subset, progress)
+    loader = DataLoader(
+        subset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+    loader.skipped_images = skipped
+    return loader
 
 
 def as_dataset(data, *, preset: str = "imagenet", transform=None) -> Dataset:

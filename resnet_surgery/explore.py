@@ -33,11 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, check_writable
 from .blocks import find_blocks, model_variant, trace
 from .data import as_dataset, disjoint_subsets, split_batch
 from .errors import NotExactError, SurgeryError
 from .export import OnnxModule, export_onnx
+from .history import history
 from .latency import compare_latency
 from .pipeline import _report_dict
 from .quantize import QuantizationError, quantize_onnx
@@ -177,15 +178,15 @@ def explore(
     """
     start = time.perf_counter()
     wanted = _wanted(variants)
-    out = Path(out)
-    _check_out(out)
+    out = check_explore_out(out)
     calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)
     eval_loader = DataLoader(eval_set, batch_size=batch_size)
     labelled = _has_labels(eval_loader)
     if eval_data is not None and not labelled:
         raise SurgeryError("eval_data (--eval-data) has no labels: pass an ImageFolder (<root>/<class>/<image>), or "
                            "leave it out to hold out part of the data and rank by agreement with the original")
-    name = getattr(model, "resnet_surgery_source", {}).get("model", type(model).__name__)
+    source = history(model).source
+    name = source.model if source is not None else type(model).__name__
     settings = {
         "model": name, "weights": _fingerprint(model), "data": _describe(data), "eval_data": _describe(eval_data),
         "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
@@ -225,11 +226,14 @@ def _wanted(variants) -> list[str]:
     return ["original", *[v for v in VARIANTS if v in variants]]
 
 
-def _check_out(out: Path) -> None:
-    """A new folder, or one an earlier explore wrote (to resume); never someone else's folder."""
+def check_explore_out(out: str | os.PathLike) -> Path:
+    """A new folder that can be written, or one an earlier explore wrote (to resume); never someone else's
+    folder. Checked before any work starts."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "candidates").is_dir())):
         raise SurgeryError(f"{out} exists and is not an explore folder; pass a new --out (or an earlier explore's "
                            "to resume it)")
+    return check_writable(out, force=True)  # an earlier explore's folder is resumed, not refused
 
 
 def _split(data, eval_data, eval_images, preset, transform, seed):
@@ -308,11 +312,12 @@ class _Builder:
             return {"name": name, "precision": "fp32", "status": f"skipped: {e}"}
         if model is None:
             return {"name": name, "precision": "fp32", "status": f"skipped: {how}"}
-        recipe = getattr(model, "resnet_surgery_recipe", {"rewrites": []})
+        recipe = history(model).recipe
         # Rewrites of earlier conversions count too (v1-pruned is the approximate v1, pruned exactly).
-        rewrites = [r for step in [*recipe.get("history", []), recipe] for r in step["rewrites"]]
-        result = {"name": name, "precision": "fp32", "status": "ok", "variant": recipe.get("variant_after", self.variant),
-                  "exact": all(r["exact"] for r in rewrites), "rewrites": len(rewrites), **how}
+        rewrites = [r for step in recipe.conversions for r in step.rewrites] if recipe is not None else []
+        variant = recipe.variant_after if recipe is not None else self.variant
+        result = {"name": name, "precision": "fp32", "status": "ok", "variant": str(variant),
+                  "exact": all(r.exact for r in rewrites), "rewrites": len(rewrites), **how}
         with atomic_dir(self.out / name, force=True) as tmp:
             if name != "original":
                 save(model, tmp / "model", summary=json.dumps(how, indent=2, default=str))
@@ -332,16 +337,17 @@ class _Builder:
             if base is None:
                 return None, "v1 is not reachable from this model"
             model = self.convert(base, None, prune_dead=True)
-            if not model.resnet_surgery_recipe["rewrites"]:
+            if not history(model).recipe.rewrites:
                 return None, "no dead computation to remove"
             return model, {"recovery": None if base is self.original else "as v1"}
         if name == "v1.5-exact" and self.variant != "v1":
             return None, f"the exact (dilated) v1.5 form is made from a v1 model; this one is {self.variant}"
         to, exact = ("v1.5", True) if name == "v1.5-exact" else (name, False)
         converted = self.convert(self.original, to, exact=exact)
-        if not converted.resnet_surgery_recipe["rewrites"]:
+        recipe = history(converted).recipe
+        if not recipe.rewrites:
             return None, f"the model is already {name} or has no block to rewrite"
-        if converted.resnet_surgery_recipe["exact"]:
+        if recipe.exact:
             return converted, {"recovery": None}
         model, how = self.recover(converted)
         self.models[name] = model
@@ -356,14 +362,14 @@ class _Builder:
         steps = self.settings["finetune_steps"]
         model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
                           batch_size=self.settings["batch_size"], progress=self.progress)
-        how = {"recovery": "calibrate", "calibration": _report_dict(getattr(model, "resnet_surgery_calibration", None))}
+        how = {"recovery": "calibrate", "calibration": _report_dict(history(model).calibration)}
         if steps:
             from .finetune import finetune
 
             model = finetune(model, self.original, self.calib_set, max_steps=steps,
                              batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
             how.update(recovery=f"calibrate + finetune {steps} steps",
-                       finetune=_report_dict(getattr(model, "resnet_surgery_finetune", None)))
+                       finetune=_report_dict(history(model).finetune))
         return model, how
 
     def recovered(self, name: str) -> nn.Module | None:

@@ -13,9 +13,13 @@ does not gate: two logits closer than the tolerance may swap places without the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -24,15 +28,19 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .atomic import atomic_file, check_writable
-from .blocks import eval_mode, model_device
-from .errors import SurgeryError
+from .atomic import atomic_file, check_writable, temp_prefix
+from .errors import SurgeryError, first_line
+from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
+from .onnxfile import opset as opset_of
+from .report import count_macs
+from .utils import eval_mode, model_device
+
+__all__ = ["MACS_METADATA_KEY", "ExportError", "ParityError", "ParityReport", "export_onnx", "onnx_input_shape",
+           "onnx_metadata"]
 
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 _MAX_INLINE_BYTES = int(1.9 * 2**30)
-MACS_METADATA_KEY = "resnet_surgery.macs"
 
 
 class ExportError(SurgeryError):
@@ -138,59 +146,108 @@ def export_onnx(
     Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
     disagrees with PyTorch; in both cases nothing is left at ``path``.
     """
+    check_opset(opset)
+    if atol < 0 or rtol < 0:
+        raise SurgeryError(f"parity tolerances must be >= 0, got atol {atol} and rtol {rtol}")
     path = check_writable(path, force)
-    input_size = tuple(int(s) for s in input_size)
+    options = ExportOptions(tuple(int(s) for s in input_size), dynamic_batch, opset, atol, rtol, parity_batch, force,
+                            seed)
     with eval_mode(model):
-        return _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed)
+        return _export_verified(model, path, options)
 
 
-def _export_verified(model, path, input_size, dynamic_batch, opset, atol, rtol, parity_batch, force, seed):
-    big = _state_bytes(model) > _MAX_INLINE_BYTES
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """The settings of one export_onnx call (see its arguments)."""
+
+    input_size: tuple[int, int, int]
+    dynamic_batch: bool
+    opset: int | None
+    atol: float
+    rtol: float
+    parity_batch: int
+    force: bool
+    seed: int
+
+    @property
+    def parity_batches(self) -> list[int]:
+        # A second batch size proves the dynamic batch axis.
+        return [1, self.parity_batch] if self.dynamic_batch and self.parity_batch != 1 else [1]
+
+
+def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> ParityReport:
+    """Export into a private folder, check and verify there, and only then move the file into place."""
     with (
-        atomic_file(path, force) as tmp,
-        tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".export", dir=path.parent) as work,
+        atomic_file(path, options.force) as tmp,
+        tempfile.TemporaryDirectory(prefix=temp_prefix(path), suffix=".export", dir=path.parent) as work,
     ):
         # Stage under the final file name so any external-data reference already names the final file.
         staged = Path(work) / path.name
-        exporter, reason = _export(model, staged, input_size, dynamic_batch, opset, big)
-        macs = _count_macs(model, input_size)
-        _set_metadata(staged, {MACS_METADATA_KEY: str(macs)})
-        try:
-            onnx.checker.check_model(str(staged), full_check=True)
-        except Exception as e:  # the checker raises several types; all mean the same to the user
-            raise ExportError(f"the exported file fails onnx.checker: {_first_line(e)}") from e
+        exporter, reason, macs = _export_checked(model, staged, options)
         extra = sorted(p.name for p in Path(work).iterdir() if p != staged)
-        batches = [1, parity_batch] if dynamic_batch and parity_batch != 1 else [1]
-        checks = _parity_checks(model, staged, input_size, batches, atol, rtol, seed)
         report = ParityReport(
             path=str(path),
             exporter=exporter,
-            opset=_opset(staged),
+            opset=opset_of(staged),
             input_shape=onnx_input_shape(staged),
-            dynamic_batch=dynamic_batch,
+            dynamic_batch=options.dynamic_batch,
             file_bytes=staged.stat().st_size,
             external_data=extra,
-            atol=atol,
-            rtol=rtol,
-            checks=checks,
+            atol=options.atol,
+            rtol=options.rtol,
+            checks=_parity_checks(model, staged, options),
             macs=macs,
             fallback_reason=reason,
         )
-        if not report.passed:
-            worst = max(checks, key=lambda c: c.max_abs_diff / c.tolerance)
-            raise ParityError(
-                f"ONNX parity failed: at batch {worst.batch} max |onnx - torch| = {worst.max_abs_diff:.3g} > "
-                f"tolerance {worst.tolerance:.3g} (atol {atol:g} + rtol {rtol:g} x max |logit| "
-                f"{worst.max_abs_logit:.3g}); nothing written to {path} (loosen --atol/--rtol only if this "
-                "difference is acceptable)",
-                report,
-            )
+        _raise_unless_passed(report)
         # Weights over 2 GB travel beside the .onnx; move them first so the file never points at nothing.
         for name in extra:
-            check_writable(path.parent / name, force)
+            check_writable(path.parent / name, options.force)
             os.replace(Path(work) / name, path.parent / name)
         os.replace(staged, tmp)
     return report
+
+
+def _export_checked(model: nn.Module, staged: Path, options: ExportOptions) -> tuple[str, str | None, int]:
+    """Export to ``staged``, store the model's MACs in it and run the ONNX checker: (exporter, fallback reason, MACs)."""
+    big = _state_bytes(model) > _MAX_INLINE_BYTES
+    exporter, reason = _export(model, staged, options.input_size, options.dynamic_batch, options.opset, big)
+    macs = count_macs(model, options.input_size)
+    set_metadata(staged, {MACS_METADATA_KEY: str(macs)})
+    try:
+        onnx.checker.check_model(str(staged), full_check=True)
+    except Exception as e:  # the checker raises several types; all mean the same to the user
+        raise ExportError(f"the exported file fails onnx.checker: {first_line(e, 300)}") from e
+    return exporter, reason, macs
+
+
+def _raise_unless_passed(report: ParityReport) -> None:
+    if report.passed:
+        return
+    # A difference, not a ratio: the tolerance may be 0 (--atol 0 --rtol 0).
+    worst = max((c for c in report.checks if not c.passed), key=lambda c: c.max_abs_diff - c.tolerance)
+    raise ParityError(
+        f"ONNX parity failed: at batch {worst.batch} max |onnx - torch| = {worst.max_abs_diff:.3g} > "
+        f"tolerance {worst.tolerance:.3g} (atol {report.atol:g} + rtol {report.rtol:g} x max |logit| "
+        f"{worst.max_abs_logit:.3g}); nothing written to {report.path} (loosen --atol/--rtol only if this "
+        "difference is acceptable)",
+        report,
+    )
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporters cannot write before any work starts."""
+    low, high = supported_opsets()
+    if opset is not None and not low <= opset <= high:
+        raise SurgeryError(f"opset {opset} is not supported: choose one from {low} to {high}, or leave it out "
+                           "for the exporter's default")
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset both torch's exporters and the installed onnx package can write."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_MIN_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
 
 
 def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, str | None]:
@@ -199,21 +256,26 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
     # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.randn(2 if dynamic_batch else 1, *input_size, device=device)
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    # torch.export prints whole graphs to stderr when it fails: keep them for a success only.
+    noise = io.StringIO()
     try:
         dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-        torch.onnx.export(
-            model,
-            (example,),
-            str(staged),
-            dynamo=True,
-            external_data=big,
-            dynamic_shapes=dynamic_shapes,
-            verbose=False,
-            **names,
-        )
+        with contextlib.redirect_stderr(noise):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(staged),
+                dynamo=True,
+                external_data=big,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                **names,
+            )
+        sys.stderr.write(noise.getvalue())
         return "dynamo", None
     except Exception as e:  # any failure of the new exporter is a reason to try the old one
-        reason = f"{type(e).__name__}: {_first_line(e)}"
+        _refuse_data_dependent(model, e)
+        reason = f"{type(e).__name__}: {first_line(e, 300)}"
     for p in staged.parent.iterdir():
         p.unlink()
     warnings.warn(
@@ -229,18 +291,37 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
     except Exception as e:
         raise ExportError(
             f"could not export the model to ONNX: dynamo exporter: {reason}; TorchScript exporter: "
-            f"{type(e).__name__}: {_first_line(e)}"
+            f"{type(e).__name__}: {first_line(e, 300)}"
         ) from e
     return "torchscript", reason
 
 
-def _parity_checks(model, staged, input_size, batches, atol, rtol, seed) -> list[ParityCheck]:
+def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
+    """A forward that branches on tensor values exports as one branch (the TorchScript tracer bakes in the
+    one this input took): refuse it, naming the module and line, as `convert` does."""
+    cause = error
+    while cause is not None and type(cause).__name__ != "GuardOnDataDependentSymNode":
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    where = "the model's forward"
+    for frame, line in traceback.walk_tb(cause.__traceback__):
+        module = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(module) in names:
+            label = names[id(module)] or "the model"
+            where = f"{label} ({type(module).__name__}.forward, {Path(frame.f_code.co_filename).name}:{line})"
+    raise ExportError(f"{where} branches on tensor values (data-dependent control flow): an ONNX graph would keep "
+                      "only one branch; make that forward free of it (e.g. torch.where) before exporting") from None
+
+
+def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> list[ParityCheck]:
     session = _session(staged)
     device = model_device(model)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(options.seed)
     checks = []
-    for batch in batches:
-        x = torch.randn(batch, *input_size, generator=generator)
+    for batch in options.parity_batches:
+        x = torch.randn(batch, *options.input_size, generator=generator)
         with torch.no_grad():
             expected = _flatten_outputs(model(x.to(device)))
         got = _run_onnx(session, x.numpy())
@@ -251,7 +332,7 @@ def _parity_checks(model, staged, input_size, batches, atol, rtol, seed) -> list
             )
         max_abs_diff = max(float(np.max(np.abs(g.astype(np.float64) - e))) for g, e in zip(got, expected))
         max_abs_logit = max(float(np.max(np.abs(e))) for e in expected)
-        tolerance = atol + rtol * max_abs_logit
+        tolerance = options.atol + options.rtol * max_abs_logit
         # NaN compares false, so a NaN difference fails here too.
         passed = bool(max_abs_diff <= tolerance) and all(np.isfinite(g).all() for g in got)
         top1 = int((got[0].reshape(batch, -1).argmax(1) == expected[0].reshape(batch, -1).argmax(1)).sum())
@@ -273,7 +354,7 @@ def _session(path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load the exported file: {_first_line(e)}") from e
+        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(e, 300)}") from e
 
 
 class OnnxModule(nn.Module):
@@ -288,7 +369,7 @@ class OnnxModule(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise SurgeryError(f"onnxruntime cannot load {path}: {_first_line(e)}") from e
+            raise SurgeryError(f"onnxruntime cannot load {path}: {first_line(e, 300)}") from e
         self.input = self.session.get_inputs()[0]
         # A static batch axis takes the images that many at a time.
         self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
@@ -301,7 +382,7 @@ class OnnxModule(nn.Module):
         try:
             out = [self.session.run(None, {self.input.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
         except Exception as e:  # onnxruntime's errors name the input and its expected shape
-            raise SurgeryError(f"onnxruntime cannot run the images through the file: {_first_line(e)}") from e
+            raise SurgeryError(f"onnxruntime cannot run the images through the file: {first_line(e, 300)}") from e
         return torch.from_numpy(np.concatenate(out))
 
 
@@ -317,65 +398,6 @@ def _flatten_outputs(out) -> list[np.ndarray]:
     return [a for item in items for a in _flatten_outputs(item)]
 
 
-def _count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
-    """Multiply-accumulates per image of convolutions and matrix products (torch's own flop counter)."""
-    device = model_device(model)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, *input_size, device=device))
-    return counter.get_total_flops() // 2
-
-
-def onnx_input_shape(path: str | os.PathLike) -> list:
-    """The shape of an ONNX model's single input: ints, or the axis name (None if unnamed) when dynamic."""
-    return _input_info(load_onnx_header(path), path)[1]
-
-
-def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file without its external weights; SurgeryError when it is missing or not ONNX."""
-    path = Path(path)
-    if not path.is_file():
-        raise SurgeryError(f"no such ONNX file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise SurgeryError(f"{path} is not an ONNX model ({_first_line(e)}); pass a .onnx file") from e
-    if not proto.opset_import or not proto.graph.node:
-        raise SurgeryError(f"{path} is not an ONNX model (no graph in it); pass a .onnx file")
-    return proto
-
-
-def _input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
-    """(name, shape, numpy dtype) of the model's one graph input that is not an initializer."""
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise SurgeryError(f"{path} has {len(inputs)} inputs; only single-input (image) models are supported")
-    tensor_type = inputs[0].type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-    return inputs[0].name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-
-
-def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The file's metadata_props (export_onnx stores the model's MACs there)."""
-    return {p.key: p.value for p in load_onnx_header(path).metadata_props}
-
-
-def _set_metadata(path: Path, values: dict[str, str]) -> None:
-    # Leave external weights where they are: only the graph proto is rewritten.
-    proto = onnx.load(str(path), load_external_data=False)
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, value in values.items():
-        entry = existing.get(key) or proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-
-
-def _opset(path: Path) -> int:
-    proto = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def _state_bytes(model: nn.Module) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -387,8 +409,3 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

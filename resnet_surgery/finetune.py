@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -22,11 +24,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .atomic import atomic_file
-from .blocks import eval_mode, model_device
+from .atomic import atomic_file, check_writable
 from .data import as_loader, split_batch
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
+from .history import history, record_result
+from .models import torch_load
 from .recovery import approximate_rewrites
+from .utils import eval_mode, model_device
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 1e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
@@ -106,7 +110,7 @@ def _trainable_prefixes(converted: nn.Module, freeze: str) -> list[str] | None:
     """Module-name prefixes that train (None: the whole model)."""
     if freeze == "none":
         return None
-    blocks = sorted({r["block"] for r in approximate_rewrites(converted)})
+    blocks = sorted({r.block for r in approximate_rewrites(converted)})
     if not blocks:
         raise SurgeryError("freeze='rewritten' but the conversion has no approximate rewrites; use freeze='none'")
     return blocks
@@ -137,24 +141,69 @@ def _sync_buffers(model: nn.Module, world: int) -> None:
             dist.broadcast(b, src=0)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epochs, losses) -> None:
+def _model_fingerprint(model: nn.Module) -> str:
+    """A hash of what key names and shapes do not show: every module's class, the geometry of every conv and
+    pool (stride, dilation, padding, kernel), and the recipe's rewrites."""
+    geometry = [
+        [name, type(m).__name__, *(str(getattr(m, a, "")) for a in ("kernel_size", "stride", "padding", "dilation",
+                                                                    "groups", "ceil_mode", "count_include_pad"))]
+        for name, m in model.named_modules()
+    ]
+    recipe = history(model).recipe
+    rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
+    text = json.dumps({"modules": geometry, "rewrites": rewrites})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _data_identity(data) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        return str(Path(data).resolve())
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    size = len(dataset) if hasattr(dataset, "__len__") else "?"
+    return f"{type(data).__name__} of {size} {type(dataset).__name__} items"
+
+
+def _run_identity(model: nn.Module, data, **options) -> dict:
+    """What a checkpoint belongs to: the model's fingerprint, the data and the options that shape the run."""
+    return {"model": _model_fingerprint(model), "data": _data_identity(data), **options}
+
+
+def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> None:
+    if identity is None:
+        return
+    if saved is None:
+        raise SurgeryError(f"{path} does not record which model and options it belongs to (an older checkpoint); "
+                           "start fresh with --force (force=True)")
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            what = "a different model (its modules, conv geometry or rewrites differ)" if key == "model" else (
+                f"{key} {saved.get(key)!r}, not {value!r}")
+            raise SurgeryError(f"{path} belongs to another run: {what}; resume with the same model, data and "
+                               "options, or start fresh with --force (force=True)")
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epochs, losses, identity=None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "step": step, "epochs": epochs, "epoch_losses": losses}
+             "epoch": epoch, "step": step, "epochs": epochs, "epoch_losses": losses, "identity": identity}
     with atomic_file(path, force=True) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device, identity=None) -> dict:
     if not path.is_file():
         raise SurgeryError(f"no checkpoint at {path} to resume from; run without resume to start fresh")
+    state = torch_load(path, map_location=device)
+    if not isinstance(state, dict):
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint; pass the right checkpoint or start fresh with "
+                           "--force (force=True)")
+    _check_identity(path, state.get("identity"), identity)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({str(e).splitlines()[0]}); "
-                           "pass the right checkpoint or start fresh with force=True") from None
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({first_line(e)}); "
+                           "pass the right checkpoint or start fresh with --force (force=True)") from None
     if state["epochs"] != epochs:
         raise SurgeryError(f"{path} belongs to a run of {state['epochs']} epochs; resume with epochs={state['epochs']}")
     return state
@@ -194,7 +243,7 @@ def finetune(
     ``max_steps`` stops early (the schedule still spans ``epochs``); ``num_images`` trains on a seeded
     subset. ``batch_size`` is per process. ``bf16`` runs the forward passes under bfloat16 autocast (about twice
     as fast on CPUs with AVX-512 BF16, and on GPUs). A NaN/inf loss raises SurgeryError and keeps the last checkpoint.
-    The result carries ``resnet_surgery_finetune`` (a FinetuneReport); ``converted`` is untouched.
+    ``history(result).finetune`` is a FinetuneReport; ``converted`` is untouched.
     """
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -207,6 +256,8 @@ def finetune(
         raise SurgeryError("resume needs the checkpoint path of the run to continue")
     if ckpt is not None and ckpt.exists() and not resume and not force:
         raise SurgeryError(f"checkpoint {ckpt} already exists; resume from it (--resume) or pass --force to start over")
+    if ckpt is not None:
+        check_writable(ckpt, force=True)  # now, not after the first epoch
     prefixes = _trainable_prefixes(converted, freeze)
 
     rank, world, started_group = _distributed()
@@ -232,8 +283,10 @@ def finetune(
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
         start_epoch = step = 0
+        identity = _run_identity(converted, data, optimizer=optimizer, lr=lr, freeze=freeze, num_images=num_images,
+                                batch_size=batch_size, world_size=world, seed=seed, temperature=temperature, alpha=alpha)
         if resume:
-            state = _load_checkpoint(ckpt, student, opt, sched, epochs, device)
+            state = _load_checkpoint(ckpt, student, opt, sched, epochs, device, identity)
             start_epoch, step = state["epoch"], state["step"]
         net = student
         if world > 1:
@@ -287,7 +340,7 @@ def finetune(
                 report.epoch_losses.append(epoch_loss / max(1, epoch_steps))
                 if ckpt is not None and rank == 0:
                     _save_checkpoint(ckpt, student, opt, sched, epoch=epoch + 1, step=step, epochs=epochs,
-                                     losses=report.epoch_losses)
+                                     losses=report.epoch_losses, identity=identity)
         report.cpu_seconds, report.wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any process returns
@@ -298,11 +351,8 @@ def finetune(
     for p in student.parameters():
         p.requires_grad_(True)
     student.eval()
-    student.resnet_surgery_finetune = report
-    recipe = getattr(student, "resnet_surgery_recipe", None)
-    if isinstance(recipe, dict):
-        summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
-        student.resnet_surgery_recipe = {**recipe, "finetune": summary}
+    summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
+    record_result(student, "finetune", report, summary)
     return student
 
 

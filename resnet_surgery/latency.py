@@ -1,7 +1,31 @@
 """Compare the inference latency of ONNX models in onnxruntime, with numbers a performance engineer can defend.
 
-Method
-------
+The method is ``METHOD`` below; every report quotes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper
+from tqdm.auto import tqdm
+
+from .atomic import atomic_file
+from .errors import SurgeryError
+from .onnxfile import input_info, load_onnx_header, stored_macs
+
+CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
+BUSY_LOAD = 0.5  # warn when the load average exceeds this fraction of the cores
+# A constant, not parsed from the docstring: `python -OO` strips docstrings.
+METHOD = """\
 - One onnxruntime ``InferenceSession`` per model, all with the same ``SessionOptions``: graph
   optimisation level ``ORT_ENABLE_ALL``, ``intra_op_num_threads`` = the thread count asked for (default:
   every core this process may use), ``inter_op_num_threads`` = 1, sequential execution, and
@@ -28,30 +52,7 @@ Method
   average exceeded half the cores (the machine was busy).
 - ``device="cuda"`` (onnxruntime-gpu with CUDAExecutionProvider) binds input and output on the GPU with
   IO binding, so host-device copies are not timed.
-"""
-
-from __future__ import annotations
-
-import dataclasses
-import datetime
-import os
-import platform
-import time
-from pathlib import Path
-
-import numpy as np
-import onnxruntime as ort
-import torch
-from onnx import TensorProto, helper
-from tqdm.auto import tqdm
-
-from .atomic import atomic_file
-from .errors import SurgeryError
-from .export import MACS_METADATA_KEY, _input_info, load_onnx_header
-
-CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
-BUSY_LOAD = 0.5  # warn when the load average exceeds this fraction of the cores
-METHOD = __doc__.split("Method\n------\n", 1)[1].strip()  # quoted in every report
+""".strip()
 
 
 # --- statistics: pure functions on arrays of timings -------------------------------------------------
@@ -280,20 +281,15 @@ def compare_latency(
     peak_matmul_n: int = 2048,
     progress: bool = True,
 ) -> LatencyReport:
-    """Time ONNX models in interleaved rounds and compare each with the first (method: module docstring).
+    """Time ONNX models in interleaved rounds and compare each with the first (method: ``METHOD``).
 
     ``min_time_s`` / ``max_time_s`` (default 3 x min_time_s) are per batch size, for all models together.
     ``macs``: multiply-accumulates per image by model name; missing ones are read from the file's metadata.
     """
-    if not models:
-        raise SurgeryError("no models to compare; pass at least one .onnx file")
-    batch_sizes = [int(b) for b in batch_sizes]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if device not in ("cpu", "cuda"):
-        raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
+    batch_sizes = _check_request(models, batch_sizes, device, threads)
     threads = int(threads) if threads else _usable_cores()
-    max_time_s = 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s)
+    rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
+                         min_rounds, warmup, ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
     input_names, shape, dtype, file_macs = _check_models(paths, batch_sizes)
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}
@@ -301,30 +297,120 @@ def compare_latency(
     load_before = list(os.getloadavg())
     sessions = {name: _make_session(p, threads, device) for name, p in paths.items()}
     peak = measure_peak_gflops(threads, n=peak_matmul_n, device=device)
-    rng = np.random.default_rng(seed)
-    timings: dict[str, dict[int, list[float]]] = {name: {} for name in paths}
-    for batch in batch_sizes:
-        x = rng.standard_normal((batch, *shape[1:])).astype(dtype)
-        runners = {name: _runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
-        per_batch = _time_rounds(
-            runners,
-            rng,
-            warmup,
-            min_time_s,
-            max_time_s,
-            min_rounds,
-            ci_target,
-            seed,
-            desc=f"batch {batch}",
-            progress=progress,
-        )
-        for name, t in per_batch.items():
-            timings[name][batch] = t
+    timings = _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules, device, progress)
     # Measured again after the timing: the better of the two is less disturbed by other processes.
     peak = max(peak, measure_peak_gflops(threads, n=peak_matmul_n, device=device))
     load_after = list(os.getloadavg())
 
-    names = list(paths)
+    results, warns = result_rows(timings, batch_sizes, macs, peak, seed)
+    warns += _load_warnings(load_before, load_after)
+    provider = next(iter(sessions.values())).get_providers()[0]
+    settings = {
+        "threads": threads,
+        "inter_op_threads": 1,
+        "graph_optimization": "ORT_ENABLE_ALL",
+        "allow_spinning": 0,
+        "device": device,
+        **dataclasses.asdict(rules),
+        "bootstrap": "paired percentile, 2000 resamples, 95%",
+        "input_shape": ["batch", *shape[1:]],
+    }
+    return LatencyReport(
+        models={name: str(p) for name, p in paths.items()},
+        batch_sizes=batch_sizes,
+        machine=_machine_info(provider),
+        settings=settings,
+        results=results,
+        timings_s=timings,
+        peak_gflops=peak,
+        load_before=load_before,
+        load_after=load_after,
+        warnings=warns,
+    )
+
+
+def _check_request(models: dict, batch_sizes, device: str, threads=None) -> list[int]:
+    """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device or a
+    thread count below 1."""
+    if not models:
+        raise SurgeryError("no models to compare; pass at least one .onnx file")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if device not in ("cpu", "cuda"):
+        raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
+    if threads is not None and int(threads) < 1:
+        raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
+    return batch_sizes
+
+
+@dataclasses.dataclass
+class StoppingRule:
+    """When interleaved rounds stop (per batch size): after ``min_time_s`` and ``min_rounds``, as soon as every
+    ratio's 95% interval is within +-``ci_target``, and at ``max_time_s`` at the latest."""
+
+    min_time_s: float = 5.0
+    max_time_s: float = 15.0
+    min_rounds: int = 20
+    warmup: int = 5
+    ci_target: float = 0.01
+    seed: int = 0
+
+    def done(self, times: dict[str, list[float]], elapsed: float, next_check: int) -> tuple[bool, int, float | None]:
+        """(stop now, round count of the next interval check, widest half-width if it was checked)."""
+        names = list(times)
+        rounds = len(times[names[0]])
+        if rounds < self.min_rounds or elapsed < self.min_time_s:
+            return False, next_check, None
+        if elapsed >= self.max_time_s or len(names) == 1:
+            return True, next_check, None
+        if rounds < next_check:
+            return False, next_check, None
+        # Checking the interval costs a bootstrap, so do it every ~10% more rounds.
+        width = max(ratio_ci(times[n], times[names[0]], n_resamples=500, seed=self.seed).half_width
+                    for n in names[1:])
+        return width <= self.ci_target, rounds + max(5, rounds // 10), width
+
+
+def _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules: StoppingRule, device, progress):
+    """model -> batch -> seconds per run; one seeded input per batch size, shared by every model."""
+    rng = np.random.default_rng(rules.seed)
+    timings: dict[str, dict[int, list[float]]] = {name: {} for name in sessions}
+    for batch in batch_sizes:
+        x = rng.standard_normal((batch, *shape[1:])).astype(dtype)
+        runners = {name: _runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
+        for name, t in _time_rounds(runners, rules, rng, desc=f"batch {batch}", progress=progress).items():
+            timings[name][batch] = t
+    return timings
+
+
+def _time_rounds(runners, rules: StoppingRule, rng, *, desc: str, progress: bool) -> dict[str, list[float]]:
+    """Warm-up, then interleaved rounds in shuffled order until ``rules`` says stop; returns seconds per run."""
+    names = list(runners)
+    for _ in range(rules.warmup):
+        for name in names:
+            runners[name]()
+    times = {name: [] for name in names}
+    order, next_check = list(names), rules.min_rounds
+    start = time.perf_counter()
+    with tqdm(desc=desc, unit="round", disable=not progress, leave=False) as bar:
+        while True:
+            rng.shuffle(order)
+            for name in order:
+                t0 = time.perf_counter()
+                runners[name]()
+                times[name].append(time.perf_counter() - t0)
+            bar.update(1)
+            stop, next_check, width = rules.done(times, time.perf_counter() - start, next_check)
+            if width is not None:
+                bar.set_postfix(ci=f"+-{100 * width:.1f}%")
+            if stop:
+                return times
+
+
+def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int):
+    """One row per (batch, model): summary, ratio against the first model, compute; and interval warnings."""
+    names = list(timings)
     results, warns = [], []
     for batch in batch_sizes:
         for name in names:
@@ -339,88 +425,24 @@ def compare_latency(
                         f"(wider than +-{100 * CI_WARN:.0f}%); use a longer --min-time or a quieter machine"
                     )
             gflops = 2 * macs[name] * batch / (row["p50_ms"] / 1e3) / 1e9 if macs[name] else None
-            row.update(
-                macs=macs[name],
-                gflops=gflops,
-                peak_fraction=gflops / peak if gflops and peak else None,
-            )
+            row.update(macs=macs[name], gflops=gflops, peak_fraction=gflops / peak if gflops and peak else None)
             results.append(row)
     if any(r["peak_fraction"] and r["peak_fraction"] > 1 for r in results):
         warns.append(
             "a model ran faster than the measured matmul peak: the peak measurement was disturbed (busy "
             "machine) or too small (raise peak_matmul_n); read '% peak' as approximate"
         )
+    return results, warns
+
+
+def _load_warnings(load_before: list[float], load_after: list[float]) -> list[str]:
     cores = os.cpu_count() or 1
-    for when, load in (("before", load_before), ("after", load_after)):
-        if load[0] > BUSY_LOAD * cores:
-            warns.append(
-                f"the machine was busy {when} the run (1-minute load average {load[0]:.2f} on {cores} cores); "
-                "timings may be noisy and slower than on an idle machine"
-            )
-    provider = next(iter(sessions.values())).get_providers()[0]
-    return LatencyReport(
-        models={name: str(p) for name, p in paths.items()},
-        batch_sizes=batch_sizes,
-        machine=_machine_info(provider),
-        settings={
-            "threads": threads,
-            "inter_op_threads": 1,
-            "graph_optimization": "ORT_ENABLE_ALL",
-            "allow_spinning": 0,
-            "device": device,
-            "warmup": warmup,
-            "min_time_s": min_time_s,
-            "max_time_s": max_time_s,
-            "min_rounds": min_rounds,
-            "ci_target": ci_target,
-            "bootstrap": "paired percentile, 2000 resamples, 95%",
-            "input_shape": ["batch", *shape[1:]],
-            "seed": seed,
-        },
-        results=results,
-        timings_s=timings,
-        peak_gflops=peak,
-        load_before=load_before,
-        load_after=load_after,
-        warnings=warns,
-    )
-
-
-def _time_rounds(runners, rng, warmup, min_time_s, max_time_s, min_rounds, ci_target, seed, desc, progress):
-    """Interleaved rounds until the time, round and interval goals are met; returns seconds per run."""
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    times = {name: [] for name in names}
-    order = list(names)
-    rounds, next_check = 0, min_rounds
-    start = time.perf_counter()
-    with tqdm(desc=desc, unit="round", disable=not progress, leave=False) as bar:
-        while True:
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                runners[name]()
-                times[name].append(time.perf_counter() - t0)
-            rounds += 1
-            bar.update(1)
-            elapsed = time.perf_counter() - start
-            if rounds < min_rounds or elapsed < min_time_s:
-                continue
-            if elapsed >= max_time_s or len(names) == 1:
-                break
-            # Checking the interval costs a bootstrap, so do it every ~10% more rounds.
-            if rounds >= next_check:
-                next_check = rounds + max(5, rounds // 10)
-                widths = [
-                    ratio_ci(times[n], times[names[0]], n_resamples=500, seed=seed).half_width
-                    for n in names[1:]
-                ]
-                bar.set_postfix(ci=f"+-{100 * max(widths):.1f}%")
-                if max(widths) <= ci_target:
-                    break
-    return times
+    return [
+        f"the machine was busy {when} the run (1-minute load average {load[0]:.2f} on {cores} cores); "
+        "timings may be noisy and slower than on an idle machine"
+        for when, load in (("before", load_before), ("after", load_after))
+        if load[0] > BUSY_LOAD * cores
+    ]
 
 
 def _make_session(model: Path | bytes, threads: int, device: str) -> ort.InferenceSession:
@@ -474,9 +496,8 @@ def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
     infos, file_macs = {}, {}
     for name, path in paths.items():
         proto = load_onnx_header(path)
-        infos[name] = _input_info(proto, path)
-        meta = {p.key: p.value for p in proto.metadata_props}
-        file_macs[name] = int(meta[MACS_METADATA_KEY]) if meta.get(MACS_METADATA_KEY, "").isdigit() else None
+        infos[name] = input_info(proto, path)
+        file_macs[name] = stored_macs(proto)
     first = next(iter(paths))
     _, shape, dtype = infos[first]
     for name, (_, other, other_dtype) in infos.items():

@@ -9,20 +9,22 @@ import warnings
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, check_writable
-from .models import load_model
-from .recipe import save
+from .data import model_transform
+from .history import history
+from .recipe import load_model, save
 from .report import count_macs
 from .rewrite import SurgeryNotice, convert, max_difference
 
 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
                  out: str | os.PathLike, force=False, input_size=224, calibrate_data=None, finetune_data=None,
-                 preset="imagenet", num_images=2048, epochs=1, finetune_images=None, batch_sizes=(1,),
+                 preset=None, num_images=2048, epochs=1, finetune_images=None, batch_sizes=(1,),
                  threads=None, min_time_s=5.0, progress=True, echo=print) -> dict:
     """Convert ``model`` and prove what that did; everything lands in ``out`` atomically.
 
     ``out`` gets: converted/ (a folder ``resnet_surgery.load`` reads), original.onnx, converted.onnx
-    (both parity-checked against PyTorch), latency.json, latency.png and report.json.
+    (both parity-checked against PyTorch), latency.json, latency.png and report.json. ``preset`` None:
+    images are prepared as the model's weights were published (``data.model_transform``), else "imagenet".
     """
     from .export import export_onnx
     from .latency import compare_latency
@@ -46,30 +48,32 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SurgeryNotice)
             converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
-        recipe = converted.resnet_surgery_recipe
-        for note in recipe["notices"]:
+        recipe = history(converted).recipe
+        for note in recipe.notices:
             echo(f"note: {note}")
         result["macs"] = {"original": count_macs(original, size), "converted": count_macs(converted, size)}
-        result["variants"] = [recipe["variant_before"], recipe["variant_after"]]
-        result["exact"] = recipe["exact"]
-        if recipe["exact"] and recipe["rewrites"]:
+        result["variants"] = [str(recipe.variant_before), str(recipe.variant_after)]
+        result["exact"] = recipe.exact
+        if recipe.exact and recipe.rewrites:
             result["max_abs_diff"] = max_difference(original, converted, size)[0]
         bar.update()
+        transform = model_transform(original) if preset is None else None
+        preset = preset or "imagenet"
         if calibrate_data:
             from .recovery import calibrate
 
             step("calibrate")
             converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
-                                  progress=progress)
-            result["calibration"] = _report_dict(getattr(converted, "resnet_surgery_calibration", None))
+                                  transform=transform, progress=progress)
+            result["calibration"] = _report_dict(history(converted).calibration)
             bar.update()
         if finetune_data:
             from .finetune import finetune
 
             step("finetune")
-            converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset,
+            converted = finetune(converted, original, finetune_data, epochs=epochs, preset=preset, transform=transform,
                                  num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
-            result["finetune"] = _report_dict(getattr(converted, "resnet_surgery_finetune", None))
+            result["finetune"] = _report_dict(history(converted).finetune)
             # The checkpoint only matters to a run that may be resumed; this one finished.
             (tmp / "finetune.ckpt").unlink(missing_ok=True)
             bar.update()

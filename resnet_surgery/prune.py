@@ -17,7 +17,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Subsample, find_blocks, is_add, model_variant, private_copy, trace
+from .blocks import Subsample, find_blocks, is_add, model_variant, trace
+from .recipe import Rewrite
+from .utils import private_copy
+from .vocab import Layout, Op
 
 ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
                        nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
@@ -95,13 +98,13 @@ class _Pusher:
 
 
 def prune_dead_compute(model: nn.Module, leaf_modules=()):
-    """Return (pruned GraphModule, records, notices); ``model`` must be a private copy (it is modified)."""
+    """Return (pruned GraphModule, Rewrite records, notices); ``model`` must be a private copy (it is modified)."""
     gm = trace(model, leaf_modules)
     blocks = find_blocks(gm)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     records, notices = [], []
-    candidates = [b for b in blocks if b.downsamples and b.layout == "v1"]
+    candidates = [b for b in blocks if b.downsamples and b.layout == Layout.V1]
     if not candidates:
         notices.append(f"prune_dead: the model is {model_variant(blocks)}: its downsampling blocks read every "
                        "position of their input, so no computation is dead")
@@ -122,10 +125,8 @@ def prune_dead_compute(model: nn.Module, leaf_modules=()):
             conv.stride = (conv.stride[0] // 2, conv.stride[1] // 2)
         pusher = _Pusher(gm)
         pusher.push(x)
-        records.append({"block": block.name, "op": "prune_dead", "exact": True, "input": x.name,
-                        "readers": [u.target for u in readers], "absorbed": pusher.absorbed,
-                        "reduced": pusher.reduced, "subsampled": pusher.subsampled,
-                        "convs": {}, "norms": [], "keys": {}})
+        records.append(Rewrite(block.name, Op.PRUNE_DEAD, True, input=x.name, readers=[u.target for u in readers],
+                               absorbed=pusher.absorbed, reduced=pusher.reduced, subsampled=pusher.subsampled))
     gm.graph.lint()
     gm.recompile()
     return gm, records, notices

@@ -22,18 +22,11 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import atomic_file, check_writable
+from .atomic import atomic_file, check_writable, temp_prefix
 from .data import as_dataset, disjoint_subsets, split_batch
-from .errors import SurgeryError
-from .export import (
-    MACS_METADATA_KEY,
-    OnnxModule,
-    ParityError,
-    _first_line,
-    _input_info,
-    _set_metadata,
-    load_onnx_header,
-)
+from .errors import SurgeryError, first_line
+from .export import OnnxModule, ParityError
+from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 from .recovery import evaluate
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -147,7 +140,7 @@ def quantize_onnx(
     if out.resolve() == fp32_onnx.resolve():
         raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
     check_writable(out, force)
-    input_name, shape, dtype = _input_info(proto, fp32_onnx)
+    input_name, shape, dtype = input_info(proto, fp32_onnx)
     if dtype != np.float32:
         raise SurgeryError(f"{fp32_onnx} takes {dtype} input; quantize a float32 model")
     calibration, parity = _split(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
@@ -159,7 +152,7 @@ def quantize_onnx(
     start = time.perf_counter()
     with (
         atomic_file(out, force) as tmp,
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".quant", dir=out.parent) as work,
+        tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent) as work,
     ):
         staged = Path(work) / out.name
         _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method)
@@ -173,9 +166,9 @@ def quantize_onnx(
                 "images, try --method entropy or percentile, or lower --min-agreement)",
                 report,
             )
-        macs = {p.key: p.value for p in proto.metadata_props if p.key == MACS_METADATA_KEY}
+        macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
         summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
-        _set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
+        set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
         os.replace(staged, tmp)
     return report
 
@@ -215,7 +208,7 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
     except SurgeryError:
         raise
     except Exception as e:  # onnxruntime raises many types; the first line says what went wrong
-        raise SurgeryError(f"onnxruntime could not quantize {fp32_onnx}: {type(e).__name__}: {_first_line(e)}") from e
+        raise SurgeryError(f"onnxruntime could not quantize {fp32_onnx}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
 def _parity(fp32_onnx, staged, loader, out, method, per_channel, calibration_images, min_agreement, seconds,

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .blocks import eval_mode, model_device
 from .data import as_loader, split_batch
 from .errors import SurgeryError
+from .history import history, record_result
+from .utils import eval_mode, model_device
 
 CALIBRATION_STEPS = ("bn", "transfer")
 # Calibration images stay in memory up to this size, so the passes do not decode them again.
@@ -82,6 +83,9 @@ class _Scores:
             self.correct1 += int((top[:, 0] == labels).sum())
             self.correct5 += int((top == labels[:, None]).any(dim=1).sum())
         if ref_logits is not None:
+            if ref_logits.shape != logits.shape:
+                raise SurgeryError(f"the reference/original model gives {ref_logits.shape[-1]} classes but the model "
+                                   f"{logits.shape[-1]}: compare with a model that has the same classifier")
             ref_logits = ref_logits.float()
             self.compared += len(logits)
             self.agree += int((logits.argmax(1) == ref_logits.argmax(1)).sum())
@@ -249,15 +253,15 @@ class _CPUTimer:
         self.cpu, self.wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
 
 
-def approximate_rewrites(model: nn.Module) -> list[dict]:
-    """The records of ``model.resnet_surgery_recipe["rewrites"]`` that change the function."""
-    recipe = getattr(model, "resnet_surgery_recipe", None)
-    if not isinstance(recipe, dict) or "rewrites" not in recipe:
+def approximate_rewrites(model: nn.Module) -> list:
+    """The Rewrites of ``history(model).recipe`` that change the function."""
+    recipe = history(model).recipe
+    if recipe is None:
         raise SurgeryError(
-            "the model has no resnet_surgery_recipe; calibrate and finetune need a model returned by "
+            "the model has no recipe; calibrate and finetune need a model returned by "
             "resnet_surgery.convert() or loaded with resnet_surgery.load()"
         )
-    return [r for r in recipe["rewrites"] if not r.get("exact", False)]
+    return [r for r in recipe.rewrites if not r.exact]
 
 
 def _module(model: nn.Module, name: str, kind: type, what: str) -> nn.Module:
@@ -581,7 +585,7 @@ def calibrate(
     activations; "transfer" refits each rewritten conv by ridge least squares (``ridge`` relative to the
     mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms again
     when "bn" is among the steps. ``num_images`` is a seeded random subset of ``data`` (None: all of it).
-    The result carries ``resnet_surgery_calibration``, a CalibrationReport with the agreement with
+    ``history(result).calibration`` is a CalibrationReport with the agreement with
     ``original`` before and after each step on the calibration images; ``converted`` is untouched.
     """
     unknown = [s for s in steps if s not in CALIBRATION_STEPS]
@@ -589,8 +593,8 @@ def calibrate(
         raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
     records = approximate_rewrites(converted)
     model = copy.deepcopy(converted)
-    norms = [n for r in records for n in r.get("norms", [])]
-    convs = {c: t for r in records for c, t in r.get("convs", {}).items()}
+    norms = [n for r in records for n in r.norms]
+    convs = {c: t for r in records for c, t in r.convs.items()}
     loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size,
                        num_images=num_images, seed=seed)
     batches = _Batches(loader)
@@ -622,6 +626,5 @@ def calibrate(
                 reestimate_bn(model, norms, batches, reference=original, progress=progress)
                 passes += 1
         measure("transfer", timer, report.num_images, passes)
-    model.resnet_surgery_calibration = report
-    model.resnet_surgery_recipe = {**model.resnet_surgery_recipe, "calibration": report.to_dict()}
+    record_result(model, "calibration", report, report.to_dict())
     return model

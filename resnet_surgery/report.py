@@ -9,9 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import eval_mode, find_blocks, model_variant, trace
+from .blocks import find_blocks, model_variant, trace
+from .history import history
 from .prune import dead_sites
+from .utils import eval_mode, model_device, table
+from .vocab import Layout
 
 
 @dataclass
@@ -19,7 +23,7 @@ class BlockInfo:
     name: str
     kind: str  # bottleneck | basic | other
     stride: int
-    stride_on: str | None  # 1x1 (v1) | 3x3 (v1.5) | 3x3-dilated (exact v1) | n/a | other | None
+    stride_on: str | None  # Layout.stride_on: 1x1 (v1) | 3x3 (v1.5) | 3x3-dilated (exact v1) | n/a | other
     shortcut: str
     in_shape: list[int]
     out_shape: list[int]
@@ -89,11 +93,6 @@ class Report:
         return "\n".join(lines)
 
 
-def table(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-
-
 def read_fraction(size: int, kernel: int, stride: int, padding: int, dilation: int) -> float:
     """Fraction of the ``size`` input positions along one axis that a conv reads at least once."""
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
@@ -106,31 +105,22 @@ def _shape(node) -> list[int]:
     return list(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else []
 
 
-def _macs(m: nn.Module, out_shape: list[int]) -> int:
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return math.prod(out_shape) * (m.in_channels // m.groups) * kh * kw
-    if isinstance(m, nn.Linear):
-        return math.prod(out_shape) * m.in_features
-    return 0
+def module_macs(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, dict[str, int]]:
+    """Multiply-accumulates for one image, in total and per module name, by torch's own flop counter
+    (convolutions and matrix products, functional ones included); run in eval mode without gradients,
+    so measuring never changes the model (BatchNorm statistics, train/eval flags)."""
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(torch.zeros(1, *input_size, device=model_device(model)))
+    # Keys are "<root class>.<module name>"; a module called twice holds the sum of its calls.
+    per_module = {key.partition(".")[2]: sum(ops.values()) // 2 for key, ops in counter.get_flop_counts().items()
+                  if "." in key}
+    return counter.get_total_flops() // 2, per_module
 
 
-def conv_macs(gm) -> dict[str, int]:
-    """MACs per conv/linear module call of a shape-propagated graph (batch 1)."""
-    modules = dict(gm.named_modules())
-    out = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            out[n.target] = out.get(n.target, 0) + _macs(modules[n.target], _shape(n))
-    return out
-
-
-def count_macs(model: nn.Module, input_size=(3, 224, 224), leaf_modules=()) -> int:
-    """Multiply-accumulates of convolutions and linear layers for one image (torchvision's "GFLOPS")."""
-    gm = trace(model, leaf_modules)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size))
-    return sum(conv_macs(gm).values())
+def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
+    """Multiply-accumulates for one image (torchvision's "GFLOPS"); ``model`` is not changed."""
+    return module_macs(model, input_size)[0]
 
 
 def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> Report:
@@ -139,14 +129,14 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
     blocks = find_blocks(gm)
     modules = dict(gm.named_modules())
     with eval_mode(model), torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size))
-    macs = conv_macs(gm)
-    stride_on = {"v1": "1x1", "v1.5": "3x3", "v1.5-dilated": "3x3-dilated"}
+        ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=model_device(model)))
+    total, macs = module_macs(model, input_size)
     infos = []
     for b in blocks:
         names = {n.target for n in b.main + b.shortcut if n.op == "call_module"}
-        infos.append(BlockInfo(b.name, b.kind, b.stride, stride_on.get(b.layout, b.layout), b.shortcut_type,
-                               _shape(b.input), _shape(b.add), sum(macs.get(n, 0) for n in names)))
+        infos.append(BlockInfo(b.name, str(b.kind), b.stride, Layout(b.layout).stride_on if b.layout else None,
+                               str(b.shortcut_type), _shape(b.input), _shape(b.add),
+                               sum(macs.get(n, 0) for n in names)))
     strided = []
     for n in gm.graph.nodes:
         m = modules.get(n.target) if n.op == "call_module" else None
@@ -161,11 +151,11 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
     for r in records:
         # Each conv that the pass moves to the lower resolution had computed the other positions for nobody.
         lost = 0
-        for name in r["reduced"]:
+        for name in r.reduced:
             _, h, w = _shape(nodes[name])
             lost += macs[name] * (1 - math.ceil(h / 2) * math.ceil(w / 2) / (h * w))
-        dead.append(DeadSite(r["block"], int(round(lost)), r["absorbed"]))
+        dead.append(DeadSite(r.block, int(round(lost)), r.absorbed))
     notes = [n.removeprefix("prune_dead: ") for n in notices]
-    name = getattr(model, "resnet_surgery_source", {}).get("model", type(model).__name__)
-    return Report(name, list(input_size), model_variant(blocks), sum(macs.values()),
-                  infos, strided, dead, notes)
+    source = history(model).source
+    return Report(source.model if source else type(model).__name__, list(input_size), str(model_variant(blocks)),
+                  total, infos, strided, dead, notes)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Block, eval_mode, find_blocks, model_variant, private_copy, trace
+from .blocks import Block, find_blocks, model_variant, trace
 from .errors import NotExactError, SurgeryError
-
-VARIANTS = ("v1", "v1.5", "d")
-SHORTCUTS = ("avgpool", "conv1x1", "conv3x3")
-RECIPE_FORMAT = "resnet-surgery/1"
+from .history import Source, history, record
+from .recipe import RECIPE_FORMAT, Options, Recipe, Rewrite
+from .utils import eval_mode, private_copy
+from .vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
 
 
 class SurgeryNotice(UserWarning):
@@ -34,7 +34,7 @@ class Step:
     """One planned rewrite of one block."""
 
     block: Block
-    op: str  # stride_to_1x1 | stride_to_3x3 | stride_to_3x3_dilated | shortcut_<kind>
+    op: Op
     exact: bool
     why_not_exact: str = ""
 
@@ -84,78 +84,78 @@ def _set_stride(conv: nn.Conv2d, stride: int, dilation: int = 1) -> None:
 # --- planning --------------------------------------------------------------------------------------
 
 
-def _target_layout(layout: str, to: str, exact: bool) -> str:
-    if to == "v1":
-        return "v1"
-    if exact and layout == "v1":
-        return "v1.5-dilated"  # the only exact way to put the stride on the 3x3
+def _target_layout(layout: Layout, to: Variant, exact: bool) -> Layout:
+    if to == Variant.V1:
+        return Layout.V1
+    if exact and layout == Layout.V1:
+        return Layout.V1_5_DILATED  # the only exact way to put the stride on the 3x3
     if exact:
         return layout
-    return "v1.5"
+    return Layout.V1_5
 
 
-def _stride_step(block: Block, target: str) -> Step | None:
+def _stride_step(block: Block, target: Layout) -> Step | None:
     current = block.layout
     if current == target:
         return None
-    if target == "v1":
-        exact = current == "v1.5-dilated"
+    if target == Layout.V1:
+        exact = current == Layout.V1_5_DILATED
         why = "" if exact else (f"{block.name}: with the stride on the 1x1, the 3x3 sees 1 of every 4 positions it "
                                 "read before; no exact rewrite exists")
-        return Step(block, "stride_to_1x1", exact, why)
-    if target == "v1.5-dilated":
-        return Step(block, "stride_to_3x3_dilated", True)
+        return Step(block, Op.STRIDE_TO_1X1, exact, why)
+    if target == Layout.V1_5_DILATED:
+        return Step(block, Op.STRIDE_TO_3X3_DILATED, True)
     why = (f"{block.name}: with the stride on the 3x3, the 3x3 reads positions the strided 1x1 never computed; "
-           "use exact=True for the dilated form, which is exact")
-    if current == "v1.5-dilated":
+           "use --exact (exact=True) for the dilated form, which is exact")
+    if current == Layout.V1_5_DILATED:
         why = f"{block.name}: dropping the dilation changes which positions the 3x3 reads"
-    return Step(block, "stride_to_3x3", False, why)
+    return Step(block, Op.STRIDE_TO_3X3, False, why)
 
 
-def _shortcut_step(block: Block, target: str, modules: dict[str, nn.Module]) -> Step | None:
+def _shortcut_step(block: Block, target: Shortcut, modules: dict[str, nn.Module]) -> Step | None:
     current = block.shortcut_type
     if current == target:
         return None
-    if target == "conv3x3" and current == "conv1x1":
-        return Step(block, "shortcut_conv3x3", True)
-    if target == "conv1x1" and current == "conv3x3":
+    if target == Shortcut.CONV3X3 and current == Shortcut.CONV1X1:
+        return Step(block, Op.SHORTCUT_CONV3X3, True)
+    if target == Shortcut.CONV1X1 and current == Shortcut.CONV3X3:
         exact = off_centre_is_zero(modules[block.shortcut_convs[0]])
-        return Step(block, "shortcut_conv1x1", exact, "" if exact else
+        return Step(block, Op.SHORTCUT_CONV1X1, exact, "" if exact else
                     f"{block.name}: the 3x3 shortcut has non-zero off-centre taps that a 1x1 cannot hold")
-    if target == "avgpool":
+    if target == Shortcut.AVGPOOL:
         why = (f"{block.name}: the avgpool shortcut averages {block.stride**2} positions where the strided conv "
                "read one; no exact rewrite exists")
     else:
         why = f"{block.name}: the strided {target} shortcut reads one of the {block.stride**2} positions the avgpool averaged"
-    return Step(block, f"shortcut_{target}", False, why)
+    return Step(block, Op.shortcut_to(target), False, why)
 
 
-def plan(blocks: list[Block], modules, to: str | None, shortcut: str | None, exact: bool):
+def plan(blocks: list[Block], modules, to: Variant | None, shortcut: Shortcut | None, exact: bool):
     """The rewrites that take ``blocks`` to the requested variant, and notices for what does not apply."""
     steps, notices = [], []
     downsampling = [b for b in blocks if b.downsamples]
-    if to in ("v1", "v1.5") or (to == "d"):
-        basic = [b.name for b in downsampling if b.layout == "n/a"]
-        if basic and to in ("v1", "v1.5"):
+    if to is not None:
+        basic = [b.name for b in downsampling if b.layout == Layout.NOT_APPLICABLE]
+        if basic and to in (Variant.V1, Variant.V1_5):
             notices.append(f"stride moves do not apply to {len(basic)} blocks without a 1x1 on the main path "
                            f"(BasicBlock: {', '.join(basic)}): left as they are")
         for b in downsampling:
-            if b.layout == "other":
+            if b.layout == Layout.OTHER:
                 notices.append(f"{b.name}: stride placement not recognised (main convs {b.main_convs}): left as it is")
-            elif b.layout not in ("n/a", None):
+            elif b.layout not in (Layout.NOT_APPLICABLE, None):
                 step = _stride_step(b, _target_layout(b.layout, to, exact))
                 if step:
                     steps.append(step)
     target_shortcut = shortcut
     for b in downsampling:
-        if b.shortcut_type in ("identity", "subsample", "other"):
-            if shortcut or to == "d":
+        if b.shortcut_type not in (*PROJECTIONS, Shortcut.AVGPOOL):
+            if shortcut or to == Variant.D:
                 notices.append(f"{b.name}: shortcut is {b.shortcut_type}, not a projection: left as it is")
             continue
-        if shortcut is None and to == "d":
-            target_shortcut = "avgpool"
-        elif shortcut is None and to in ("v1", "v1.5") and b.shortcut_type == "avgpool":
-            target_shortcut = "conv1x1"
+        if shortcut is None and to == Variant.D:
+            target_shortcut = Shortcut.AVGPOOL
+        elif shortcut is None and to in (Variant.V1, Variant.V1_5) and b.shortcut_type == Shortcut.AVGPOOL:
+            target_shortcut = Shortcut.CONV1X1
         elif shortcut is None:
             continue
         step = _shortcut_step(b, target_shortcut, modules)
@@ -171,40 +171,40 @@ def _norms(block: Block) -> list[str]:
     return list(block.norms)
 
 
-def apply_step(model: nn.Module, step: Step) -> dict:
+def apply_step(model: nn.Module, step: Step) -> Rewrite:
     """Carry out one rewrite on ``model`` (in place) and return its record for the recipe."""
     b = step.block
-    record = {"block": b.name, "op": step.op, "exact": step.exact, "convs": {}, "norms": _norms(b), "keys": {}}
-    if step.op.startswith("stride_"):
+    rewrite = Rewrite(b.name, step.op, step.exact, norms=_norms(b))
+    if step.op in (Op.STRIDE_TO_1X1, Op.STRIDE_TO_3X3, Op.STRIDE_TO_3X3_DILATED):
         a, c = model.get_submodule(b.main_convs[0]), model.get_submodule(b.main_convs[1])
-        if step.op == "stride_to_1x1":
+        if step.op == Op.STRIDE_TO_1X1:
             _set_stride(a, b.stride)
             _set_stride(c, 1)
-        elif step.op == "stride_to_3x3":
+        elif step.op == Op.STRIDE_TO_3X3:
             _set_stride(a, 1)
             _set_stride(c, b.stride)
         else:  # 1x1 stride s then 3x3 stride 1 == 1x1 stride 1 then 3x3 stride s, dilation s, padding s
             _set_stride(a, 1)
             _set_stride(c, b.stride, dilation=b.stride)
-        record["convs"] = {b.main_convs[1]: b.main_convs[1]}
-        return record
+        rewrite.convs = {b.main_convs[1]: b.main_convs[1]}
+        return rewrite
 
     name = b.shortcut_convs[0]
     conv = model.get_submodule(name)
-    target = step.op.removeprefix("shortcut_")
-    if b.shortcut_type == "avgpool":
+    target = Shortcut(step.op.removeprefix("shortcut_"))
+    if b.shortcut_type == Shortcut.AVGPOOL:
         # Undo the pool first: unwrap our own Sequential(pool, conv), or blank a separate pool module.
         pool = b.shortcut_pools[0]
         parent = pool.rpartition(".")[0]
         wrapper = model.get_submodule(parent) if parent else None
         if isinstance(wrapper, nn.Sequential) and len(wrapper) == 2 and f"{parent}.1" == name:
             model.set_submodule(parent, conv)
-            record["keys"] = {f"{name}.weight": f"{parent}.weight"}
+            rewrite.keys = {f"{name}.weight": f"{parent}.weight"}
             name = parent
         else:
             model.set_submodule(pool, nn.Identity())
         _set_stride(conv, b.stride)
-    if target == "avgpool":
+    if target == Shortcut.AVGPOOL:
         if conv.kernel_size != (1, 1):
             conv = conv1x1_from(conv, 1)
             model.set_submodule(name, conv)
@@ -213,18 +213,18 @@ def apply_step(model: nn.Module, step: Step) -> dict:
         slots = [n.target for n in b.shortcut if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Identity)]
         if slots:
             model.set_submodule(slots[0], avgpool_shortcut(b.stride))
-            record["convs"] = {name: b.shortcut_convs[0]}
-            return record
+            rewrite.convs = {name: b.shortcut_convs[0]}
+            return rewrite
         model.set_submodule(name, nn.Sequential(avgpool_shortcut(b.stride), conv))
-        record["keys"] = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
-        record["convs"] = {f"{name}.1": b.shortcut_convs[0]}
-        return record
-    if target == "conv1x1":
+        rewrite.keys = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
+        rewrite.convs = {f"{name}.1": b.shortcut_convs[0]}
+        return rewrite
+    if target == Shortcut.CONV1X1:
         model.set_submodule(name, conv1x1_from(conv, b.stride))
     else:
         model.set_submodule(name, conv3x3_from(conv, b.stride))
-    record["convs"] = {name: b.shortcut_convs[0]}
-    return record
+    rewrite.convs = {name: b.shortcut_convs[0]}
+    return rewrite
 
 
 def library_versions() -> dict[str, str]:
@@ -252,67 +252,69 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
 
     ``exact=True`` allows only function-preserving rewrites (v1 to v1.5 becomes the dilated form) and raises
     NotExactError otherwise. ``prune_dead=True`` then removes the computation a v1 model never reads.
-    The result carries ``resnet_surgery_recipe``: every rewrite with its exactness and touched modules.
+    ``history(result).recipe`` records every rewrite with its exactness and touched modules.
     """
-    if to is not None and to not in VARIANTS:
-        raise SurgeryError(f"unknown variant {to!r}: choose one of {', '.join(VARIANTS)}")
-    if shortcut is not None and shortcut not in SHORTCUTS:
-        raise SurgeryError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+    if to is not None and to not in TARGET_VARIANTS:
+        raise SurgeryError(f"unknown variant {to!r}: choose one of {', '.join(TARGET_VARIANTS)}")
+    if shortcut is not None and shortcut not in TARGET_SHORTCUTS:
+        raise SurgeryError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(TARGET_SHORTCUTS)}")
     if to is None and shortcut is None and not prune_dead:
-        raise SurgeryError("nothing to do: give a target variant (to=), a shortcut= or prune_dead=True")
+        raise SurgeryError("nothing to do: give a target variant (--to, to=), a shortcut (--shortcut, shortcut=) or "
+                           "--prune-dead (prune_dead=True)")
+    options = Options(Variant(to) if to else None, Shortcut(shortcut) if shortcut else None, exact, prune_dead,
+                      list(input_size))
 
     new = private_copy(model)
     gm = trace(new, leaf_modules)
     blocks = find_blocks(gm)
     modules = dict(new.named_modules())
     before = model_variant(blocks)
-    steps, notices = plan(blocks, modules, to, shortcut, exact)
+    steps, notices = plan(blocks, modules, options.to, options.shortcut, exact)
     if exact:
         inexact = [s.why_not_exact for s in steps if not s.exact]
         if inexact:
             raise NotExactError(f"no function-preserving rewrite for this request: {inexact[0]}"
                                 + (f" (and {len(inexact) - 1} more blocks)" if len(inexact) > 1 else ""))
     _check_unshared(gm, steps)
-    records = [apply_step(new, s) for s in steps]
+    rewrites = [apply_step(new, s) for s in steps]
     if not steps and (to or shortcut):
         notices.append(f"model is already {to or shortcut}" + (" in exact form" if exact else "") + ": nothing to change")
-    approximate = [r["block"] for r in records if not r["exact"]]
+    approximate = [r.block for r in rewrites if not r.exact]
     if approximate:
         notices.append(f"this conversion changes the function: {len(approximate)} rewrites are approximate "
                        f"({', '.join(sorted(set(approximate)))}); recover accuracy with resnet_surgery.calibrate()")
     after = model_variant(find_blocks(trace(new, leaf_modules))) if steps else before
-
-    # A model converted before keeps its first source; its earlier conversions replay first on load.
-    prior = getattr(model, "resnet_surgery_recipe", None)
-    source = getattr(model, "resnet_surgery_source", {"model": type(model).__name__, "kind": "custom"})
-    recipe = {
-        "format": RECIPE_FORMAT,
-        "source": prior["source"] if prior else source,
-        "history": ([*prior.get("history", []), {k: prior[k] for k in ("options", "rewrites")}] if prior else []),
-        "options": {"to": to, "shortcut": shortcut, "exact": exact, "prune_dead": prune_dead,
-                    "input_size": list(input_size)},
-        "variant_before": before,
-        "variant_after": after,
-        "exact": all(r["exact"] for r in records),
-        "rewrites": records,
-        "notices": notices,
-        "versions": library_versions(),
-    }
     if prune_dead:
         from .prune import prune_dead_compute
 
-        new, prune_records, prune_notices = prune_dead_compute(new, leaf_modules=leaf_modules)
-        recipe["rewrites"] += prune_records
-        recipe["notices"] += prune_notices
-    for note in recipe["notices"]:
+        new, prune_rewrites, prune_notices = prune_dead_compute(new, leaf_modules=leaf_modules)
+        rewrites += prune_rewrites
+        notices += prune_notices
+    for note in notices:
         warnings.warn(note, SurgeryNotice, stacklevel=2)
-    new.resnet_surgery_recipe = recipe
-    return new
+    return record(new, source=history(model).source, recipe=_recipe(model, options, before, after, rewrites, notices),
+                  calibration=None, finetune=None)
+
+
+def _recipe(model: nn.Module, options: Options, before: Variant, after: Variant, rewrites: list[Rewrite],
+            notices: list[str]) -> Recipe:
+    """The new model's recipe: a model converted before keeps its first source; its conversions replay first."""
+    prior = history(model).recipe
+    source = prior.source if prior else history(model).source or Source(type(model).__name__, "custom")
+    return Recipe(format=RECIPE_FORMAT, source=source, history=prior.conversions if prior else [], options=options,
+                  variant_before=before, variant_after=after, exact=all(r.exact for r in rewrites),
+                  rewrites=rewrites, notices=notices, versions=library_versions())
 
 
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
-    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode."""
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode.
+
+    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
     with eval_mode(a, b), torch.no_grad():
         ya, yb = a(x), b(x)
+    for which, y in (("original", ya), ("converted", yb)):
+        if not torch.isfinite(y).all():
+            raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
+                               "rewrite cannot be verified; check its weights for NaN/inf")
     return float((ya - yb).abs().max()), float(ya.abs().max())

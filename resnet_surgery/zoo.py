@@ -16,10 +16,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from .errors import SurgeryError
+from .vocab import Variant
 
-LAYOUTS = ("v1", "v1.5")
+LAYOUTS = (Variant.V1.value, Variant.V1_5.value)
 # Registered model names -> layout of the committed CIFAR-10 weights.
-CIFAR_MODELS = {"cifar10-resnet-v1": "v1", "cifar10-resnet-v1.5": "v1.5"}
+CIFAR_MODELS = {"cifar10-resnet-v1": Variant.V1.value, "cifar10-resnet-v1.5": Variant.V1_5.value}
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # The committed models: four stages (three downsampling blocks); extra blocks where the maps are small (cheap).
 DEFAULT_WIDTHS = (16, 32, 64, 128)
@@ -92,7 +93,7 @@ def cifar_resnet(
     if len(widths) != len(blocks) or len(widths) < 3:
         raise SurgeryError("widths and blocks need one entry per stage and at least 3 stages")
     model = CifarResNet(widths, blocks, num_classes, stem_width)
-    if layout == "v1":
+    if layout == Variant.V1:
         _to_v1(model)
     return model
 

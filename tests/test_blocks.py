@@ -1,11 +1,12 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from util import CaffeResNet, Untraceable
 
-from resnet_surgery import SurgeryError, TraceError, find_blocks, inspect, trace
+from resnet_surgery import SurgeryError, TraceError, count_macs, find_blocks, inspect, trace
 from resnet_surgery.blocks import model_variant
 from resnet_surgery.report import read_fraction
 
@@ -85,3 +86,31 @@ def test_inspect_leaves_training_mode_alone():
     assert model.training
     assert all(m.training for m in model.modules())
     assert torch.equal(model.res2[0].branch2a_bn.running_mean, torch.zeros(8))
+
+
+def test_measuring_never_changes_a_model_in_training_mode():
+    model = torchvision.models.resnet18().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    macs = count_macs(model, (3, 64, 64))
+    report = inspect(model, (3, 64, 64))
+    assert macs == report.macs > 0
+    assert all(m.training for m in model.modules())
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == [], "counting MACs must not update BatchNorm statistics (num_batches_tracked, running_mean)"
+
+
+class FunctionalConvs(nn.Module):
+    """Convolutions and a matrix product written as functions, not modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.fc = nn.Parameter(torch.randn(10, 8))
+
+    def forward(self, x):
+        y = F.conv2d(x, self.w, stride=2, padding=1)  # 8 x 8 x 8 outputs, 27 MACs each
+        return y.mean((2, 3)) @ self.fc.t()  # 8 x 10
+
+
+def test_count_macs_counts_functional_convolutions_and_matmuls():
+    assert count_macs(FunctionalConvs(), (3, 16, 16)) == 8 * 8 * 8 * 27 + 8 * 10

@@ -4,10 +4,12 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from PIL import Image
 from util import relative_error
 
 import resnet_surgery
 from resnet_surgery.cli import main
+from resnet_surgery.pipeline import run_pipeline
 
 
 def run(*args):
@@ -47,7 +49,8 @@ def test_convert_exact_reports_the_difference(tmp_path):
                  "--input-size", "64", "--out", tmp_path / "x", "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["max_abs_diff"] is not None and payload["recipe"]["exact"] is True
+    assert payload["recipe"]["exact"] is True
+    assert 0 <= payload["max_abs_diff"] < 1e-4, "an exact rewrite keeps the function (float rounding only)"
 
 
 def test_existing_output_needs_force(tmp_path):
@@ -92,3 +95,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files, args, messag
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "Traceback" not in result.output and not out.exists()
     assert not list(bad_files.glob(".out.*"))
+
+
+@pytest.mark.slow
+def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
+    """The whole job on the committed CIFAR-10 model and a few generated images: no ../shared needed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    out = tmp_path / "run"
+    result = run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=out, input_size=32,
+                          calibrate_data=images, num_images=8, min_time_s=0.05, progress=False, echo=lambda *a: None)
+    assert sorted(p.name for p in out.iterdir()) == ["converted", "converted.onnx", "latency.json", "latency.png",
+                                                      "original.onnx", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["variants"] == ["v1.5", "v1"] and report["exact"] is False
+    assert [s["step"] for s in report["calibration"]["steps"]] == ["naive copy", "bn", "transfer"]
+    assert report["calibration"]["num_images"] == 8 and all(p["passed"] for p in report["parity"].values())
+    assert report["macs"]["converted"] < report["macs"]["original"]
+    assert result["latency"]["batch_sizes"] == [1]
+    assert resnet_surgery.history(resnet_surgery.load(out / "converted")).recipe.calibration["num_images"] == 8

@@ -1,19 +1,26 @@
 import pytest
+import timm
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from resnet_surgery import Source, history, load_model
+from resnet_surgery.cli import build_preprocessing
 from resnet_surgery.data import (
     CIFAR10_CLASSES,
     as_loader,
     build_transform,
+    cache_root,
     cifar10_tensors,
     extract_cifar10,
+    model_transform,
     preset_transform,
     split_batch,
 )
 from resnet_surgery.errors import SurgeryError
+from resnet_surgery.history import record
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +147,60 @@ def test_a_flat_folder_of_real_imagenet_images_loads_without_labels(shared_data)
     model = torchvision.models.resnet18(weights=None).eval()
     report = evaluate(model, folder, reference=model, batch_size=5, progress=False)
     assert report.num_images == 10 and report.top1 is None and report.agreement == 100.0
+
+
+def test_the_cache_is_the_users_not_the_packages(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESNET_SURGERY_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "resnet-surgery" and cache_root().is_dir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "resnet-surgery"
+    monkeypatch.setenv("RESNET_SURGERY_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+    assert cache_root(tmp_path / "given") == tmp_path / "given"
+
+
+def with_source(model, *source):
+    return record(model, source=Source(*source))
+
+
+def test_images_are_prepared_as_the_weights_were_published():
+    r50 = torchvision.models.resnet50()
+    v2 = model_transform(with_source(r50, "resnet50", "torchvision", "IMAGENET1K_V2"))
+    assert v2.resize_size == [232] and v2.crop_size == [224]  # not the 256 of the imagenet preset
+    assert model_transform(with_source(r50, "resnet50", "torchvision", "IMAGENET1K_V1")).resize_size == [256]
+    assert model_transform(with_source(r50, "resnet50", "torchvision", "DEFAULT")).resize_size == [232]
+    # Random or local weights, and models resnet-surgery did not load: the preset decides.
+    assert model_transform(with_source(r50, "resnet50", "torchvision", "none")) is None
+    assert model_transform(with_source(r50, "resnet50", "torchvision", "r50.pth")) is None
+    assert model_transform(torchvision.models.resnet18()) is None
+    timm_model = with_source(timm.create_model("resnet18"), "timm:resnet18", "timm", "none")
+    resize = [t for t in model_transform(timm_model).transforms if type(t).__name__ == "Resize"][0]
+    assert resize.size == 235 and resize.interpolation.value == "bicubic"  # crop_pct 0.95, timm's data config
+    cifar = load_model("cifar10-resnet-v1", "DEFAULT")
+    assert model_transform(cifar)(Image.new("RGB", (40, 40))).shape == (3, 32, 32)
+    assert model_transform(converted_copy(cifar)) is not None
+
+
+def converted_copy(model):
+    """A converted model keeps its source, so its images are prepared like the original's."""
+    import warnings
+
+    from resnet_surgery import SurgeryNotice, convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeryNotice)
+        converted = convert(model, "v1.5", input_size=(3, 32, 32))
+    assert history(converted).source == history(model).source
+    return converted
+
+
+def test_cli_preprocessing_takes_the_models_own_unless_told_otherwise():
+    model = with_source(torchvision.models.resnet50(), "resnet50", "torchvision", "IMAGENET1K_V2")
+    assert build_preprocessing(None, None, None, None, None, model).resize_size == [232]
+    imagenet = build_preprocessing("imagenet", None, None, None, None, model)
+    assert [type(t).__name__ for t in imagenet.transforms][:2] == ["Resize", "CenterCrop"]
+    assert imagenet.transforms[0].size == 256
+    assert build_preprocessing(None, 64, None, None, None, model).transforms[1].size == (64, 64)
+    assert build_preprocessing(None, None, None, None, None, torchvision.models.resnet50()).transforms[0].size == 256

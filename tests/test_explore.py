@@ -139,7 +139,8 @@ def test_cli_explore_bad_input_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_cli_explore_runs_and_prints_json(tmp_path):
     data = image_folder(tmp_path / "data", 48, labelled_folders=True)
-    args = ["explore", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--data", data, "--preset", "cifar10",
+    # No --preset: the CIFAR-10 model's own preprocessing, and its 32x32 input size.
+    args = ["explore", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--data", data,
             "--variants", "v1", "--no-int8", "--calibrate-images", "16", "--eval-images", "16", "--min-time", "0.05",
             "--max-time", "0.1", "--out", tmp_path / "out"]
     result = CliRunner().invoke(main, [str(a) for a in args] + ["--json"])
@@ -149,3 +150,16 @@ def test_cli_explore_runs_and_prints_json(tmp_path):
     assert payload["settings"]["input_size"] == [3, 32, 32]
     table = CliRunner().invoke(main, [str(a) for a in args])  # resumed: both candidates reused
     assert table.exit_code == 0 and "ratio b1" in table.output and "explore.json" in table.output
+
+
+def test_explore_sizes_images_like_the_models_own_preprocessing():
+    # Without --preset, explore prepares images (and exports at the size) the model's weights were published with.
+    import torchvision
+
+    from resnet_surgery import load_model, model_transform
+    from resnet_surgery.data import preset_transform, transform_size
+
+    assert transform_size(model_transform(load_model("cifar10-resnet-v1.5", "DEFAULT"))) == 32
+    assert transform_size(preset_transform("imagenet", size=64)) == 64
+    assert transform_size(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()) == 224
+    assert transform_size(lambda image: image) is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from resnet_surgery import SurgeryError, convert
+from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.finetune import distillation_loss, finetune
 from resnet_surgery.zoo import cifar_resnet
 
@@ -59,16 +59,16 @@ def test_finetune_lowers_the_distillation_loss_and_leaves_the_input_alone():
     teacher, student = tiny_pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     out = finetune(student, teacher, synthetic(labels=False), epochs=4, batch_size=16, lr=0.05, progress=False)
-    report = out.resnet_surgery_finetune
+    report = history(out).finetune
     assert report.steps == 16 and report.images == 256 and report.world_size == 1
     assert report.loss_end < report.loss_start * 0.8, report
     assert states_equal(before, student.state_dict())
-    assert not out.training and "finetune" in out.resnet_surgery_recipe
+    assert not out.training and "finetune" in history(out).recipe
 
 
 def test_freeze_rewritten_trains_only_the_rewritten_blocks():
     teacher, student = tiny_pair()
-    blocks = {r["block"] for r in student.resnet_surgery_recipe["rewrites"]}
+    blocks = {r.block for r in history(student).recipe.rewrites}
     out = finetune(student, teacher, DataLoader(synthetic(), batch_size=16), freeze="rewritten", lr=0.05,
                    progress=False)
     changed = {k for k, v in out.state_dict().items() if not torch.equal(v, student.state_dict()[k])}
@@ -103,7 +103,7 @@ def test_resume_after_a_kill_continues_at_epoch_2_and_matches_an_unbroken_run(tm
     with pytest.raises(SurgeryError, match="epochs=2"):
         finetune(student, teacher, data, epochs=3, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
     resumed = finetune(student, teacher, data, epochs=2, batch_size=16, checkpoint=ckpt, resume=True, progress=False)
-    report = resumed.resnet_surgery_finetune
+    report = history(resumed).finetune
     assert report.start_epoch == 1 and report.steps == 4
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     for k, v in unbroken.state_dict().items():
@@ -151,6 +151,7 @@ import json, os, sys, warnings
 import torch
 sys.path.insert(0, {tests!r})
 from test_finetune import synthetic, tiny_pair
+from resnet_surgery import history
 from resnet_surgery.finetune import finetune
 
 teacher, student = tiny_pair()
@@ -159,7 +160,7 @@ out = finetune(student, teacher, synthetic(n=64), epochs=3, batch_size=8, lr=0.0
 rank = os.environ["RANK"]
 torch.save(out.state_dict(), os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
 with open(os.path.join(sys.argv[1], f"rank{{rank}}.json"), "w") as f:
-    json.dump(out.resnet_surgery_finetune.to_dict(), f)
+    json.dump(history(out).finetune.to_dict(), f)
 """
 
 

@@ -3,7 +3,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from resnet_surgery import SurgeryError, load_model
+from resnet_surgery import Source, SurgeryError, history, load_model
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def test_enum_weights_load_offline_from_the_torch_home_cache(torch_home):
     assert torch.equal(model.fc.weight, reference.fc.weight)
     with pytest.warns(UserWarning):
         assert torch.equal(load_model("resnet18", "DEFAULT").conv1.weight, reference.conv1.weight)
-    assert model.resnet_surgery_source == {"model": "resnet18", "kind": "torchvision", "weights": "IMAGENET1K_V1"}
+    assert history(model).source == Source("resnet18", "torchvision", "IMAGENET1K_V1")
 
 
 def test_uncached_enum_weights_fail_with_a_fix(torch_home, monkeypatch):

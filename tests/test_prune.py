@@ -6,7 +6,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 from util import CaffeResNet, randomize_bn, relative_error
 
-from resnet_surgery import Subsample, SurgeryNotice, convert, count_macs, inspect
+from resnet_surgery import Subsample, SurgeryNotice, convert, count_macs, history, inspect
 
 TOL = 1e-5
 
@@ -30,7 +30,7 @@ def pruned_pair(request):
 def test_pruned_equals_v1(pruned_pair, size):
     v1, pruned = pruned_pair
     assert relative_error(v1, pruned, size) <= TOL
-    assert all(r["exact"] for r in pruned.resnet_surgery_recipe["rewrites"])
+    assert all(r.exact for r in history(pruned).recipe.rewrites)
 
 
 @pytest.mark.slow
@@ -45,8 +45,8 @@ def test_pruned_resnet50_at_224_and_macs():
 
 def test_what_the_pass_did_on_resnet50():
     pruned = convert(v1_model("resnet50"), prune_dead=True)
-    records = pruned.resnet_surgery_recipe["rewrites"]
-    assert [r["block"] for r in records] == ["layer2.0", "layer3.0", "layer4.0"]
+    records = history(pruned).recipe.rewrites
+    assert [r.block for r in records] == ["layer2.0", "layer3.0", "layer4.0"]
     # The previous block's 3x3 takes the stride; the readers lose theirs; the identity becomes a subsample.
     assert records[0]["absorbed"] == ["layer1.2.conv2"]
     assert records[0]["readers"] == ["layer2.0.conv1", "layer2.0.downsample.0"]
@@ -62,7 +62,7 @@ def test_refuses_where_the_feature_map_is_tapped():
     with pytest.warns(SurgeryNotice, match=r"layer2.0: its input .* is also read at full resolution"):
         pruned = convert(taps, prune_dead=True)
     # The extractor ends at layer3: layer3.0 is pruned, layer2.0 (whose input c2 taps) is not.
-    assert [r["block"] for r in pruned.resnet_surgery_recipe["rewrites"]] == ["layer3.0"]
+    assert [r.block for r in history(pruned).recipe.rewrites] == ["layer3.0"]
     x = torch.randn(1, 3, 57, 57)
     with torch.no_grad():
         a, b = taps(x), pruned(x)
@@ -73,7 +73,7 @@ def test_refuses_where_the_feature_map_is_tapped():
 def test_nothing_dead_in_v15_or_d():
     with pytest.warns(SurgeryNotice, match="no computation is dead"):
         pruned = convert(randomize_bn(CaffeResNet(v1=False)), prune_dead=True)
-    assert pruned.resnet_surgery_recipe["rewrites"] == []
+    assert history(pruned).recipe.rewrites == []
     assert inspect(CaffeResNet(v1=False), (3, 32, 32)).dead == []
 
 
@@ -83,6 +83,6 @@ def test_composes_with_variant_conversion():
         warnings.simplefilter("ignore", SurgeryNotice)
         v1 = convert(base, "v1")
         both = convert(base, "v1", prune_dead=True)
-    ops = [r["op"] for r in both.resnet_surgery_recipe["rewrites"]]
+    ops = [r.op for r in history(both).recipe.rewrites]
     assert ops == ["stride_to_1x1", "stride_to_1x1", "prune_dead", "prune_dead"]
     assert relative_error(v1, both, 37) <= TOL

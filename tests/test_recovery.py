@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from util import CaffeResNet
 
-from resnet_surgery import SurgeryError, convert, recovery
+from resnet_surgery import SurgeryError, convert, history, recovery
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.recovery import calibrate, evaluate, predict, reestimate_bn, transfer_weights
 from resnet_surgery.zoo import load_cifar_resnet
@@ -158,14 +159,14 @@ def test_report_flags_a_fit_with_too_few_positions():
 def test_calibrate_refuses_bad_input():
     model = nn.Sequential(nn.Conv2d(3, 3, 1))
     data = TensorDataset(torch.randn(4, 3, 8, 8))
-    with pytest.raises(SurgeryError, match="resnet_surgery_recipe"):
+    with pytest.raises(SurgeryError, match="the model has no recipe"):
         calibrate(model, model, data, progress=False)
-    model.resnet_surgery_recipe = {"rewrites": []}
+    model = convert(CaffeResNet(), "v1", input_size=(3, 8, 8))  # already v1: a recipe with no rewrites
     with pytest.raises(SurgeryError, match="unknown calibration step 'bm'"):
         calibrate(model, model, data, steps=("bm",), progress=False)
     # Nothing approximate: a copy, with only the naive measurement.
     out = calibrate(model, model, data, progress=False)
-    assert out is not model and [s.step for s in out.resnet_surgery_calibration.steps] == ["naive copy"]
+    assert out is not model and [s.step for s in history(out).calibration.steps] == ["naive copy"]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +188,7 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     converted = quiet_convert(original, to)
     state = copy.deepcopy(converted.state_dict())
     model = calibrate(converted, original, calib, num_images=None, batch_size=128, progress=False)
-    report = model.resnet_surgery_calibration
+    report = history(model).calibration
     assert [s.step for s in report.steps] == ["naive copy", "bn", "transfer"]
     assert report.num_images == 512 and report.steps[1].images == 512
     agreement = [s.agreement.agreement for s in report.steps]
@@ -196,7 +197,7 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     assert kl[1] < kl[0] and kl[2] < kl[1], str(report)
     assert all(f.error_after < f.error_before for f in report.fits)
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in state.items())  # input untouched
-    assert model.resnet_surgery_recipe["calibration"]["num_images"] == 512
+    assert history(model).recipe.calibration["num_images"] == 512
 
     # On held-out labelled images: the naive copy hurt, calibration measurably repairs it.
     base = evaluate(original, held_out, batch_size=256, progress=False)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -6,7 +7,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
-from util import CaffeResNet, randomize_bn, relative_error
+from util import CaffeResNet, Unit, randomize_bn, relative_error
 
 from resnet_surgery import (
     NotExactError,
@@ -15,6 +16,7 @@ from resnet_surgery import (
     apply_recipe,
     convert,
     find_blocks,
+    history,
     trace,
 )
 
@@ -59,8 +61,8 @@ def test_dilated_form_is_what_was_asked():
     block = exact.layer3[0]
     assert block.conv1.stride == (1, 1)
     assert (block.conv2.stride, block.conv2.dilation, block.conv2.padding) == ((2, 2), (2, 2), (2, 2))
-    assert exact.resnet_surgery_recipe["exact"] is True
-    assert {r["op"] for r in exact.resnet_surgery_recipe["rewrites"]} == {"stride_to_3x3_dilated"}
+    assert history(exact).recipe.exact is True
+    assert {r.op for r in history(exact).recipe.rewrites} == {"stride_to_3x3_dilated"}
     # The dilated form goes back to plain v1 exactly too.
     back = convert(exact, "v1", exact=True)
     assert relative_error(v1, back, 57) <= TOL
@@ -116,9 +118,9 @@ def test_resnet_d_architecture_and_shapes(size):
         a = feats(base, {"layer4": "out"})(x)["out"]
         b = feats(d, {"layer4": "out"})(x)["out"]
     assert a.shape == b.shape
-    rec = d.resnet_surgery_recipe
+    rec = history(d).recipe
     assert rec["variant_after"] == "d" and not rec["exact"]
-    sc = [r for r in rec["rewrites"] if r["op"] == "shortcut_avgpool"][0]
+    sc = [r for r in rec["rewrites"] if r.op == "shortcut_avgpool"][0]
     assert sc["convs"] == {"layer2.0.downsample.0.1": "layer2.0.downsample.0"}
     assert sc["keys"] == {"layer2.0.downsample.0.weight": "layer2.0.downsample.0.1.weight"}
     back = quiet_convert(d, "v1.5")
@@ -148,7 +150,7 @@ def test_exact_requests_that_cannot_be_exact_say_why():
 def test_no_op_says_so():
     with pytest.warns(SurgeryNotice, match="already v1.5: nothing to change"):
         same = convert(torchvision.models.resnet50(), "v1.5")
-    assert same.resnet_surgery_recipe["rewrites"] == []
+    assert history(same).recipe.rewrites == []
 
 
 def test_approximate_conversion_says_it_changes_the_function():
@@ -160,9 +162,9 @@ def test_basicblock_stride_move_not_applicable_but_shortcut_swaps_apply():
     r18 = randomize_bn(torchvision.models.resnet18())
     with pytest.warns(SurgeryNotice, match="do not apply to 3 blocks"):
         same = convert(r18, "v1")
-    assert same.resnet_surgery_recipe["rewrites"] == []
+    assert history(same).recipe.rewrites == []
     d = quiet_convert(r18, "d")
-    assert [r["op"] for r in d.resnet_surgery_recipe["rewrites"]] == ["shortcut_avgpool"] * 3
+    assert [r.op for r in history(d).recipe.rewrites] == ["shortcut_avgpool"] * 3
     assert relative_error(r18, convert(r18, shortcut="conv3x3", exact=True), 45) <= TOL
 
 
@@ -176,11 +178,52 @@ def test_bad_arguments():
 def test_custom_model_converts_and_apply_recipe_reproduces():
     base = randomize_bn(CaffeResNet(v1=False))
     d = quiet_convert(base, "d")
-    rewrites = [(r["block"], r["op"]) for r in d.resnet_surgery_recipe["rewrites"]]
+    rewrites = [(r.block, r.op) for r in history(d).recipe.rewrites]
     assert rewrites == [("res3.0", "shortcut_avgpool"), ("res4.0", "shortcut_avgpool")]
     assert d.res3[0].branch2a.stride == (1, 1) and isinstance(d.res3[0].branch1[0][0], nn.AvgPool2d)
-    again = apply_recipe(randomize_bn(CaffeResNet(v1=False)), d.resnet_surgery_recipe)
+    again = apply_recipe(randomize_bn(CaffeResNet(v1=False)), history(d).recipe)
     again.load_state_dict(d.state_dict())
     assert relative_error(d, again, 35) == 0.0
     with pytest.raises(SurgeryError, match="recipe does not fit"):
-        apply_recipe(CaffeResNet(v1=False, units=(1, 1, 3)), {**d.resnet_surgery_recipe, "rewrites": []})
+        apply_recipe(CaffeResNet(v1=False, units=(1, 1, 3)), dataclasses.replace(history(d).recipe, rewrites=[]))
+
+
+def test_a_conv_shared_by_two_blocks_is_refused_and_the_argument_kept():
+    # Two downsampling units that share one projection shortcut: rewriting it would change both.
+    first, second = Unit(16, 4, 16, 2, stride_on_1x1=False), Unit(16, 4, 16, 2, stride_on_1x1=False)
+    second.branch1 = first.branch1
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), first, second).eval()
+    with pytest.raises(SurgeryError, match=r"1\.branch1\.0 is called 2 times in the forward"):
+        convert(model, "d", input_size=(3, 16, 16))
+    assert isinstance(model[1].branch1[0], nn.Conv2d) and model[1].branch1[0].stride == (2, 2)
+
+
+def test_a_3x3_shortcut_with_off_centre_taps_has_no_exact_1x1_form():
+    wide = convert(randomize_bn(CaffeResNet()), shortcut="conv3x3", exact=True, input_size=(3, 32, 32))
+    with torch.no_grad():
+        wide.res3[0].branch1[0].weight[:, :, 0, 0] += 0.1  # trained 3x3 shortcuts use their whole kernel
+    with pytest.raises(NotExactError, match="res3.0: the 3x3 shortcut has non-zero off-centre taps"):
+        convert(wide, shortcut="conv1x1", exact=True, input_size=(3, 32, 32))
+    # res4.0 still holds only its centre tap: without exact=True both convert, res3.0 marked approximate.
+    narrow = quiet_convert(wide, shortcut="conv1x1", input_size=(3, 32, 32))
+    assert [(r.block, r.exact) for r in history(narrow).recipe.rewrites] == [("res3.0", False), ("res4.0", True)]
+
+
+class StrideOnLast(nn.Module):
+    """A bottleneck whose stride sits on the last 1x1: neither v1 nor v1.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c, self.proj = nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2)
+
+    def forward(self, x):
+        return torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))) + self.proj(x))
+
+
+def test_unrecognised_stride_placement_is_a_notice_and_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), StrideOnLast())
+    with pytest.warns(SurgeryNotice, match=r"1: stride placement not recognised \(main convs \['1.a', '1.b', '1.c'\]\)"):
+        out = convert(model, "v1", input_size=(3, 16, 16))
+    assert history(out).recipe.rewrites == []
+    assert [out[1].a.stride, out[1].b.stride, out[1].c.stride] == [(1, 1), (1, 1), (2, 2)]

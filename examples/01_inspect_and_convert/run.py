@@ -11,7 +11,7 @@ model = torchvision.models.resnet50().eval()
 print(rs.inspect(model).variant, f"{rs.count_macs(model) / 1e9:.3f} GMACs")
 
 v1 = rs.convert(model, "v1")
-print("v1:", v1.resnet_surgery_recipe["notices"][-1])
+print("v1:", rs.history(v1).recipe.notices[-1])
 print(f"v1: {rs.count_macs(v1) / 1e9:.3f} GMACs, dead: {rs.inspect(v1).dead_macs / 1e9:.3f} GMACs")
 
 exact = rs.convert(v1, "v1.5", exact=True)

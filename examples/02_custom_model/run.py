@@ -50,4 +50,4 @@ with torch.no_grad():
     print(f"\nprune_dead: max |diff| {(model(x) - pruned(x)).abs().max():.2g}, "
           f"MACs {rs.count_macs(model, (3, 32, 32)) / 1e6:.1f} M -> {rs.count_macs(pruned, (3, 32, 32)) / 1e6:.1f} M")
 d = rs.convert(model, "d")
-print("to d:", [(r["block"], r["op"], r["exact"]) for r in d.resnet_surgery_recipe["rewrites"]])
+print("to d:", [(r.block, r.op, r.exact) for r in rs.history(d).recipe.rewrites])

@@ -1,0 +1,74 @@
+"""Reading and annotating ONNX files: what export writes and latency reads (input, opset, stored MACs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import SurgeryError, first_line
+
+MACS_METADATA_KEY = "resnet_surgery.macs"
+
+
+def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse an ONNX file without its external weights; SurgeryError when it is missing or not ONNX."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"no such ONNX file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SurgeryError(f"{path} is not an ONNX model ({first_line(e, 300)}); pass a .onnx file") from e
+    if not proto.opset_import or not proto.graph.node:
+        raise SurgeryError(f"{path} is not an ONNX model (no graph in it); pass a .onnx file")
+    return proto
+
+
+def input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
+    """(name, shape, numpy dtype) of the model's one graph input that is not an initializer."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise SurgeryError(f"{path} has {len(inputs)} inputs; only single-input (image) models are supported")
+    tensor_type = inputs[0].type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+    return inputs[0].name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+
+
+def onnx_input_shape(path: str | os.PathLike) -> list:
+    """The shape of an ONNX model's single input: ints, or the axis name (None if unnamed) when dynamic."""
+    return input_info(load_onnx_header(path), path)[1]
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's metadata_props (export_onnx stores the model's MACs there)."""
+    return metadata(load_onnx_header(path))
+
+
+def metadata(proto: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def stored_macs(proto: onnx.ModelProto) -> int | None:
+    """The MACs per image that export_onnx stored in the file, if any."""
+    value = metadata(proto).get(MACS_METADATA_KEY, "")
+    return int(value) if value.isdigit() else None
+
+
+def set_metadata(path: Path, values: dict[str, str]) -> None:
+    """Add or replace metadata_props; external weights stay where they are (only the graph is rewritten)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in values.items():
+        entry = existing.get(key) or proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def opset(path: str | os.PathLike) -> int:
+    """The default-domain opset the file was written for."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))

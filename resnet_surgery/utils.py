@@ -1,0 +1,44 @@
+"""Small helpers every part of the package shares: train/eval mode, devices, private copies, text tables."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in the same train/eval mode, module by module (deepcopy of a GraphModule loses it)."""
+    new = copy.deepcopy(model)
+    modes = {name: m.training for name, m in model.named_modules()}
+    for name, m in new.named_modules():
+        m.training = modes.get(name, m.training)
+    return new
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode and give every submodule its own training flag back afterwards."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned text columns, the first row being the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
