@@ -25,6 +25,9 @@ def user_errors(fn):
         except FileNotFoundError as e:
             click.echo(f"error: file not found: {e.filename or e}", err=True)
             sys.exit(2)
+        except OSError as e:  # outputs are checked up front; this is the last line of defence
+            click.echo(f"error: {e.strerror or e}: {e.filename or ''}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -137,41 +140,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
 
-# --- export and latency commands: export, bench (resnet_surgery.export / latency) -----------------
-
-@main.command("export")
-@click.argument("model_or_dir")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
-@click.option("--opset", type=click.IntRange(7, 30), help="ONNX opset (default: the exporter's)")
-@click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
-@weights_option
-@size_option
-@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
-@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(0),
-              help="parity: tolerance relative to the largest |logit|")
-@click.option("--force", is_flag=True, help="overwrite --out if it exists")
-@click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
-@user_errors
-def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, force, as_json):
-    """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
-
-    The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4.
-    """
-    from .atomic import check_writable
-    from .export import ParityError, export_onnx
-    from .recipe import load_model
-
-    check_writable(out, force)
-    model = load_model(model_or_dir, weights)
-    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
-    try:
-        report = export_onnx(model, out, input_size=(3, input_size, input_size), dynamic_batch=not static_batch,
-                             opset=opset, atol=atol, rtol=rtol, force=force)
-    except ParityError as e:
-        print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
-        raise
-    print_json(report.to_dict()) if as_json else click.echo(str(report))
-
+# --- latency command: bench (resnet_surgery.latency); export is with the deploy commands at the end ----
 
 def parse_batches(ctx, param, value: str) -> list[int]:
     try:
@@ -205,10 +174,10 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
 
     if plot:
         check_writable(plot, force)
+    if len({Path(m).resolve() for m in models}) != len(models):
+        raise SurgeryError("the same file is given twice; pass each model once")
     stems = [Path(m).stem for m in models]
     names = stems if len(set(stems)) == len(stems) else [str(m) for m in models]
-    if len(set(names)) != len(names):
-        raise SurgeryError("the same file is given twice; pass each model once")
     report = compare_latency(dict(zip(names, models)), batch_sizes=batches, threads=threads, min_time_s=min_time,
                              max_time_s=max_time, device=device)
     if plot:
@@ -271,6 +240,25 @@ def build_preprocessing(preset, size, resize, mean, std, model=None):
                             std=three(std, "std"))
 
 
+skip_bad_images_option = click.option(
+    "--skip-bad-images", is_flag=True,
+    help="leave out images that cannot be decoded (each image is read once beforehand) and report them")
+
+
+def image_loader(data, transform, batch_size, num_images, skip_bad_images, progress, seed=0):
+    """The images of --data as the library would load them, less unreadable ones with --skip-bad-images."""
+    from .data import as_loader
+
+    return as_loader(data, transform=transform, batch_size=batch_size, num_images=num_images, seed=seed,
+                     skip_bad_images=skip_bad_images, progress=progress)
+
+
+def skipped_line(loader) -> str:
+    skipped = loader.skipped_images
+    more = f", ... {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"skipped {len(skipped)} unreadable images ({', '.join(skipped[:3])}{more})\n" if skipped else ""
+
+
 def is_rank0() -> bool:
     import os
 
@@ -306,10 +294,11 @@ original_options = [
 @click.option("--reference-weights", default="none", show_default=True, help="weights of --reference")
 @with_options(preprocessing_options)
 @click.option("--num-images", type=click.IntRange(1), help="evaluate a fixed random subset of this many images")
+@skip_bad_images_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
-                     batch_size, num_images, as_json):
+                     batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
     from .recipe import load_model
     from .recovery import evaluate
@@ -317,9 +306,12 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
     transform = build_preprocessing(preset, size, resize, mean, std, model)
-    report = evaluate(model, data, reference=ref, batch_size=batch_size, transform=transform, num_images=num_images,
-                      progress=not as_json)
-    print_json(report.to_dict()) if as_json else click.echo(f"{model_or_dir}: {report}")
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    report = evaluate(model, loader, reference=ref, progress=not as_json)
+    if as_json:
+        print_json({**report.to_dict(), "skipped_images": loader.skipped_images})
+    else:
+        click.echo(f"{skipped_line(loader)}{model_or_dir}: {report}")
 
 
 @main.command("calibrate")
@@ -338,12 +330,13 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="reconstruct each rewritten block alone, not jointly with the block before it")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the mini-batches")
+@skip_bad_images_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, iterations, lr, block_only, ridge, seed, out, force, as_json):
+                      num_images, steps, iterations, lr, block_only, ridge, seed, skip_bad_images, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
     block reconstruction (each rewritten block trained to reproduce the original block's output)."""
     from .atomic import check_writable
@@ -355,16 +348,16 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
     transform = build_preprocessing(preset, size, resize, mean, std, source)
-    model = calibrate(converted, source, data, num_images=num_images, steps=tuple(s.strip() for s in steps.split(",")),
-                      iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, batch_size=batch_size,
-                      transform=transform, seed=seed,
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json, seed=seed)
+    model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
+                      iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, seed=seed,
                       progress=not as_json)
     report = history(model).calibration
-    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{report}")
+    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
-        print_json({"out": out, **report.to_dict()})
+        print_json({"out": out, **report.to_dict(), "skipped_images": loader.skipped_images})
     else:
-        click.echo(f"{report}\nwritten: {out}/")
+        click.echo(f"{skipped_line(loader)}{report}\nwritten: {out}/")
 
 
 @main.command("finetune")
@@ -441,15 +434,17 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
               help="ImageFolder for distillation fine-tuning from the original")
 @click.option("--preset", type=click.Choice(["imagenet", "cifar10"]),
               help="preprocessing of --calibrate/--finetune images  [default: the model's own, else imagenet]")
-@click.option("--num-images", default=2048, show_default=True, help="calibration images")
+@click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1), help="calibration images")
 @click.option("--iterations", type=click.IntRange(1), help="block reconstruction steps per block [default: calibrate's]")
-@click.option("--epochs", default=1, show_default=True, help="fine-tuning epochs")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1), help="fine-tuning epochs")
 @click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
               help="what fine-tuning matches: the original's logits, its features before global pooling, or both")
 @click.option("--finetune-steps", type=click.IntRange(1), help="fine-tuning optimizer steps instead of --epochs")
-@click.option("--batch", "batches", default="1", show_default=True, help="batch sizes to time, e.g. 1,8")
-@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-@click.option("--min-time", default=5.0, show_default=True, help="seconds of timing per batch size")
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores)")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="seconds of timing per batch size")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
@@ -459,17 +454,11 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
     from .pipeline import run_pipeline
 
-    try:
-        batch_sizes = [int(b) for b in batches.split(",")]
-    except ValueError:
-        raise SurgeryError(f"--batch takes comma-separated integers like 1,8, not {batches!r}") from None
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, iterations=iterations,
-                          epochs=epochs,
-                          objective=objective, finetune_steps=finetune_steps,
-                          augment="auto", batch_sizes=batch_sizes, threads=threads, min_time_s=min_time,
-                          echo=click.echo)
+                          epochs=epochs, objective=objective, finetune_steps=finetune_steps, augment="auto",
+                          batch_sizes=batches, threads=threads, min_time_s=min_time, echo=click.echo)
     if as_json:
         print_json({k: v for k, v in result.items() if k != "latency_table"})
         return
@@ -481,3 +470,148 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
         click.echo(f"ONNX parity {name}: max |diff| {p.get('max_abs_diff', '?')}, passed {p.get('passed', '?')}")
     click.echo(result["latency_table"])
     click.echo(f"written: {out}/ (converted/, original.onnx, converted.onnx, latency.json, latency.png, report.json)")
+
+
+# --- deploy commands: export (fp32, int8), explore (resnet_surgery.export / quantize / explore) ----
+
+# Preprocessing of image folders, as evaluate/calibrate/finetune take it (without their --data).
+image_options = preprocessing_options[1:]
+
+int8_options = [
+    click.option("--int8", is_flag=True, help="quantize to int8 (onnxruntime static QDQ) after the fp32 export"),
+    click.option("--calibration-data", type=click.Path(exists=True, file_okay=False),
+                 help="--int8: ImageFolder or folder of images whose activation ranges set the int8 scales"),
+    click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+                 show_default=True, help="--int8: how activation ranges are calibrated"),
+    click.option("--calibration-images", default=512, show_default=True, type=click.IntRange(1),
+                 help="--int8: calibration images (a fixed random subset)"),
+    click.option("--parity-images", default=512, show_default=True, type=click.IntRange(1),
+                 help="--int8: held-out images (never used for calibration) for agreement with fp32"),
+    click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
+                 help="--int8: keep the int8 file only if its top-1 agrees with fp32 on this percent of images"),
+    click.option("--per-tensor", is_flag=True, help="--int8: one weight scale per tensor instead of per channel"),
+]
+
+
+@main.command("export")
+@click.argument("model_or_dir")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
+@click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
+@weights_option
+@size_option
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
+@click.option("--rtol", default=1e-3, show_default=True, type=click.FloatRange(0),
+              help="parity: tolerance relative to the largest |logit|")
+@with_options(int8_options)
+@with_options(image_options)
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
+@user_errors
+def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, int8, calibration_data,
+                   method, calibration_images, parity_images, min_agreement, per_tensor, preset, size, resize, mean,
+                   std, batch_size, force, as_json):
+    """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
+
+    The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4. With --int8
+    the verified fp32 file is quantized and --out is the int8 file, kept only if it agrees with fp32 on at
+    least --min-agreement percent of held-out --calibration-data images.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .atomic import check_writable, output_errors, temp_prefix
+    from .export import ParityError, export_onnx
+    from .quantize import QuantizationError, quantize_onnx
+    from .recipe import load_model
+
+    if int8 != bool(calibration_data):
+        raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
+    out = check_writable(out, force)
+    model = load_model(model_or_dir, weights)
+    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
+    if int8:  # the fp32 file is staged beside --out, under a name a later run cleans up if this one is killed
+        with output_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent if int8 else None) as work:
+        fp32_out = Path(work) / "fp32.onnx" if int8 else out
+        try:
+            report = export_onnx(model, fp32_out, input_size=(3, input_size, input_size),
+                                 dynamic_batch=not static_batch, opset=opset, atol=atol, rtol=rtol, force=force)
+        except ParityError as e:
+            print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
+            raise
+        if not int8:
+            print_json(report.to_dict()) if as_json else click.echo(str(report))
+            return
+        if not as_json:
+            click.echo(str(report))
+        click.echo(f"quantizing to int8, calibrated on {calibration_data} ...", err=True)
+        try:
+            int8_report = quantize_onnx(fp32_out, out, calibration_data, per_channel=not per_tensor, method=method,
+                                        num_images=calibration_images, parity_images=parity_images,
+                                        min_agreement=min_agreement, batch_size=batch_size, force=force,
+                                        transform=build_preprocessing(preset, size, resize, mean, std, model),
+                                        progress=not as_json)
+        except QuantizationError as e:
+            print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
+            raise
+    if as_json:
+        print_json({"fp32": report.to_dict(), "int8": int8_report.to_dict()})
+    else:
+        click.echo(str(int8_report))
+
+
+
+@main.command("explore")
+@model_argument
+@weights_option
+@with_options(preprocessing_options)
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False),
+              help="labelled held-out ImageFolder for top-1 [default: hold out --eval-images of --data]")
+@click.option("--eval-images", type=click.IntRange(1),
+              help="held-out images to evaluate on  [default: all of --eval-data, else 1000 of --data]")
+@click.option("--input-size", type=click.IntRange(8, 4096), help="model input size  [default: --size, else the crop of the preprocessing]")
+@click.option("--variants", help="comma-separated candidates besides the original  [default: all of v1,v1.5,d,v1-pruned,v1.5-exact]")
+@click.option("--int8/--no-int8", default=True, show_default=True, help="also quantize every candidate to int8")
+@click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
+              help="images that calibrate each approximate rewrite")
+@click.option("--finetune-steps", default=0, show_default=True, type=click.IntRange(0),
+              help="distillation fine-tuning steps after calibration (0: none)")
+@click.option("--quant-images", default=512, show_default=True, type=click.IntRange(1), help="int8 calibration images")
+@click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
+              help="drop an int8 candidate whose top-1 agrees with its fp32 file on fewer held-out images (percent)")
+@click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
+              help="comma-separated batch sizes to time, e.g. 1,8")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads  [default: every usable core]")
+@click.option("--min-time", default=5.0, show_default=True, type=click.FloatRange(0), help="seconds of timing per batch size")
+@click.option("--max-time", type=click.FloatRange(0), help="seconds per batch size at most  [default: 3 x --min-time]")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="output folder; a rerun with the same folder reuses every finished candidate")
+@click.option("--force", is_flag=True, help="rebuild finished candidates instead of reusing them")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
+@user_errors
+def explore_command(model, weights, data, preset, size, resize, mean, std, batch_size, eval_data, eval_images,
+                    input_size, variants, int8, calibrate_images, finetune_steps, quant_images, min_agreement, batches,
+                    threads, min_time, max_time, out, force, as_json):
+    """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
+    optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
+    from .data import PRESETS, transform_size
+    from .explore import check_explore_out, explore
+    from .recipe import load_model
+
+    check_explore_out(out)
+    original = load_model(model, weights)
+    transform = build_preprocessing(preset, size, resize, mean, std, original)
+    side = input_size or transform_size(transform) or PRESETS[preset or "imagenet"]["size"]
+    report = explore(original, data, eval_data=eval_data, input_size=(3, side, side),
+                     variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
+                     calibrate_images=calibrate_images, finetune_steps=finetune_steps, eval_images=eval_images,
+                     quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
+                     min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size,
+                     preset=preset or "imagenet", transform=transform, progress=not as_json)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        click.echo(str(report))
+        click.echo(f"written: {out}/ (explore.json, explore.png, candidates/)")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .atomic import atomic_dir, atomic_file
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 CIFAR10_SPLITS = ("train", "test")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -121,6 +121,9 @@ def build_transform(
     """
     from torchvision import transforms as T
 
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise SurgeryError(f"mean and std need three numbers (one per channel), std all positive; got mean {tuple(mean)} "
+                           f"and std {tuple(std)}")
     steps = [T.Resize(resize), T.CenterCrop(size)] if resize else [T.Resize(size), T.CenterCrop(size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
@@ -157,11 +160,46 @@ def model_transform(model):
     return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
 
 
+def transform_size(transform) -> int | None:
+    """The side of the images ``transform`` makes (its centre crop), or None when it does not say."""
+    crop = getattr(transform, "crop_size", None)  # torchvision weights' ImageClassification
+    if crop is None:
+        from torchvision import transforms as T
+
+        crops = [t for t in getattr(transform, "transforms", []) if isinstance(t, T.CenterCrop)]
+        crop = crops[-1].size if crops else None
+    if isinstance(crop, int):
+        return crop
+    return int(crop[0]) if crop else None
+
+
 def normalize_uint8(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
     """uint8 N x 3 x H x W -> normalised float32 (the tensor path's equivalent of the cifar10 preset)."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (images.float() / 255 - m) / s
+
+
+class BadImageError(SurgeryError):
+    """An image file that cannot be decoded; ``.path`` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"cannot read image {path} ({reason}); delete or replace it, or pass --skip-bad-images "
+                         "(skip_bad_images=True) to leave unreadable images out")
+        self.path = str(path)
+
+
+def read_image(path: str | os.PathLike):
+    """torchvision's image loader (what ImageFolder uses), with an unreadable file as one BadImageError."""
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise BadImageError(path, "not an image format PIL can read") from None
+    except Exception as e:  # PIL raises many types for corrupt files (OSError, SyntaxError, ValueError, ...)
+        raise BadImageError(path, first_line(e)) from None
 
 
 class ImageFiles(Dataset):
@@ -174,9 +212,24 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from torchvision.datasets.folder import default_loader  # what ImageFolder reads images with
+        return self.transform(read_image(self.files[index]))
 
-        return self.transform(default_loader(self.files[index]))
+
+def without_bad_images(dataset: Dataset, progress: bool = True) -> tuple[Dataset, list[str]]:
+    """``dataset`` less the items whose image cannot be read (each is decoded once to find out), and their paths."""
+    from tqdm import tqdm
+
+    good, bad = [], []
+    for i in tqdm(range(len(dataset)), desc="checking images", disable=not progress, leave=False):
+        try:
+            dataset[i]
+        except BadImageError as e:
+            bad.append(e.path)
+        else:
+            good.append(i)
+    if not good:
+        raise SurgeryError(f"none of the {len(bad)} images can be read (first: {bad[0]}); check the data folder")
+    return (dataset if not bad else Subset(dataset, good)), bad
 
 
 def _is_image(path: Path) -> bool:
@@ -195,7 +248,7 @@ def image_folder(path: str | os.PathLike, transform) -> Dataset:
     if flat:
         return ImageFiles(flat, transform)
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         # ImageFolder raises for no class folders or no images in them.
         raise SurgeryError(
@@ -239,9 +292,14 @@ def as_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    skip_bad_images: bool = False,
+    progress: bool = True,
 ) -> DataLoader:
     """A DataLoader over ``data``: an ImageFolder path (preprocessed with ``transform`` or ``preset``),
     a Dataset, or a DataLoader (both used as they are). ``num_images`` keeps a fixed seeded subset.
+    An unreadable image is an error naming it; ``skip_bad_images`` leaves such images of a path out
+    instead (each image of the subset is then decoded once beforehand) and lists them in the loader's
+    ``skipped_images``.
 
     Batches may be image tensors or (images, labels); read them with `split_batch`.
     """
@@ -265,10 +323,50 @@ def as_loader(
         )
     if hasattr(data, "__len__") and len(data) == 0:
         raise SurgeryError("the dataset is empty; pass data with at least one image")
-    return DataLoader(
-        _subset(data, num_images, seed),
+    subset, skipped = _subset(data, num_images, seed), []
+    if skip_bad_images:
+        subset, skipped = without_bad_images(subset, progress)
+    loader = DataLoader(
+        subset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
+    loader.skipped_images = skipped
+    return loader
+
+
+def as_dataset(data, *, preset: str = "imagenet", transform=None) -> Dataset:
+    """The Dataset behind ``data``: an ImageFolder or flat-folder path (preprocessed with ``transform`` or
+    ``preset``), a Dataset, or a DataLoader's dataset; an empty one is an error."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    elif isinstance(data, (str, os.PathLike)):
+        data = image_folder(data, transform or preset_transform(preset))
+    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+        raise SurgeryError(
+            f"data must be an ImageFolder directory, a sized torch Dataset or a DataLoader, not {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise SurgeryError("the dataset is empty; pass data with at least one image")
+    return data
+
+
+def disjoint_subsets(dataset: Dataset, sizes: Sequence[int | None], seed: int = 0) -> list[Dataset]:
+    """Seeded random subsets of ``dataset`` that share no image, of the given sizes (None: all the rest).
+
+    Sizes larger than what is left are cut down to it; a subset that would be empty is an error.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    subsets, start = [], 0
+    for size in sizes:
+        stop = len(order) if size is None else min(len(order), start + size)
+        if stop <= start:
+            raise SurgeryError(
+                f"the dataset has {len(dataset)} images, too few for disjoint subsets of {list(sizes)}; "
+                "pass more images or ask for fewer"
+            )
+        subsets.append(Subset(dataset, sorted(order[start:stop])))
+        start = stop
+    return subsets

@@ -11,3 +11,10 @@ class NotExactError(SurgeryError):
 
 class TraceError(SurgeryError):
     """torch.fx could not trace the model."""
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type when the message is
+    empty), for one-line errors: libraries put whole dumps in theirs."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -13,9 +13,13 @@ does not gate: two logits closer than the tolerance may swap places without the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -25,9 +29,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .atomic import atomic_file, check_writable
-from .errors import SurgeryError
-from .onnxfile import MACS_METADATA_KEY, first_line, onnx_input_shape, onnx_metadata, set_metadata
+from .atomic import atomic_file, check_writable, temp_prefix
+from .errors import SurgeryError, first_line
+from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
 from .onnxfile import opset as opset_of
 from .report import count_macs
 from .utils import eval_mode, model_device
@@ -142,6 +146,9 @@ def export_onnx(
     Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
     disagrees with PyTorch; in both cases nothing is left at ``path``.
     """
+    check_opset(opset)
+    if atol < 0 or rtol < 0:
+        raise SurgeryError(f"parity tolerances must be >= 0, got atol {atol} and rtol {rtol}")
     path = check_writable(path, force)
     options = ExportOptions(tuple(int(s) for s in input_size), dynamic_batch, opset, atol, rtol, parity_batch, force,
                             seed)
@@ -172,7 +179,7 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
     """Export into a private folder, check and verify there, and only then move the file into place."""
     with (
         atomic_file(path, options.force) as tmp,
-        tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".export", dir=path.parent) as work,
+        tempfile.TemporaryDirectory(prefix=temp_prefix(path), suffix=".export", dir=path.parent) as work,
     ):
         # Stage under the final file name so any external-data reference already names the final file.
         staged = Path(work) / path.name
@@ -210,7 +217,7 @@ def _export_checked(model: nn.Module, staged: Path, options: ExportOptions) -> t
     try:
         onnx.checker.check_model(str(staged), full_check=True)
     except Exception as e:  # the checker raises several types; all mean the same to the user
-        raise ExportError(f"the exported file fails onnx.checker: {first_line(e)}") from e
+        raise ExportError(f"the exported file fails onnx.checker: {first_line(e, 300)}") from e
     return exporter, reason, macs
 
 
@@ -228,27 +235,47 @@ def _raise_unless_passed(report: ParityReport) -> None:
     )
 
 
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporters cannot write before any work starts."""
+    low, high = supported_opsets()
+    if opset is not None and not low <= opset <= high:
+        raise SurgeryError(f"opset {opset} is not supported: choose one from {low} to {high}, or leave it out "
+                           "for the exporter's default")
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset both torch's exporters and the installed onnx package can write."""
+    from torch.onnx import _constants
+
+    return _constants.ONNX_MIN_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
 def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, str | None]:
     """Try the dynamo exporter, then the TorchScript one; return (exporter, why dynamo failed)."""
     device = model_device(model)
     # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.randn(2 if dynamic_batch else 1, *input_size, device=device)
     names = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
+    # torch.export prints whole graphs to stderr when it fails: keep them for a success only.
+    noise = io.StringIO()
     try:
         dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-        torch.onnx.export(
-            model,
-            (example,),
-            str(staged),
-            dynamo=True,
-            external_data=big,
-            dynamic_shapes=dynamic_shapes,
-            verbose=False,
-            **names,
-        )
+        with contextlib.redirect_stderr(noise):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(staged),
+                dynamo=True,
+                external_data=big,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                **names,
+            )
+        sys.stderr.write(noise.getvalue())
         return "dynamo", None
     except Exception as e:  # any failure of the new exporter is a reason to try the old one
-        reason = f"{type(e).__name__}: {first_line(e)}"
+        _refuse_data_dependent(model, e)
+        reason = f"{type(e).__name__}: {first_line(e, 300)}"
     for p in staged.parent.iterdir():
         p.unlink()
     warnings.warn(
@@ -264,9 +291,28 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
     except Exception as e:
         raise ExportError(
             f"could not export the model to ONNX: dynamo exporter: {reason}; TorchScript exporter: "
-            f"{type(e).__name__}: {first_line(e)}"
+            f"{type(e).__name__}: {first_line(e, 300)}"
         ) from e
     return "torchscript", reason
+
+
+def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
+    """A forward that branches on tensor values exports as one branch (the TorchScript tracer bakes in the
+    one this input took): refuse it, naming the module and line, as `convert` does."""
+    cause = error
+    while cause is not None and type(cause).__name__ != "GuardOnDataDependentSymNode":
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return
+    names = {id(m): name for name, m in model.named_modules()}
+    where = "the model's forward"
+    for frame, line in traceback.walk_tb(cause.__traceback__):
+        module = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(module) in names:
+            label = names[id(module)] or "the model"
+            where = f"{label} ({type(module).__name__}.forward, {Path(frame.f_code.co_filename).name}:{line})"
+    raise ExportError(f"{where} branches on tensor values (data-dependent control flow): an ONNX graph would keep "
+                      "only one branch; make that forward free of it (e.g. torch.where) before exporting") from None
 
 
 def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> list[ParityCheck]:
@@ -308,7 +354,36 @@ def _session(path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(e)}") from e
+        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(e, 300)}") from e
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file run in onnxruntime (CPU) behind a torch module's forward: images in, first output out,
+    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise SurgeryError(f"onnxruntime cannot load {path}: {first_line(e, 300)}") from e
+        self.input = self.session.get_inputs()[0]
+        # A static batch axis takes the images that many at a time.
+        self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().cpu().numpy()
+        step = self.batch or len(x)
+        if len(x) % step:
+            raise SurgeryError(f"the ONNX file takes batches of {step}; {len(x)} images do not split into them")
+        try:
+            out = [self.session.run(None, {self.input.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+        except Exception as e:  # onnxruntime's errors name the input and its expected shape
+            raise SurgeryError(f"onnxruntime cannot run the images through the file: {first_line(e, 300)}") from e
+        return torch.from_numpy(np.concatenate(out))
 
 
 def _run_onnx(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:

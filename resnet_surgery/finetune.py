@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -22,11 +24,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .atomic import atomic_file
+from .atomic import atomic_file, check_writable
 from .blocks import NORM_TYPES
 from .data import as_loader, split_batch
-from .errors import SurgeryError
-from .history import record_result
+from .errors import SurgeryError, first_line
+from .history import history, record_result
+from .models import torch_load
 from .recovery import approximate_rewrites
 from .utils import eval_mode, model_device
 
@@ -164,24 +167,69 @@ def _sync_buffers(model: nn.Module, world: int) -> None:
             dist.broadcast(b, src=0)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epochs, losses) -> None:
+def _model_fingerprint(model: nn.Module) -> str:
+    """A hash of what key names and shapes do not show: every module's class, the geometry of every conv and
+    pool (stride, dilation, padding, kernel), and the recipe's rewrites."""
+    geometry = [
+        [name, type(m).__name__, *(str(getattr(m, a, "")) for a in ("kernel_size", "stride", "padding", "dilation",
+                                                                    "groups", "ceil_mode", "count_include_pad"))]
+        for name, m in model.named_modules()
+    ]
+    recipe = history(model).recipe
+    rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
+    text = json.dumps({"modules": geometry, "rewrites": rewrites})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _data_identity(data) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        return str(Path(data).resolve())
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    size = len(dataset) if hasattr(dataset, "__len__") else "?"
+    return f"{type(data).__name__} of {size} {type(dataset).__name__} items"
+
+
+def _run_identity(model: nn.Module, data, **options) -> dict:
+    """What a checkpoint belongs to: the model's fingerprint, the data and the options that shape the run."""
+    return {"model": _model_fingerprint(model), "data": _data_identity(data), **options}
+
+
+def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> None:
+    if identity is None:
+        return
+    if saved is None:
+        raise SurgeryError(f"{path} does not record which model and options it belongs to (an older checkpoint); "
+                           "start fresh with --force (force=True)")
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            what = "a different model (its modules, conv geometry or rewrites differ)" if key == "model" else (
+                f"{key} {saved.get(key)!r}, not {value!r}")
+            raise SurgeryError(f"{path} belongs to another run: {what}; resume with the same model, data and "
+                               "options, or start fresh with --force (force=True)")
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epochs, losses, identity=None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "step": step, "epochs": epochs, "epoch_losses": losses}
+             "epoch": epoch, "step": step, "epochs": epochs, "epoch_losses": losses, "identity": identity}
     with atomic_file(path, force=True) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device, identity=None) -> dict:
     if not path.is_file():
         raise SurgeryError(f"no checkpoint at {path} to resume from; run without resume to start fresh")
+    state = torch_load(path, map_location=device)
+    if not isinstance(state, dict):
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint; pass the right checkpoint or start fresh with "
+                           "--force (force=True)")
+    _check_identity(path, state.get("identity"), identity)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({str(e).splitlines()[0]}); "
-                           "pass the right checkpoint or start fresh with force=True") from None
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({first_line(e)}); "
+                           "pass the right checkpoint or start fresh with --force (force=True)") from None
     if state["epochs"] != epochs:
         raise SurgeryError(f"{path} belongs to a run of {state['epochs']} epochs; resume with epochs={state['epochs']}")
     return state
@@ -316,7 +364,7 @@ def _loss(objective, logits, teacher_logits, taps: _Taps, labels, *, temperature
 
 
 def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, max_steps, augment, temperature, alpha,
-           bf16, ckpt, progress) -> None:
+           bf16, ckpt, identity, progress) -> None:
     """The training loop: epochs of steps until the budget (or ``max_steps``) is spent; a checkpoint after
     every finished epoch; a non-finite loss on any process stops all of them."""
     taps = _Taps()
@@ -335,6 +383,10 @@ def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, m
                 bar = tqdm(run.loader, desc=f"fine-tune epoch {epoch + 1}/{run.epochs}",
                            disable=not progress or run.rank != 0)
                 for batch in bar:
+                    if step >= stop:
+                        # A budget that ends inside a pass ends the run there; max_steps leaves the pass unfinished.
+                        finished = step >= run.total_steps
+                        break
                     images, labels = split_batch(batch)
                     images = images.to(run.device)
                     if augment is not None:
@@ -365,17 +417,13 @@ def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, m
                     report.steps += 1
                     report.images += len(images) * run.world
                     bar.set_postfix(loss=f"{float(seen[0]):.4f}")
-                    if step >= stop:
-                        # A budget that ends inside a pass ends the run there; max_steps leaves the pass unfinished.
-                        finished = step >= run.total_steps
-                        break
                 _sync_buffers(run.student, run.world)
                 if not finished:
                     break
                 report.epoch_losses.append(epoch_loss / max(1, epoch_steps))
                 if ckpt is not None and run.rank == 0:
                     _save_checkpoint(ckpt, run.student, run.opt, run.sched, epoch=epoch + 1, step=step,
-                                     epochs=run.epochs, losses=report.epoch_losses)
+                                     epochs=run.epochs, losses=report.epoch_losses, identity=identity)
     finally:
         taps.remove()
 
@@ -430,6 +478,7 @@ def finetune(
         optimizer = "sgd" if objective == "logits" else "adamw"  # AdamW mimicked features better (README)
     if optimizer not in OPTIMIZERS:
         raise SurgeryError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    lr = OPTIMIZERS[optimizer] if lr is None else lr
     if freeze not in FREEZE:
         raise SurgeryError(f"unknown freeze {freeze!r}; choose one of {', '.join(FREEZE)}")
     if objective not in OBJECTIVES:
@@ -446,6 +495,8 @@ def finetune(
         raise SurgeryError("resume needs the checkpoint path of the run to continue")
     if ckpt is not None and ckpt.exists() and not resume and not force:
         raise SurgeryError(f"checkpoint {ckpt} already exists; resume from it (--resume) or pass --force to start over")
+    if ckpt is not None:
+        check_writable(ckpt, force=True)  # now, not after the first epoch
     if objective != "logits":
         global_pool(converted)  # a model without a global pooling module is refused before any work
 
@@ -456,15 +507,18 @@ def finetune(
                      batch_size=batch_size, num_images=num_images, preset=preset, transform=transform, seed=seed,
                      train_norms=train_norms)
         start_epoch = step = 0
+        identity = _run_identity(converted, data, objective=objective, optimizer=optimizer, lr=lr, freeze=freeze,
+                                 steps=steps, augment=augment, train_norms=train_norms, num_images=num_images,
+                                 batch_size=batch_size, world_size=world, seed=seed, temperature=temperature, alpha=alpha)
         if resume:
-            state = _load_checkpoint(ckpt, run.student, run.opt, run.sched, run.epochs, run.device)
+            state = _load_checkpoint(ckpt, run.student, run.opt, run.sched, run.epochs, run.device, identity)
             start_epoch, step = state["epoch"], state["step"]
         report = FinetuneReport(run.epochs, start_epoch, 0, 0, world, [], [], 0.0, 0.0, str(ckpt) if ckpt else None,
                                 objective=objective, budget_steps=run.total_steps)
         cpu, wall = time.process_time(), time.perf_counter()
         _train(run, report, objective=objective, start_epoch=start_epoch, step=step, max_steps=max_steps,
-               augment=_augmenter(augment, objective, seed + rank), temperature=temperature, alpha=alpha, bf16=bf16, ckpt=ckpt,
-               progress=progress)
+               augment=_augmenter(augment, objective, seed + rank), temperature=temperature, alpha=alpha, bf16=bf16,
+               ckpt=ckpt, identity=identity, progress=progress)
         report.cpu_seconds, report.wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
         if world > 1:
             dist.barrier()  # the checkpoint is complete before any process returns

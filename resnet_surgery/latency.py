@@ -286,7 +286,7 @@ def compare_latency(
     ``min_time_s`` / ``max_time_s`` (default 3 x min_time_s) are per batch size, for all models together.
     ``macs``: multiply-accumulates per image by model name; missing ones are read from the file's metadata.
     """
-    batch_sizes = _check_request(models, batch_sizes, device)
+    batch_sizes = _check_request(models, batch_sizes, device, threads)
     threads = int(threads) if threads else _usable_cores()
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          min_rounds, warmup, ci_target, seed)
@@ -329,8 +329,9 @@ def compare_latency(
     )
 
 
-def _check_request(models: dict, batch_sizes, device: str) -> list[int]:
-    """The batch sizes as ints, after refusing an empty model list, bad batch sizes or an unknown device."""
+def _check_request(models: dict, batch_sizes, device: str, threads=None) -> list[int]:
+    """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device or a
+    thread count below 1."""
     if not models:
         raise SurgeryError("no models to compare; pass at least one .onnx file")
     batch_sizes = [int(b) for b in batch_sizes]
@@ -338,6 +339,8 @@ def _check_request(models: dict, batch_sizes, device: str) -> list[int]:
         raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
     if device not in ("cpu", "cuda"):
         raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
+    if threads is not None and int(threads) < 1:
+        raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     return batch_sizes
 
 

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .history import Source, record
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -34,17 +34,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise SurgeryError(f"{path} is not a readable safetensors file ({e}); is it corrupt?") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
-            raise SurgeryError(f"{path} is not a readable PyTorch checkpoint; is it corrupt or truncated?") from None
-        raise SurgeryError(f"{path} holds pickled Python objects (a whole model?), not just tensors; "
-                           "save model.state_dict() instead: resnet-surgery never unpickles code") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]}); "
-                           "is it corrupt or truncated?") from None
+            raise SurgeryError(f"{path} is not a readable safetensors file ({first_line(e)}); is it corrupt?") from None
+    obj = torch_load(path)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -54,6 +45,39 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
+
+
+def torch_load(path: Path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with every way a file can be unreadable as one SurgeryError."""
+    if path.stat().st_size == 0:
+        raise SurgeryError(f"{path} is empty (0 bytes); pass the checkpoint file itself, re-saved if need be")
+    if not zipfile.is_zipfile(path) and not _starts_like_pickle(path):
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint (neither the zip archive torch.save writes "
+                           f"nor a pickle; it starts with {head!r}); pass a file written by torch.save, or .safetensors")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # and so starts like a pickle (checked above)
+            raise SurgeryError(
+                f"{path} is a plain pickle, which safe loading (weights_only=True) refuses because unpickling can "
+                "run code; if you trust it, convert it once: torch.save(torch.load(PATH, weights_only=False), "
+                "'weights.pt') with a state_dict inside (model.state_dict() for a whole model), or use .safetensors"
+            ) from None
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
+            raise SurgeryError(f"{path} is not a readable PyTorch checkpoint; is it corrupt or truncated?") from None
+        raise SurgeryError(f"{path} holds pickled Python objects (a whole model?), not just tensors; "
+                           "save model.state_dict() instead: resnet-surgery never unpickles code") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
+        # A damaged file can fail anywhere in the unpickler, even with a bare opcode (KeyError: 101).
+        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); is it corrupt, truncated "
+                           "or not a checkpoint at all?") from None
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
@@ -78,7 +102,7 @@ def _torchvision_weights(name: str, weights: str):
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        choices = ", ".join(["DEFAULT", *enum.__members__])
+        choices = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is an alias in the enum
         raise SurgeryError(f"{name} has no weights {weights!r}: choose one of {choices}, none, or a file path") from None
 
 
@@ -112,6 +136,9 @@ def load_torchvision(name: str, weights: str = "none") -> nn.Module:
     except OSError as e:  # URLError and socket errors: no network and nothing cached
         raise SurgeryError(f"cannot download {w} ({e}); put the file at {cached} (TORCH_HOME) "
                            "or pass --weights PATH") from None
+    except (RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise SurgeryError(f"the cached weights {cached} cannot be read ({first_line(e)}): delete that file so "
+                           "torchvision downloads it again, or pass --weights PATH") from None
     load_state_into(model, state, name, str(cached))
     return model
 

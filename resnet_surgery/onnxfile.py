@@ -8,15 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 MACS_METADATA_KEY = "resnet_surgery.macs"
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (libraries put whole dumps in theirs)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
@@ -27,7 +21,7 @@ def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise SurgeryError(f"{path} is not an ONNX model ({first_line(e)}); pass a .onnx file") from e
+        raise SurgeryError(f"{path} is not an ONNX model ({first_line(e, 300)}); pass a .onnx file") from e
     if not proto.opset_import or not proto.graph.node:
         raise SurgeryError(f"{path} is not an ONNX model (no graph in it); pass a .onnx file")
     return proto

@@ -91,6 +91,9 @@ class _Scores:
             self.correct1 += int((top[:, 0] == labels).sum())
             self.correct5 += int((top == labels[:, None]).any(dim=1).sum())
         if ref_logits is not None:
+            if ref_logits.shape != logits.shape:
+                raise SurgeryError(f"the reference/original model gives {ref_logits.shape[-1]} classes but the model "
+                                   f"{logits.shape[-1]}: compare with a model that has the same classifier")
             ref_logits = ref_logits.float()
             self.compared += len(logits)
             self.agree += int((logits.argmax(1) == ref_logits.argmax(1)).sum())

@@ -106,7 +106,7 @@ def _stride_step(block: Block, target: Layout) -> Step | None:
     if target == Layout.V1_5_DILATED:
         return Step(block, Op.STRIDE_TO_3X3_DILATED, True)
     why = (f"{block.name}: with the stride on the 3x3, the 3x3 reads positions the strided 1x1 never computed; "
-           "use exact=True for the dilated form, which is exact")
+           "use --exact (exact=True) for the dilated form, which is exact")
     if current == Layout.V1_5_DILATED:
         why = f"{block.name}: dropping the dilation changes which positions the 3x3 reads"
     return Step(block, Op.STRIDE_TO_3X3, False, why)
@@ -259,7 +259,8 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     if shortcut is not None and shortcut not in TARGET_SHORTCUTS:
         raise SurgeryError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(TARGET_SHORTCUTS)}")
     if to is None and shortcut is None and not prune_dead:
-        raise SurgeryError("nothing to do: give a target variant (to=), a shortcut= or prune_dead=True")
+        raise SurgeryError("nothing to do: give a target variant (--to, to=), a shortcut (--shortcut, shortcut=) or "
+                           "--prune-dead (prune_dead=True)")
     options = Options(Variant(to) if to else None, Shortcut(shortcut) if shortcut else None, exact, prune_dead,
                       list(input_size))
 
@@ -306,8 +307,14 @@ def _recipe(model: nn.Module, options: Options, before: Variant, after: Variant,
 
 
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
-    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode."""
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode.
+
+    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
     with eval_mode(a, b), torch.no_grad():
         ya, yb = a(x), b(x)
+    for which, y in (("original", ya), ("converted", yb)):
+        if not torch.isfinite(y).all():
+            raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
+                               "rewrite cannot be verified; check its weights for NaN/inf")
     return float((ya - yb).abs().max()), float(ya.abs().max())

@@ -1,0 +1,413 @@
+"""Which variant should I deploy? Every variant the engine reaches from a model, recovered, exported, optionally
+int8, evaluated on held-out images and timed together, on one accuracy/latency chart with its Pareto front.
+
+Candidates (those that change nothing are skipped, and the report says why):
+
+- ``original``: the model as given;
+- ``v1``, ``v1.5``, ``d``: the other downsampling variants (plain, approximate rewrites), each recovered with
+  `resnet_surgery.calibrate` (its default steps) and, with ``finetune_steps``, `resnet_surgery.finetune`;
+- ``v1-pruned``: v1 (recovered, when the original is not v1) with its dead computation removed (exact);
+- ``v1.5-exact``: the dilated v1.5 form of a v1 original (exact);
+- ``<name>-int8``: each of them quantized by `resnet_surgery.quantize_onnx`, kept when its top-1 agrees with
+  its fp32 file on at least ``min_agreement`` percent of the held-out images.
+
+Every candidate is exported with parity (`resnet_surgery.export_onnx`) and evaluated on images disjoint from
+the calibration images: top-1 when they have labels, agreement and KL with the original always. All files
+are then timed in one interleaved `resnet_surgery.compare_latency` run. Each finished candidate is a folder
+``<out>/candidates/<name>/`` written atomically; a rerun with the same ``out`` and settings reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir, atomic_file, check_writable
+from .blocks import find_blocks, model_variant, trace
+from .data import as_dataset, disjoint_subsets, split_batch
+from .errors import NotExactError, SurgeryError
+from .export import OnnxModule, export_onnx
+from .history import history
+from .latency import compare_latency
+from .pipeline import _report_dict
+from .quantize import QuantizationError, quantize_onnx
+from .recipe import save
+from .recovery import calibrate, evaluate, predict
+from .rewrite import SurgeryNotice, convert
+
+VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
+RESULT_FILE = "result.json"
+ONNX_FILE = "model.onnx"
+
+
+@dataclasses.dataclass
+class ExploreReport:
+    """Every candidate's accuracy and latency against the original, and the Pareto front per batch size."""
+
+    model: str
+    metric: str  # "top1" (the held-out images have labels) or "agreement" (with the original)
+    settings: dict
+    candidates: list[dict]  # one per candidate: how it was made, its evaluation, latency and front per batch
+    latency: dict | None  # LatencyReport.to_dict() of the one timing run
+    seconds: float
+
+    def timed(self) -> list[dict]:
+        return [c for c in self.candidates if c.get("latency")]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        batches = self.latency["batch_sizes"] if self.latency else []
+        head = ["candidate", "precision", "exact", "MMACs", "top-1 %", "agree %", "KL"]
+        for b in batches:
+            head += [f"p50 ms b{b}", f"ratio b{b} [95% CI]", f"front b{b}"]
+        rows = [head]
+        for c in self.timed():
+            ev = c["eval"]
+            row = [c["name"], c["precision"], "yes" if c["exact"] else "no", _num(c["macs"], 1e-6, "{:.1f}"),
+                   _num(ev["top1"], 1, "{:.2f}"), _num(ev["agreement"], 1, "{:.2f}"), _num(ev["kl"], 1, "{:.4f}")]
+            for b in batches:
+                lat = c["latency"][str(b)]
+                row += [f"{lat['p50_ms']:.3f}", f"{lat['ratio']:.3f} [{lat['ratio_low']:.3f}, {lat['ratio_high']:.3f}]",
+                        "*" if c["pareto"][str(b)] else ""]
+            rows.append(row)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"explore {self.model}: accuracy on {self.settings['eval_images']} held-out images "
+                 f"({'top-1 with labels' if self.metric == 'top1' else 'agreement with the original: no labels'}), "
+                 "latency in one interleaved onnxruntime run"]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append("ratio = median latency / the original's (below 1 is faster); front: on the Pareto front "
+                     f"of latency ratio and {'top-1' if self.metric == 'top1' else 'agreement'}")
+        lines += [f"{c['name']}: {c['status']}" for c in self.candidates if c["status"] != "ok"]
+        if self.latency:
+            lines += [f"warning: {w}" for w in self.latency["warnings"]]
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike, *, force: bool = True) -> Path:
+        """A PNG per batch size: latency ratio (x) against accuracy (y), each point labelled, the front drawn."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        batches = self.latency["batch_sizes"] if self.latency else []
+        fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(6.5 * max(1, len(batches)), 5), squeeze=False)
+        label = "top-1 (%)" if self.metric == "top1" else "top-1 agreement with the original (%)"
+        for ax, b in zip(axes[0], batches):
+            points = [(c, c["latency"][str(b)], c["eval"][self.metric]) for c in self.timed()]
+            for c, lat, acc in points:
+                ax.errorbar(lat["ratio"], acc, xerr=[[lat["ratio"] - lat["ratio_low"]], [lat["ratio_high"] - lat["ratio"]]],
+                            fmt="s" if c["precision"] == "int8" else "o", color="C1" if c["pareto"][str(b)] else "C0",
+                            capsize=2)
+                ax.annotate(c["name"], (lat["ratio"], acc), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            front = sorted((lat["ratio"], acc) for c, lat, acc in points if c["pareto"][str(b)])
+            if front:
+                ax.step(*zip(*front), where="post", color="C1", alpha=0.6, label="Pareto front")
+                ax.legend(loc="lower right", fontsize=8)
+            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("median latency / original's (lower is faster; 95% CI)")
+            ax.set_ylabel(label)
+            ax.set_title(f"batch {b}")
+            ax.grid(alpha=0.3)
+        m = (self.latency or {}).get("machine", {})
+        fig.suptitle(f"{self.model}: circles fp32, squares int8; onnxruntime {m.get('onnxruntime', '')}, "
+                     f"{(self.latency or {}).get('settings', {}).get('threads', '')} threads, {m.get('cpu', '')}",
+                     fontsize=9)
+        fig.tight_layout()
+        with atomic_file(path, force) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        return Path(path)
+
+
+def _num(value, scale: float, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value * scale)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, value) points: True where no other point costs at most as much and is worth at least as
+    much, and is strictly better in one of the two."""
+    return [not any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for c2, v2 in points) for c, v in points]
+
+
+def explore(
+    model: nn.Module,
+    data,
+    *,
+    eval_data=None,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    variants: Sequence[str] | None = None,
+    int8: bool = True,
+    calibrate_images: int = 2048,
+    finetune_steps: int = 0,
+    eval_images: int | None = None,
+    quant_images: int = 512,
+    min_agreement: float = 98.0,
+    batch_sizes: Sequence[int] = (1,),
+    threads: int | None = None,
+    min_time_s: float = 5.0,
+    max_time_s: float | None = None,
+    out: str | os.PathLike = "runs/explore",
+    force: bool = False,
+    batch_size: int = 64,
+    preset: str = "imagenet",
+    transform=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ExploreReport:
+    """Every variant of ``model`` (module docstring), recovered on ``data``, exported, optionally int8,
+    evaluated and timed together; writes ``out``/explore.json, explore.png and candidates/.
+
+    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds calibration,
+    fine-tuning and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
+    of it, default all); without it ``eval_images`` (default 1000, at most half) of ``data`` are held out.
+    ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
+    ``force`` rebuilds finished candidates instead of reusing them.
+    """
+    start = time.perf_counter()
+    wanted = _wanted(variants)
+    out = check_explore_out(out)
+    calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)
+    eval_loader = DataLoader(eval_set, batch_size=batch_size)
+    labelled = _has_labels(eval_loader)
+    if eval_data is not None and not labelled:
+        raise SurgeryError("eval_data (--eval-data) has no labels: pass an ImageFolder (<root>/<class>/<image>), or "
+                           "leave it out to hold out part of the data and rank by agreement with the original")
+    source = history(model).source
+    name = source.model if source is not None else type(model).__name__
+    settings = {
+        "model": name, "weights": _fingerprint(model), "data": _describe(data), "eval_data": _describe(eval_data),
+        "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
+        "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
+        "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
+    }
+    build = _Builder(model, calib_set, eval_loader, out, settings, force, input_size, progress)
+    results = []
+    bar = tqdm(wanted, desc="explore", disable=not progress)
+    for cand in bar:
+        bar.set_postfix_str(cand)
+        fp32 = build.fp32(cand)
+        results.append(fp32)
+        if int8 and fp32["status"] == "ok":
+            results.append(build.int8(fp32, quant_images, min_agreement))
+
+    timed = [r for r in results if r["status"] == "ok"]
+    latency = compare_latency({r["name"]: out / "candidates" / r["name"] / ONNX_FILE for r in timed},
+                              batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s, max_time_s=max_time_s,
+                              seed=seed, progress=progress)
+    metric = "top1" if labelled else "agreement"
+    _attach_latency(timed, latency.to_dict()["results"], metric)
+    report = ExploreReport(model=name, metric=metric, settings=settings, candidates=results,
+                           latency=latency.to_dict(), seconds=time.perf_counter() - start)
+    with atomic_file(out / "explore.json", force=True) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    report.plot(out / "explore.png")
+    return report
+
+
+def _wanted(variants) -> list[str]:
+    if variants is None:
+        return ["original", *VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v != "original"]
+    if unknown:
+        raise SurgeryError(f"unknown variant {unknown[0]!r} to explore; choose from {', '.join(VARIANTS)}")
+    return ["original", *[v for v in VARIANTS if v in variants]]
+
+
+def check_explore_out(out: str | os.PathLike) -> Path:
+    """A new folder that can be written, or one an earlier explore wrote (to resume); never someone else's
+    folder. Checked before any work starts."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "candidates").is_dir())):
+        raise SurgeryError(f"{out} exists and is not an explore folder; pass a new --out (or an earlier explore's "
+                           "to resume it)")
+    return check_writable(out, force=True)  # an earlier explore's folder is resumed, not refused
+
+
+def _split(data, eval_data, eval_images, preset, transform, seed):
+    """(calibration set, held-out evaluation set), disjoint."""
+    dataset = as_dataset(data, preset=preset, transform=transform)
+    if eval_data is not None:
+        held_out = as_dataset(eval_data, preset=preset, transform=transform)
+        return dataset, held_out if eval_images is None else disjoint_subsets(held_out, [eval_images], seed)[0]
+    if len(dataset) < 2:
+        raise SurgeryError("the data has one image; explore holds some out for evaluation: pass more images or "
+                           "--eval-data")
+    count = min(eval_images or 1000, len(dataset) // 2)
+    held_out, calibration = disjoint_subsets(dataset, [count, None], seed)
+    return calibration, held_out
+
+
+def _has_labels(loader: DataLoader) -> bool:
+    return split_batch(next(iter(loader)))[1] is not None
+
+
+def _describe(data) -> str | None:
+    return None if data is None else str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A digest of the weights: a rerun reuses candidates only when the model is the same."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _attach_latency(timed: list[dict], rows: list[dict], metric: str) -> None:
+    """Each timed candidate gets its latency per batch and whether it is on that batch's Pareto front."""
+    for c in timed:
+        c["latency"] = {str(r["batch"]): {k: r[k] for k in ("p50_ms", "p90_ms", "ratio", "ratio_low", "ratio_high")}
+                        for r in rows if r["model"] == c["name"]}
+    for b in timed[0]["latency"]:
+        front = pareto_front([(c["latency"][b]["ratio"], c["eval"][metric]) for c in timed])
+        for c, on in zip(timed, front):
+            c.setdefault("pareto", {})[b] = on
+
+
+class _Builder:
+    """Makes (or reuses) each candidate's folder: model, ONNX file and result.json."""
+
+    def __init__(self, original, calib_set, eval_loader, out, settings, force, input_size, progress):
+        self.original, self.calib_set, self.eval_loader = original, calib_set, eval_loader
+        self.out, self.settings, self.force, self.size, self.progress = out / "candidates", settings, force, input_size, progress
+        self.models: dict[str, nn.Module] = {}  # recovered models built in this run, for v1-pruned
+        self._reference = None
+        self.variant = model_variant(find_blocks(trace(original)))
+
+    def reference(self) -> torch.Tensor:
+        """The original's logits on the held-out images, computed once."""
+        if self._reference is None:
+            self._reference = predict(self.original, self.eval_loader, progress=self.progress)
+        return self._reference
+
+    def finished(self, name: str) -> dict | None:
+        path = self.out / name / RESULT_FILE
+        if self.force or not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        return result if result.get("settings") == self.settings else None
+
+    def fp32(self, name: str) -> dict:
+        done = self.finished(name)
+        if done:
+            return done
+        start = time.perf_counter()
+        try:
+            model, how = self.make(name)
+        except NotExactError as e:
+            return {"name": name, "precision": "fp32", "status": f"skipped: {e}"}
+        if model is None:
+            return {"name": name, "precision": "fp32", "status": f"skipped: {how}"}
+        recipe = history(model).recipe
+        # Rewrites of earlier conversions count too (v1-pruned is the approximate v1, pruned exactly).
+        rewrites = [r for step in recipe.conversions for r in step.rewrites] if recipe is not None else []
+        variant = recipe.variant_after if recipe is not None else self.variant
+        result = {"name": name, "precision": "fp32", "status": "ok", "variant": str(variant),
+                  "exact": all(r.exact for r in rewrites), "rewrites": len(rewrites), **how}
+        with atomic_dir(self.out / name, force=True) as tmp:
+            if name != "original":
+                save(model, tmp / "model", summary=json.dumps(how, indent=2, default=str))
+            parity = export_onnx(model, tmp / ONNX_FILE, input_size=self.size)
+            result.update(macs=parity.macs, parity={"max_abs_diff": parity.max_abs_diff, "passed": parity.passed})
+            result["eval"] = evaluate(model, self.eval_loader, reference=self.reference(), progress=self.progress).to_dict()
+            result.update(seconds=time.perf_counter() - start, settings=self.settings)
+            (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return result
+
+    def make(self, name: str) -> tuple[nn.Module | None, dict | str]:
+        """The candidate's model and how it was made; (None, why) when the conversion changes nothing."""
+        if name == "original":
+            return self.original, {"recovery": None}
+        if name == "v1-pruned":
+            base = self.original if self.variant == "v1" else self.recovered("v1")
+            if base is None:
+                return None, "v1 is not reachable from this model"
+            model = self.convert(base, None, prune_dead=True)
+            if not history(model).recipe.rewrites:
+                return None, "no dead computation to remove"
+            return model, {"recovery": None if base is self.original else "as v1"}
+        if name == "v1.5-exact" and self.variant != "v1":
+            return None, f"the exact (dilated) v1.5 form is made from a v1 model; this one is {self.variant}"
+        to, exact = ("v1.5", True) if name == "v1.5-exact" else (name, False)
+        converted = self.convert(self.original, to, exact=exact)
+        recipe = history(converted).recipe
+        if not recipe.rewrites:
+            return None, f"the model is already {name} or has no block to rewrite"
+        if recipe.exact:
+            return converted, {"recovery": None}
+        model, how = self.recover(converted)
+        self.models[name] = model
+        return model, how
+
+    def convert(self, model, to, **kwargs) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SurgeryNotice)
+            return convert(model, to, input_size=self.size, **kwargs)
+
+    def recover(self, converted: nn.Module) -> tuple[nn.Module, dict]:
+        steps = self.settings["finetune_steps"]
+        model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
+                          batch_size=self.settings["batch_size"], progress=self.progress)
+        how = {"recovery": "calibrate", "calibration": _report_dict(history(model).calibration)}
+        if steps:
+            from .finetune import finetune
+
+            # The calibration images, seen many times: feature mimicking with augmentation (README, recovery).
+            model = finetune(model, self.original, self.calib_set, objective="features", steps=steps, augment="auto",
+                             batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
+            how.update(recovery=f"calibrate + {steps} feature-mimicking steps",
+                       finetune=_report_dict(history(model).finetune))
+        return model, how
+
+    def recovered(self, name: str) -> nn.Module | None:
+        """The recovered model of candidate ``name``: from this run, else rebuilt from its finished folder."""
+        if name in self.models:
+            return self.models[name]
+        folder = self.out / name / "model"
+        if self.finished(name) and folder.is_dir():
+            from .models import load_state_into, read_state_dict
+
+            model = self.convert(self.original, name)
+            load_state_into(model, read_state_dict(folder / "model.safetensors"), name, str(folder))
+            return model
+        model, _ = self.make(name)
+        return model
+
+    def int8(self, fp32: dict, quant_images: int, min_agreement: float) -> dict:
+        name = f"{fp32['name']}-int8"
+        done = self.finished(name)
+        if done:
+            return done
+        start = time.perf_counter()
+        result = {**{k: fp32[k] for k in ("variant", "exact", "rewrites", "macs")}, "name": name, "precision": "int8",
+                  "status": "ok", "source": fp32["name"]}
+        with atomic_dir(self.out / name, force=True) as tmp:
+            try:
+                quant = quantize_onnx(self.out / fp32["name"] / ONNX_FILE, tmp / ONNX_FILE, self.calib_set,
+                                      num_images=quant_images, parity_data=self.eval_loader.dataset,
+                                      parity_images=len(self.eval_loader.dataset), min_agreement=min_agreement,
+                                      batch_size=self.settings["batch_size"], seed=self.settings["seed"],
+                                      progress=self.progress)
+                result["eval"] = evaluate(OnnxModule(tmp / ONNX_FILE), self.eval_loader, reference=self.reference(),
+                                          progress=self.progress).to_dict()
+            except QuantizationError as e:
+                quant = e.report
+                result["status"] = (f"rejected: int8 agrees with fp32 on {quant.agreement:.2f}% of held-out images, "
+                                    f"below {min_agreement:g}%")
+            result.update(quantization=quant.to_dict(), seconds=time.perf_counter() - start, settings=self.settings)
+            (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return result

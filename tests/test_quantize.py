@@ -1,0 +1,140 @@
+import json
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from resnet_surgery import SurgeryError, export_onnx
+from resnet_surgery.cli import main
+from resnet_surgery.data import CIFAR10_CLASSES, cifar10_tensors, disjoint_subsets, normalize_uint8
+from resnet_surgery.export import MACS_METADATA_KEY, onnx_metadata
+from resnet_surgery.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
+from resnet_surgery.zoo import load_cifar_resnet
+
+
+@pytest.fixture(scope="module")
+def cifar_images(shared_data):
+    """600 CIFAR-10 test images, normalised, with labels."""
+    images, labels = cifar10_tensors(shared_data, "test")
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:600]
+    return TensorDataset(normalize_uint8(images[keep]), labels[keep])
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp32") / "cifar.onnx"
+    export_onnx(load_cifar_resnet("v1.5"), path, input_size=(3, 32, 32))
+    return path
+
+
+def test_disjoint_subsets_share_no_image():
+    data = TensorDataset(torch.arange(10))
+    a, b, rest = disjoint_subsets(data, [3, 4, None], seed=1)
+    assert (len(a), len(b), len(rest)) == (3, 4, 3)
+    assert sorted(a.indices + b.indices + rest.indices) == list(range(10))
+    assert disjoint_subsets(data, [3], seed=1)[0].indices == a.indices  # seeded
+    small, cut = disjoint_subsets(data, [8, 5])
+    assert len(cut) == 2  # cut down to what is left
+    with pytest.raises(SurgeryError, match="too few for disjoint subsets"):
+        disjoint_subsets(data, [10, 1])
+
+
+def test_int8_keeps_agreement_with_fp32_on_held_out_images(fp32_onnx, cifar_images, tmp_path):
+    out = tmp_path / "cifar.int8.onnx"
+    report = quantize_onnx(fp32_onnx, out, cifar_images, num_images=128, parity_images=256, min_agreement=95,
+                           progress=False)
+    assert out.is_file() and report.passed and report.path == str(out)
+    # 128 calibration images and 256 others for parity: all 384 distinct images of the 600.
+    assert (report.calibration_images, report.parity_images) == (128, 256)
+    assert report.agreement >= 95 and 0 <= report.kl < 0.05
+    assert abs(report.top1_int8 - report.top1_fp32) <= 3 and report.int8_bytes < report.fp32_bytes / 2
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    meta = onnx_metadata(out)
+    assert meta[MACS_METADATA_KEY] == onnx_metadata(fp32_onnx)[MACS_METADATA_KEY]
+    assert json.loads(meta[QUANT_METADATA_KEY])["agreement"] == report.agreement
+    assert "int8 parity: PASS" in str(report)
+    with pytest.raises(SurgeryError, match="already exists"):
+        quantize_onnx(fp32_onnx, out, cifar_images, num_images=8, parity_images=8, progress=False)
+
+
+def test_constant_calibration_fails_the_threshold_and_writes_nothing(fp32_onnx, cifar_images, tmp_path):
+    constant = TensorDataset(torch.zeros(64, 3, 32, 32))  # every activation range collapses to a point
+    out = tmp_path / "broken.int8.onnx"
+    with pytest.raises(QuantizationError, match=r"below the minimum 98%; nothing written") as e:
+        quantize_onnx(fp32_onnx, out, constant, parity_data=cifar_images, num_images=64, parity_images=200,
+                      progress=False)
+    assert e.value.report.agreement < 90 and not e.value.report.passed
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary left behind
+
+
+def test_quantize_bad_input(fp32_onnx, tmp_path):
+    data = TensorDataset(torch.randn(8, 3, 32, 32))
+    with pytest.raises(SurgeryError, match="is the fp32 input itself"):
+        quantize_onnx(fp32_onnx, fp32_onnx, data, force=True)
+    with pytest.raises(SurgeryError, match="unknown calibration method"):
+        quantize_onnx(fp32_onnx, tmp_path / "q.onnx", data, method="kl")
+    with pytest.raises(SurgeryError, match="takes \\[3, 32, 32\\]"):
+        quantize_onnx(fp32_onnx, tmp_path / "q.onnx", TensorDataset(torch.randn(8, 3, 64, 64)))
+    with pytest.raises(SurgeryError, match="dataset is empty"):
+        quantize_onnx(fp32_onnx, tmp_path / "q.onnx", TensorDataset(torch.randn(0, 3, 32, 32)))
+    (tmp_path / "not.onnx").write_text("text")
+    with pytest.raises(SurgeryError, match="is not an ONNX model"):
+        quantize_onnx(tmp_path / "not.onnx", tmp_path / "q.onnx", data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not.onnx"]
+
+
+def write_image_folder(root, images, labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / CIFAR10_CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_cli_export_int8(shared_data, tmp_path):
+    images, labels = cifar10_tensors(shared_data, "test")
+    folder = write_image_folder(tmp_path / "calib", images[:200], labels[:200].tolist())
+
+    def export(out, preset="cifar10", *extra):
+        args = ["export", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--input-size", "32", "--int8",
+                "--calibration-data", folder, "--preset", preset, "--calibration-images", "64",
+                "--parity-images", "96", "--min-agreement", "90", "--out", out, *extra]
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    out = tmp_path / "m.int8.onnx"
+    result = export(out, "cifar10", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{"):])
+    assert payload["fp32"]["passed"] and payload["int8"]["passed"] and payload["int8"]["parity_images"] == 96
+    assert out.is_file() and not list(tmp_path.glob(".*"))  # the fp32 file was temporary
+
+    # Bad input: one line on stderr, exit 2, nothing written.
+    no_data = CliRunner().invoke(main, ["export", "cifar10-resnet-v1.5", "--int8", "--out", str(tmp_path / "x.onnx")])
+    assert no_data.exit_code == 2 and "--int8 needs --calibration-data" in no_data.output
+    wrong_size = export(tmp_path / "y.onnx", "imagenet")
+    assert wrong_size.exit_code == 2 and "error: the calibration images are [3, 224, 224]" in wrong_size.output
+    assert "Traceback" not in wrong_size.output and not (tmp_path / "y.onnx").exists()
+    assert export(out).exit_code == 2  # an existing file needs --force
+
+
+def test_onnx_module_scores_a_file_like_a_model(tmp_path):
+    from resnet_surgery import OnnxModule, evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    x = torch.randn(3, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    export_onnx(model.eval(), tmp_path / "static.onnx", input_size=(3, 8, 8), dynamic_batch=False)
+    onnx_model = OnnxModule(tmp_path / "static.onnx")
+    assert onnx_model.batch == 1  # a static batch axis: the three images run one at a time
+    with torch.no_grad():
+        assert torch.allclose(onnx_model(x), model(x), atol=1e-5)
+    report = evaluate(onnx_model, TensorDataset(x, torch.tensor([0, 1, 2])), reference=model, progress=False)
+    assert report.agreement == 100.0 and report.num_images == 3
+    with pytest.raises(SurgeryError, match="cannot load"):
+        OnnxModule(tmp_path / "missing.onnx")
