@@ -429,6 +429,16 @@ def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, what: st
     return got[0]
 
 
+def _run_hooked(model: nn.Module, handles: list, images: torch.Tensor) -> None:
+    """Run ``model`` on ``images`` without gradients for the hooks ``handles`` to see, then remove them."""
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _execution_order(model: nn.Module, names: Sequence[str], images: torch.Tensor) -> list[str]:
     """``names`` (conv modules) sorted by when the forward first calls them."""
     order: list[str] = []
@@ -436,13 +446,7 @@ def _execution_order(model: nn.Module, names: Sequence[str], images: torch.Tenso
     def seen(name):
         return lambda *_: order.append(name) if name not in order else None
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(seen(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, [model.get_submodule(n).register_forward_pre_hook(seen(n)) for n in names], images)
     missing = [n for n in names if n not in order]
     if missing:
         raise SurgeryError(f"the forward pass never calls {', '.join(missing)}; is the recipe from this model?")
@@ -642,12 +646,7 @@ def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tenso
     handles = [m.register_forward_hook(lambda _, __, out, n=n: outputs.__setitem__(n, out)) for n, m in modules.items()]
     handles += [model.get_submodule(n).register_forward_pre_hook(lambda _, args, n=n: inputs.__setitem__(n, args[0]))
                 for n in blocks]
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, images)
     return {n: next((p for p, out in outputs.items() if p != n and out is inputs.get(n)), None) for n in blocks}
 
 
