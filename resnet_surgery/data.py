@@ -315,14 +315,7 @@ def as_loader(
             collate_fn=data.collate_fn,
             generator=torch.Generator().manual_seed(seed),
         )
-    if isinstance(data, (str, os.PathLike)):
-        data = image_folder(data, transform or preset_transform(preset))
-    if not isinstance(data, Dataset):
-        raise SurgeryError(
-            f"data must be an ImageFolder directory, a torch Dataset or a DataLoader, not {type(data).__name__}"
-        )
-    if hasattr(data, "__len__") and len(data) == 0:
-        raise SurgeryError("the dataset is empty; pass data with at least one image")
+    data = as_dataset(data, preset=preset, transform=transform, sized=False)
     subset, skipped = _subset(data, num_images, seed), []
     if skip_bad_images:
         subset, skipped = without_bad_images(subset, progress)
@@ -337,18 +330,20 @@ def as_loader(
     return loader
 
 
-def as_dataset(data, *, preset: str = "imagenet", transform=None) -> Dataset:
+def as_dataset(data, *, preset: str = "imagenet", transform=None, sized: bool = True) -> Dataset:
     """The Dataset behind ``data``: an ImageFolder or flat-folder path (preprocessed with ``transform`` or
-    ``preset``), a Dataset, or a DataLoader's dataset; an empty one is an error."""
+    ``preset``), a Dataset, or a DataLoader's dataset; an empty one is an error. ``sized=False`` also
+    accepts a Dataset without ``__len__`` (an IterableDataset)."""
     if isinstance(data, DataLoader):
         data = data.dataset
     elif isinstance(data, (str, os.PathLike)):
         data = image_folder(data, transform or preset_transform(preset))
-    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+    if not isinstance(data, Dataset) or (sized and not hasattr(data, "__len__")):
+        sized_text = "a sized torch Dataset" if sized else "a torch Dataset"
         raise SurgeryError(
-            f"data must be an ImageFolder directory, a sized torch Dataset or a DataLoader, not {type(data).__name__}"
+            f"data must be an ImageFolder directory, {sized_text} or a DataLoader, not {type(data).__name__}"
         )
-    if len(data) == 0:
+    if hasattr(data, "__len__") and len(data) == 0:
         raise SurgeryError("the dataset is empty; pass data with at least one image")
     return data
 

@@ -301,6 +301,7 @@ class _Run:
     sched: object
     device: torch.device
     prefixes: list[str] | None
+    pool: str | None  # the global pooling module whose input objective="features" matches
     frozen: list[str]  # modules kept in eval mode with frozen parameters (the classifier, for features)
     total_steps: int
     epochs: int
@@ -309,7 +310,7 @@ class _Run:
     train_norms: bool  # norms in train mode (batch statistics, running averages updated), else frozen statistics
 
 
-def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weight_decay, epochs, steps, rank, world,
+def _setup(converted, original, data, *, objective, pool, freeze, optimizer, lr, weight_decay, epochs, steps, rank, world,
            batch_size, num_images, preset, transform, seed, train_norms) -> _Run:
     """Student and teacher on the device, trainable parameters, loader, optimizer and cosine schedule."""
     if torch.cuda.is_available() and world > 1:
@@ -318,7 +319,7 @@ def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weigh
     else:
         device = model_device(converted)
     prefixes = _trainable_prefixes(converted, freeze)
-    frozen = global_pool(converted)[1] if objective == "features" else []
+    frozen = pool[1] if objective == "features" else []
     student = copy.deepcopy(converted).to(device)
     teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
     for name, p in student.named_parameters():
@@ -333,7 +334,6 @@ def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weigh
     # An iteration budget spans as many passes over the data as it needs.
     total = steps if steps is not None else epochs * len(loader)
     epochs = math.ceil(total / len(loader))
-    lr = OPTIMIZERS[optimizer] if lr is None else lr
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     else:
@@ -345,8 +345,8 @@ def _setup(converted, original, data, *, objective, freeze, optimizer, lr, weigh
     if train_norms is None:
         # Few images seen many times (features) give noisy batch statistics: keep the calibrated ones.
         train_norms = objective == "logits"
-    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, frozen, total, epochs, rank, world,
-                train_norms)
+    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, pool[0], frozen, total, epochs,
+                rank, world, train_norms)
 
 
 def _loss(objective, logits, teacher_logits, taps: _Taps, labels, *, temperature, alpha):
@@ -368,8 +368,8 @@ def _train(run: _Run, report: FinetuneReport, *, objective, start_epoch, step, m
     """The training loop: epochs of steps until the budget (or ``max_steps``) is spent; a checkpoint after
     every finished epoch; a non-finite loss on any process stops all of them."""
     taps = _Taps()
-    if objective != "logits":
-        taps.attach(run.student, run.teacher, global_pool(run.student)[0])
+    if run.pool is not None:
+        taps.attach(run.student, run.teacher, run.pool)
     stop = run.total_steps if max_steps is None else min(run.total_steps, max_steps)
     try:
         with eval_mode(run.teacher):
@@ -497,12 +497,12 @@ def finetune(
         raise SurgeryError(f"checkpoint {ckpt} already exists; resume from it (--resume) or pass --force to start over")
     if ckpt is not None:
         check_writable(ckpt, force=True)  # now, not after the first epoch
-    if objective != "logits":
-        global_pool(converted)  # a model without a global pooling module is refused before any work
+    # Traced once, before any work: a model without a global pooling module is refused here.
+    pool = global_pool(converted) if objective != "logits" else (None, [])
 
     rank, world, started_group = _distributed()
     try:
-        run = _setup(converted, original, data, objective=objective, freeze=freeze, optimizer=optimizer, lr=lr,
+        run = _setup(converted, original, data, objective=objective, pool=pool, freeze=freeze, optimizer=optimizer, lr=lr,
                      weight_decay=weight_decay, epochs=epochs, steps=steps, rank=rank, world=world,
                      batch_size=batch_size, num_images=num_images, preset=preset, transform=transform, seed=seed,
                      train_norms=train_norms)
