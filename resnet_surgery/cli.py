@@ -490,6 +490,8 @@ int8_options = [
     click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
                  help="--int8: keep the int8 file only if its top-1 agrees with fp32 on this percent of images"),
     click.option("--per-tensor", is_flag=True, help="--int8: one weight scale per tensor instead of per channel"),
+    click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+                 help="--int8: activation type (uint8 with int8 weights is the fast form on x86 CPUs)"),
 ]
 
 
@@ -509,8 +511,8 @@ int8_options = [
 @click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
 @user_errors
 def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, int8, calibration_data,
-                   method, calibration_images, parity_images, min_agreement, per_tensor, preset, size, resize, mean,
-                   std, batch_size, force, as_json):
+                   method, calibration_images, parity_images, min_agreement, per_tensor, activations, preset, size, resize,
+                   mean, std, batch_size, force, as_json):
     """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
 
     The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4. With --int8
@@ -549,7 +551,7 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
         click.echo(f"quantizing to int8, calibrated on {calibration_data} ...", err=True)
         try:
             int8_report = quantize_onnx(fp32_out, out, calibration_data, per_channel=not per_tensor, method=method,
-                                        num_images=calibration_images, parity_images=parity_images,
+                                        activations=activations, num_images=calibration_images, parity_images=parity_images,
                                         min_agreement=min_agreement, batch_size=batch_size, force=force,
                                         transform=build_preprocessing(preset, size, resize, mean, std, model),
                                         progress=not as_json)

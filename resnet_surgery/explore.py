@@ -41,7 +41,7 @@ from .export import OnnxModule, export_onnx
 from .history import history
 from .latency import compare_latency
 from .pipeline import _report_dict
-from .quantize import QuantizationError, quantize_onnx
+from .quantize import ACTIVATIONS, QuantizationError, quantize_onnx
 from .recipe import save
 from .recovery import calibrate, evaluate, predict
 from .rewrite import SurgeryNotice, convert
@@ -60,7 +60,12 @@ class ExploreReport:
     settings: dict
     candidates: list[dict]  # one per candidate: how it was made, its evaluation, latency and front per batch
     latency: dict | None  # LatencyReport.to_dict() of the one timing run
-    seconds: float
+    seconds: float  # this call, reused candidates included at no cost
+    latency_seconds: float = 0.0  # the timing run alone
+
+    def work_seconds(self) -> float:
+        """What a run from scratch costs: every candidate's recorded build time plus the timing run."""
+        return sum(c.get("seconds", 0.0) for c in self.candidates) + self.latency_seconds
 
     def timed(self) -> list[dict]:
         return [c for c in self.candidates if c.get("latency")]
@@ -204,13 +209,15 @@ def explore(
             results.append(build.int8(fp32, quant_images, min_agreement))
 
     timed = [r for r in results if r["status"] == "ok"]
+    timing_start = time.perf_counter()
     latency = compare_latency({r["name"]: out / "candidates" / r["name"] / ONNX_FILE for r in timed},
                               batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s, max_time_s=max_time_s,
                               seed=seed, progress=progress)
     metric = "top1" if labelled else "agreement"
     _attach_latency(timed, latency.to_dict()["results"], metric)
     report = ExploreReport(model=name, metric=metric, settings=settings, candidates=results,
-                           latency=latency.to_dict(), seconds=time.perf_counter() - start)
+                           latency=latency.to_dict(), seconds=time.perf_counter() - start,
+                           latency_seconds=time.perf_counter() - timing_start)
     with atomic_file(out / "explore.json", force=True) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     report.plot(out / "explore.png")
@@ -390,7 +397,8 @@ class _Builder:
     def int8(self, fp32: dict, quant_images: int, min_agreement: float) -> dict:
         name = f"{fp32['name']}-int8"
         done = self.finished(name)
-        if done:
+        # A file quantized another way (signed activations, before they became uint8) is rebuilt.
+        if done and done.get("quantization", {}).get("activations") == ACTIVATIONS[0]:
             return done
         start = time.perf_counter()
         result = {**{k: fp32[k] for k in ("variant", "exact", "rewrites", "macs")}, "name": name, "precision": "int8",

@@ -1,6 +1,6 @@
 """int8 for the deploy path: onnxruntime's static quantization of an exported fp32 ONNX file, with statistical parity.
 
-Quantization is ``onnxruntime.quantization.quantize_static`` (QDQ format, int8 weights per output channel, int8
+Quantization is ``onnxruntime.quantization.quantize_static`` (QDQ format, int8 weights per output channel, uint8
 activations whose ranges come from calibration images run through the fp32 model), after onnxruntime's own
 ``quant_pre_process`` (shape inference and graph optimisation). Parity cannot be exact for int8, so it is
 statistical: on held-out images that calibration never saw, the int8 file's top-1 agreement with the fp32
@@ -30,6 +30,9 @@ from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata,
 from .recovery import evaluate
 
 METHODS = ("minmax", "entropy", "percentile")
+# uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:
+# ResNet-50 here ran 3-8x faster with U8S8 than with S8S8 activations, which barely beat fp32.
+ACTIVATIONS = ("uint8", "int8")
 QUANT_METADATA_KEY = "resnet_surgery.quantization"
 
 
@@ -47,6 +50,7 @@ class QuantReport:
     method: str
     per_channel: bool
     quant_format: str  # "QDQ"
+    activations: str  # "uint8" (U8S8, the fast one on x86) or "int8" (S8S8); weights are always int8
     calibration_images: int
     parity_images: int  # held-out images, disjoint from the calibration images
     agreement: float  # percent of parity images where int8 and fp32 pick the same class
@@ -71,7 +75,8 @@ class QuantReport:
             top1 = f", top-1 {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% int8"
         return "\n".join([
             f"int8: {self.path} ({self.int8_bytes / 1e6:.1f} MB, fp32 {self.fp32_bytes / 1e6:.1f} MB), onnxruntime static "
-            f"{self.quant_format}, {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.method} "
+            f"{self.quant_format}, {'per-channel' if self.per_channel else 'per-tensor'} int8 weights, {self.activations} "
+            f"activations, {self.method} "
             f"calibration on {self.calibration_images} images ({self.seconds:.1f} s)",
             f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
             f"KL {self.kl:.4f}{top1}",
@@ -114,6 +119,7 @@ def quantize_onnx(
     *,
     per_channel: bool = True,
     method: str = "minmax",
+    activations: str = "uint8",
     num_images: int = 512,
     parity_data=None,
     parity_images: int = 512,
@@ -131,10 +137,13 @@ def quantize_onnx(
     ``transform`` or ``preset`` like every other input of the project) gives ``num_images`` calibration images.
     Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
     ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when
-    the agreement is below ``min_agreement`` percent.
+    the agreement is below ``min_agreement`` percent. ``activations="uint8"`` (U8S8) is the fast form on x86;
+    "int8" (S8S8) is there for runtimes that want signed activations.
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise SurgeryError(f"unknown activation type {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     proto = load_onnx_header(fp32_onnx)
     if out.resolve() == fp32_onnx.resolve():
@@ -155,10 +164,10 @@ def quantize_onnx(
         tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent) as work,
     ):
         staged = Path(work) / out.name
-        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method)
+        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
         seconds = time.perf_counter() - start
-        report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, len(calibration), min_agreement,
-                         seconds, progress)
+        report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
+                         min_agreement, seconds, progress)
         if not report.passed:
             raise QuantizationError(
                 f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
@@ -190,7 +199,7 @@ def _split(calibration_data, parity_data, num_images, parity_images, preset, tra
     return calibration, parity
 
 
-def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str) -> None:
+def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -203,7 +212,8 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
         prepared = fp32_onnx
     try:
         quantize_static(str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8,
                         calibrate_method=methods[method])
     except SurgeryError:
         raise
@@ -211,8 +221,8 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
         raise SurgeryError(f"onnxruntime could not quantize {fp32_onnx}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
-def _parity(fp32_onnx, staged, loader, out, method, per_channel, calibration_images, min_agreement, seconds,
-            progress) -> QuantReport:
+def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, calibration_images, min_agreement,
+            seconds, progress) -> QuantReport:
     fp32, int8 = OnnxModule(fp32_onnx), OnnxModule(staged)
     scores = evaluate(int8, loader, reference=fp32, progress=progress)
     top1_fp32 = evaluate(fp32, loader, progress=progress).top1 if scores.top1 is not None else None
@@ -222,6 +232,7 @@ def _parity(fp32_onnx, staged, loader, out, method, per_channel, calibration_ima
         method=method,
         per_channel=per_channel,
         quant_format="QDQ",
+        activations=activations,
         calibration_images=calibration_images,
         parity_images=scores.num_images,
         agreement=scores.agreement,

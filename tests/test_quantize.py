@@ -51,8 +51,16 @@ def test_int8_keeps_agreement_with_fp32_on_held_out_images(fp32_onnx, cifar_imag
     assert (report.calibration_images, report.parity_images) == (128, 256)
     assert report.agreement >= 95 and 0 <= report.kl < 0.05
     assert abs(report.top1_int8 - report.top1_fp32) <= 3 and report.int8_bytes < report.fp32_bytes / 2
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    # Activations uint8 (U8S8, what x86 VNNI kernels take), weights int8.
+    zero_points = {t.name: t.data_type for t in proto.graph.initializer}
+    activation_types = {zero_points[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    weight_types = {zero_points[n.input[2]] for n in proto.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in zero_points}
+    assert report.activations == "uint8" and activation_types == {onnx.TensorProto.UINT8}
+    assert weight_types == {onnx.TensorProto.INT8, onnx.TensorProto.INT32}  # conv weights; biases are int32
     meta = onnx_metadata(out)
     assert meta[MACS_METADATA_KEY] == onnx_metadata(fp32_onnx)[MACS_METADATA_KEY]
     assert json.loads(meta[QUANT_METADATA_KEY])["agreement"] == report.agreement
