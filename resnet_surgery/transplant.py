@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -189,14 +190,14 @@ def _eps_notice(pairs: list[tuple[str, str]], source: nn.Module, target: nn.Modu
     return None
 
 
-def match(source_secs: list[Section], target_secs: list[Section], head: bool) -> list[tuple[str, str]]:
-    """(source module, target module) pairs, section by section; SurgeryError at the first count mismatch."""
+def match(source_secs: list[Section], target_secs: list[Section], head: bool) -> Iterator[tuple[str, str]]:
+    """(source module, target module) pairs in order; SurgeryError when a section's counts differ (raised
+    when the pairing reaches it, so the caller's checks of earlier pairs come first)."""
     labels_s = [s.label for s in source_secs]
     labels_t = [s.label for s in target_secs]
     if labels_s != labels_t:
         extra = next(x for x in labels_s + labels_t if (x in labels_s) != (x in labels_t))
         raise SurgeryError(f"weights {extra} in one model only: they are not the same network")
-    pairs = []
     for s, t in zip(source_secs, target_secs):
         if s.label == "head" and not head:
             continue
@@ -206,8 +207,7 @@ def match(source_secs: list[Section], target_secs: list[Section], head: bool) ->
                                f"({', '.join(s.modules[:4])}{', ...' if len(s.modules) > 4 else ''}), "
                                f"target {len(t.modules)} ({', '.join(t.modules[:4])}"
                                f"{', ...' if len(t.modules) > 4 else ''})" + (_HEAD_HINT if s.label == "head" else ""))
-        pairs += list(zip(s.modules, t.modules))
-    return pairs
+        yield from zip(s.modules, t.modules)
 
 
 _HEAD_HINT = "; pass head=False (--no-head) to keep the target's head"
@@ -259,9 +259,9 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     ssecs, tsecs = sections(sgm, sblocks), sections(tgm, tblocks)
     _check_covered(source, ssecs, "source")
     _check_covered(new, tsecs, "target")
-    pairs = match(ssecs, tsecs, head)
-    copies = []
-    for s, t in pairs:
+    pairs, copies = [], []
+    for s, t in match(ssecs, tsecs, head):
+        pairs.append((s, t))
         try:
             keys = _pair_tensors(source.get_submodule(s), s, new.get_submodule(t), t)
         except SurgeryError as e:

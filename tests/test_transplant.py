@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -215,6 +216,11 @@ def test_cli_transplant(tmp_path):
     assert "16 blocks" in result.output and "layer4.2" in result.output and "relative 0" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.json", "summary.txt"]
     assert relative_error(source, rs.load(out), 64) <= 1e-6
+    result = run("transplant", "resnet18", "--into", "resnet18", "--no-head", "--json", "--out", tmp_path / "trunk",
+                 "--input-size", 64)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)["recipe"]["transplant"]
+    assert summary["head"] is False and summary["probe"] is None and "fc" not in summary["modules"]
     bad = tmp_path / "bad"
     result = run("transplant", "resnet18", "--into", "resnet34", "--out", bad)
     assert result.exit_code == 2 and not bad.exists()
