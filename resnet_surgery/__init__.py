@@ -15,6 +15,7 @@ from .recipe import Options, Recipe, Rewrite, apply_recipe, load, load_model, re
 from .recovery import CalibrationReport, EvalReport, calibrate, evaluate, predict
 from .report import Report, count_macs, inspect
 from .rewrite import SurgeryNotice, convert, max_difference
+from .transplant import transplant
 from .vocab import Layout, Op, Shortcut, Variant
 from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
@@ -27,4 +28,5 @@ __all__ = [
     "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "finetune", "history", "inspect", "load",
     "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "pareto_front",
     "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "split_batch", "trace",
+    "transplant",
 ]

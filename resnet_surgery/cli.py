@@ -140,6 +140,68 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
         click.echo(summary)
         click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
 
+def transplant_summary(source: str, source_weights: str, target: str, target_weights: str, moved) -> str:
+    """The readable result of a transplant (printed, and saved as summary.txt)."""
+    from .history import history
+    from .utils import table
+
+    recipe = history(moved).recipe
+    t = recipe.transplant
+    blocks = sum(s["section"].startswith("block") for s in t["sections"])
+    lines = [f"{source} (weights {source_weights}) into {target} (weights {target_weights}): {blocks} blocks, "
+             f"{len(t['modules'])} modules, {t['tensors']} tensors copied by structure"]
+    lines += table([("section", "source", "target", "modules")] +
+                   [(s["section"], s["source"], s["target"], str(s["modules"])) for s in t["sections"]])
+    if recipe.rewrites:
+        lines.append(f"target converted first: {recipe.variant_before} -> {recipe.variant_after}, "
+                     f"{len(recipe.rewrites)} rewrites ({', '.join(sorted({str(r.op) for r in recipe.rewrites}))})")
+    probe = t["probe"]
+    if probe is None:
+        lines.append("outputs not compared: --no-head keeps the target's own head")
+    else:
+        lines.append(f"max |difference| from the source on a probe input: {probe['max_abs_diff']:.3g} (max |logit| "
+                     f"{probe['max_abs']:.3g}, relative {probe['max_abs_diff'] / max(probe['max_abs'], 1e-12):.2g})")
+    lines += [f"note: {n}" for n in recipe.notices]
+    return "\n".join(lines)
+
+
+@main.command("transplant")
+@click.argument("source")
+@click.option("--into", "target", required=True, help="the model whose class and layout receive SOURCE's weights")
+@weights_option
+@click.option("--into-weights", default="none", show_default=True, help="weights of --into (as --weights)")
+@click.option("--no-head", is_flag=True, help="copy only the trunk: keep --into's classifier (e.g. other classes)")
+@size_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+@user_errors
+def transplant_command(source, target, weights, into_weights, no_head, input_size, out, force, as_json):
+    """Copy SOURCE's weights into the layout of --into (another implementation of the same network), matched
+    by structure rather than names, converting --into's stride placement or shortcuts to SOURCE's if they differ."""
+    import warnings
+
+    from .atomic import check_writable
+    from .history import history
+    from .recipe import load_model, save
+    from .rewrite import SurgeryNotice
+    from .transplant import transplant
+
+    check_writable(out, force)
+    size = (3, input_size, input_size)
+    src, tgt = load_model(source, weights), load_model(target, into_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SurgeryNotice)  # the summary lists them as notes
+        moved = transplant(src, tgt, head=not no_head, input_size=size)
+    summary = transplant_summary(source, weights, target, into_weights, moved)
+    save(moved, out, force=force, summary=summary)
+    if as_json:
+        print_json({"out": out, "recipe": history(moved).recipe.to_json()})
+    else:
+        click.echo(summary)
+        click.echo(f"written: {out}/ (model.safetensors, recipe.json, summary.txt)")
+
+
 # --- latency command: bench (resnet_surgery.latency); export is with the deploy commands at the end ----
 
 def parse_batches(ctx, param, value: str) -> list[int]:

@@ -116,6 +116,7 @@ class Recipe(_ByKey):
     versions: dict[str, str]
     calibration: dict | None = None  # summary of the last calibrate
     finetune: dict | None = None  # summary of the last finetune
+    transplant: dict | None = None  # transplant: the source, what was paired, the probe difference
 
     @property
     def conversions(self) -> list[Conversion]:
@@ -266,6 +267,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) ->
     converted = model
     for step in recipe.conversions:
         opts = step.options
+        if opts.to is None and opts.shortcut is None and not opts.prune_dead:
+            continue  # a transplant that needed no conversion: nothing to replay
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SurgeryNotice)
             converted = convert(converted, opts.to, shortcut=opts.shortcut, exact=opts.exact,

@@ -21,7 +21,7 @@ from .blocks import Block, find_blocks, model_variant, trace
 from .errors import NotExactError, SurgeryError
 from .history import Source, history, record
 from .recipe import RECIPE_FORMAT, Options, Recipe, Rewrite
-from .utils import eval_mode, private_copy
+from .utils import eval_mode, model_device, private_copy
 from .vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
 
 
@@ -310,7 +310,7 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode.
 
     A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
-    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
     with eval_mode(a, b), torch.no_grad():
         ya, yb = a(x), b(x)
     for which, y in (("original", ya), ("converted", yb)):
