@@ -116,6 +116,7 @@ class Recipe(_ByKey):
     versions: dict[str, str]
     calibration: dict | None = None  # summary of the last calibrate
     finetune: dict | None = None  # summary of the last finetune
+    trunk: str | None = None  # the rewritten submodule of a model fx cannot trace whole (a detection backbone)
 
     @property
     def conversions(self) -> list[Conversion]:
