@@ -1,5 +1,6 @@
 """Detection and segmentation models: the ResNet trunk found inside the whole model, rewritten in place."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -15,9 +16,18 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from util import CaffeResNet, randomize_bn
 
 from resnet_surgery import (
-    SurgeryNotice, apply_recipe, convert, export_onnx, history, inspect, load, load_model, max_difference, save,
+    SurgeryNotice,
+    apply_recipe,
+    convert,
+    export_onnx,
+    find_trunk,
+    history,
+    inspect,
+    load,
+    load_model,
+    max_difference,
+    save,
 )
-from resnet_surgery.blocks import find_trunk
 from resnet_surgery.cli import main
 from resnet_surgery.models import DETECTION_MODELS, FROZEN_BN_MODELS, SEGMENTATION_MODELS
 from resnet_surgery.recovery import reestimate_bn
@@ -235,8 +245,6 @@ def test_onnx_segmentation_whole_and_detection_backbone_every_level(tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "det"), "--part", "backbone", "--input-size", "65",
                                   "--static-batch", "--json", "--out", str(tmp_path / "det.onnx")])
     assert result.exit_code == 0, result.output
-    import json
-
     parity = json.loads(result.output[result.output.index("{"):])
     (check,) = parity["checks"]
     assert len(check["output_rel_diffs"]) == 5 and max(check["output_rel_diffs"]) <= 1e-5 and parity["passed"]
