@@ -308,15 +308,21 @@ class Trunk:
 
 
 def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:
-    """``model`` when fx traces it whole, else its outermost traceable submodule holding residual blocks
-    (the one with the most blocks when several do). Raises the whole model's TraceError when none does."""
+    """``model`` when fx traces it whole, else its one outermost traceable submodule holding residual blocks.
+
+    Raises the whole model's TraceError when no submodule holds blocks, or several do (an untraceable module
+    among the blocks splits the ResNet into pieces: none of them is the trunk)."""
     try:
         gm = trace(model, leaf_modules)
     except TraceError as e:
         parts = _traceable_parts(model, "", leaf_modules)
+        if len(parts) == 1:
+            return parts[0]
         if not parts:
             raise TraceError(f"{e}; no traceable submodule holds residual blocks either") from None
-        return max(parts, key=lambda t: len(t.blocks))
+        names = ", ".join(p.name for p in parts[:4]) + (", ..." if len(parts) > 4 else "")
+        raise TraceError(f"{e}; the residual blocks are split over several traceable submodules ({names}), "
+                         "so none of them is the whole trunk") from None
     return Trunk("", model, gm, find_blocks(gm))
 
 

@@ -29,6 +29,7 @@ from resnet_surgery import (
     save,
 )
 from resnet_surgery.cli import main
+from resnet_surgery.errors import TraceError
 from resnet_surgery.models import DETECTION_MODELS, FROZEN_BN_MODELS, SEGMENTATION_MODELS
 from resnet_surgery.recovery import reestimate_bn
 from resnet_surgery.vocab import Layout, Variant
@@ -264,3 +265,17 @@ def test_cli_inspect_and_convert_a_detection_model(tmp_path):
     assert result.exit_code == 0, result.output
     assert "backbone.body.layer2.0" in result.output and "max |difference|" in result.output
     assert Path(tmp_path / "p" / "recipe.json").is_file()
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x.relu() if x.sum() > 0 else x
+
+
+def test_an_untraceable_module_among_the_blocks_is_still_an_error():
+    model = torchvision.models.resnet18()
+    model.layer3[1].relu = Gate()
+    # The blocks split over layer1, layer2, layer3.0 and layer4: none is the trunk; the fix is named as before.
+    with pytest.raises(TraceError, match=r"module 'layer3.1.relu' \(Gate\).*leaf_modules=\[Gate\].*split over"):
+        convert(model, "v1")
+    assert len(find_trunk(model, leaf_modules=[Gate]).blocks) == 8
