@@ -123,6 +123,10 @@ class ParityReport:
                 f"{c.batch:>5}  {c.max_abs_diff:>10.2e}  {c.max_abs_logit:>11.3g}  {c.max_rel_diff:>9.2e}  "
                 f"{c.tolerance:>9.2e}  {f'{c.top1_agree}/{c.batch}':>11}  {'pass' if c.passed else 'FAIL'}"
             )
+        for c in self.checks:
+            if len(c.output_rel_diffs) > 1:  # a feature pyramid: each level passes on its own scale
+                lines.append(f"  batch {c.batch}, rel diff per output: "
+                             + ", ".join(f"{d:.2e}" for d in c.output_rel_diffs))
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(
             f"parity: {verdict} (max |onnx - torch| <= atol {self.atol:g} + rtol {self.rtol:g} x max |logit|)"
