@@ -77,6 +77,14 @@ def test_every_model_is_found_inside_the_whole_model_and_converted_in_place():
             assert all(isinstance(converted.get_submodule(c), nn.Conv2d) for c in r.convs)
         first = converted.get_submodule(f"{body}layer2.0.conv1")
         assert first.stride == (2, 2) and model.get_submodule(f"{body}layer2.0.conv1").stride == (1, 1)
+        d = quiet(convert, model, "d", input_size=SIZE)
+        assert isinstance(d.get_submodule(f"{body}layer2.0.downsample.0.0"), nn.AvgPool2d), name
+        # The dead-compute pass prunes only where no feature-pyramid level reads the stage output.
+        pruned = quiet(convert, converted, prune_dead=True, input_size=SIZE)
+        taps_c2 = detection and not name.startswith(("retinanet", "fcos"))
+        assert [r.block for r in history(pruned).recipe.rewrites] == ([] if taps_c2 else [f"{body}layer2.0"]), name
+        diff, scale = max_difference(converted, pruned, SIZE)
+        assert diff / scale <= 1e-5, name
 
 
 def test_dilated_stages_have_nothing_to_move():
