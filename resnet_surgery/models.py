@@ -145,7 +145,9 @@ def freeze_batchnorms(module: nn.Module) -> nn.Module:
 def build_torchvision(name: str) -> nn.Module:
     """A torchvision model with random weights, built as torchvision builds it for its published weights
     (never downloading a backbone: ``weights_backbone=None``)."""
-    if name in DETECTION_MODELS or name in SEGMENTATION_MODELS:
+    if name in SEGMENTATION_MODELS:  # torchvision's published weights include the auxiliary classifier
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=True)
+    if name in DETECTION_MODELS:
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
         if name in FROZEN_BN_MODELS:
             freeze_batchnorms(model.backbone.body)
