@@ -347,7 +347,7 @@ def reestimate_bn(model: nn.Module, norms: Sequence[str], batches, *, reference:
     if reference is None:
         return _plain_bn(model, list(layers.values()), batches, progress)
     ref_layers = _batchnorms(reference, list(layers))
-    ref_layers = {n: m for n, m in ref_layers.items() if m.num_features == layers[n].num_features}
+    ref_layers = {n: m for n, m in ref_layers.items() if m.running_mean.shape == layers[n].running_mean.shape}
     device = model_device(model)
     ref_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sums = {n: [0.0, 0.0, 0] for n in layers}  # running sums of the new mean and variance, batch count

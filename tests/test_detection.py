@@ -1,5 +1,6 @@
 """Detection and segmentation models: the ResNet trunk found inside the whole model, rewritten in place."""
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 from util import CaffeResNet, randomize_bn
 
@@ -190,12 +192,13 @@ def test_frozen_batchnorm_checkpoints_load_and_calibration_reestimates_them(tmp_
     assert torch.equal(loaded.backbone.body.layer1[0].bn1.running_mean, state["backbone.body.layer1.0.bn1.running_mean"])
 
     # BN re-estimation sets a FrozenBatchNorm2d's statistics to those of its input on the data.
-    net = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).eval()
+    net = torchvision.models.resnet.ResNet(Bottleneck, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d).eval()
     images = torch.randn(8, 3, 32, 32)
     seen = {}
-    net.layer2[0].bn1.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    handle = net.layer2[0].bn1.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
     with torch.no_grad():
         net(images)
+    handle.remove()
     var, mean = torch.var_mean(seen["x"], dim=(0, 2, 3), correction=1)
     bn = net.layer2[0].bn1
     assert not torch.allclose(bn.running_mean, mean)
@@ -204,6 +207,17 @@ def test_frozen_batchnorm_checkpoints_load_and_calibration_reestimates_them(tmp_
     assert count == 8
     torch.testing.assert_close(bn.running_mean, mean)
     torch.testing.assert_close(bn.running_var, var)
+    # calibrate's bn step matches the original model's normalisation: a norm whose input did not change keeps its
+    # statistics, the norms of an approximately rewritten block get new ones.
+    loader = DataLoader(TensorDataset(images, torch.zeros(8)), batch_size=8)
+    same = copy.deepcopy(net)
+    reestimate_bn(same, ["layer3.0.bn2"], loader, reference=net, progress=False)
+    torch.testing.assert_close(same.layer3[0].bn2.running_var, net.layer3[0].bn2.running_var)
+    v1 = quiet(convert, net, "v1", input_size=(3, 32, 32))
+    norms = [n for r in history(v1).recipe.rewrites for n in r.norms]
+    before = {n: v1.get_submodule(n).running_mean.clone() for n in norms}
+    reestimate_bn(v1, norms, loader, reference=net, progress=False)
+    assert not torch.allclose(v1.get_submodule("layer2.0.bn2").running_mean, before["layer2.0.bn2"])
 
 
 def _images(shared_data, n: int = 2) -> list[torch.Tensor]:
