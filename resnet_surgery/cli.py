@@ -496,8 +496,9 @@ int8_options = [
 
 
 def export_part(model, part):
-    """The submodule --part of ``model``; without it, a model fx cannot trace whole is refused, naming its trunk."""
-    from .blocks import find_trunk
+    """The submodule --part of ``model``; a whole torchvision detection model is refused, naming --part backbone."""
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     if part:
         try:
@@ -505,13 +506,10 @@ def export_part(model, part):
         except AttributeError:
             children = ", ".join(name for name, _ in model.named_children())
             raise SurgeryError(f"{type(model).__name__} has no submodule {part!r}; its parts are: {children}") from None
-    try:
-        trunk = find_trunk(model)
-    except SurgeryError:
-        return model  # not a ResNet: the exporters say what they can do with it
-    if trunk.name:
-        raise SurgeryError(f"{type(model).__name__} cannot be exported whole (its forward depends on the data, e.g. "
-                           f"the number of detected boxes): export its trunk with --part {trunk.name}")
+    if isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS)):
+        raise SurgeryError(f"{type(model).__name__} takes a list of images and returns boxes per image, which this "
+                           "export (one image tensor in, verified tensors out) does not cover: export its trunk with "
+                           "--part backbone (the ResNet and its feature pyramid)")
     return model
 
 
