@@ -347,6 +347,9 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed))
     with eval_mode(a, b), torch.no_grad():
         ya, yb = output_tensors(a(x)), output_tensors(b(x))
+    if not ya:
+        raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
+                           "verified by a probe")
     for which, ys in (("original", ya), ("converted", yb)):
         if not all(torch.isfinite(y).all() for y in ys):
             raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
