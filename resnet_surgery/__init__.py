@@ -1,6 +1,6 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
-from .blocks import Block, Subsample, find_blocks, trace
+from .blocks import Block, Subsample, Trunk, find_blocks, find_trunk, trace
 from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
 from .errors import NotExactError, SurgeryError, TraceError
 from .explore import ExploreReport, explore, pareto_front
@@ -23,9 +23,9 @@ __all__ = [
     "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "EvalReport", "ExploreReport", "ExportError",
     "FinetuneReport", "History", "LatencyReport", "Layout", "NotExactError", "OnnxModule", "Op", "Options",
     "ParityError", "ParityReport", "QuantReport", "QuantizationError", "RatioCI", "Recipe", "Report", "Rewrite",
-    "Shortcut", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Variant", "apply_recipe",
+    "Shortcut", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Trunk", "Variant", "apply_recipe",
     "as_loader", "calibrate", "cifar10_tensors", "cifar_resnet", "compare_latency", "convert", "count_macs",
-    "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "finetune", "history", "inspect", "load",
+    "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "history", "inspect", "load",
     "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "pareto_front",
     "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "split_batch", "trace",
     "transplant",

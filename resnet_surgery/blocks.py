@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import SurgeryError, TraceError
 from .vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# FrozenBatchNorm2d (torchvision's detection trunks) is no _NormBase but normalises like one.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
 class Subsample(nn.Module):
@@ -46,8 +48,8 @@ class SurgeryTracer(fx.Tracer):
         self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (Subsample, *self.leaf_types)) or qualname in self.leaf_names:
-            return True
+        if isinstance(m, (Subsample, FrozenBatchNorm2d, *self.leaf_types)) or qualname in self.leaf_names:
+            return True  # a FrozenBatchNorm2d stays one module (a norm), not its reshapes and buffers
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -95,7 +97,7 @@ class Block:
     norms: list[str] = field(default_factory=list)
     kind: BlockKind = BlockKind.OTHER
     stride: int = 1
-    layout: Layout | None = None  # downsampling blocks only
+    layout: Layout | None = None  # downsampling blocks, and stage-first blocks of a dilated stage
     shortcut_type: Shortcut = Shortcut.IDENTITY
 
     @property
@@ -197,14 +199,31 @@ def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> Shortcut:
     return Shortcut.OTHER
 
 
+def _kxk_dilation(block: Block, modules: dict[str, nn.Module]) -> int:
+    return max((_pair(modules[c].dilation)[0] for c in block.main_convs if _pair(modules[c].kernel_size)[0] > 1),
+               default=1)
+
+
+def _mark_dilated(blocks: list[Block], modules: dict[str, nn.Module]) -> None:
+    """A stage-first block (projection shortcut) at stride 1 whose 3x3s, or the next block's, are dilated: a
+    stage where dilation replaced the stride (segmentation trunks). Its resolution is kept on purpose."""
+    for b in blocks:
+        if b.stride > 1 or b.shortcut_type not in PROJECTIONS:
+            continue
+        following = [c for c in blocks if b.add in _trunk(c.input)[:3]]
+        if _kxk_dilation(b, modules) > 1 or any(_kxk_dilation(c, modules) > 1 for c in following):
+            b.layout = Layout.DILATED
+
+
 def _depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels
 
 
-def find_blocks(gm: fx.GraphModule) -> list[Block]:
-    """Every residual addition in ``gm`` whose main branch holds at least two convolutions."""
+def find_blocks(gm: fx.GraphModule, prefix: str = "") -> list[Block]:
+    """Every residual addition in ``gm`` whose main branch holds at least two convolutions and no other block;
+    block names get ``prefix`` (where ``gm`` sits in a larger model)."""
     modules = dict(gm.named_modules())
-    blocks, depthwise = [], 0
+    blocks, depthwise, adds = [], 0, set()
     for node in gm.graph.nodes:
         if not is_add(node) or len(_tensor_args(node)) != 2:
             continue
@@ -225,9 +244,12 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         if any(_depthwise(modules[c]) for c in convs_a):
             depthwise += 1  # an inverted residual (MobileNet): not a ResNet block
             continue
+        if adds.intersection(branch_a + branch_b):
+            continue  # a branch through other blocks: a feature pyramid's top-down sum, not a residual block
         names = [n.target for n in branch_a + branch_b if n.op == "call_module"]
+        name = _common_prefix(names) or node.name
         block = Block(
-            name=_common_prefix(names) or node.name,
+            name=f"{prefix}.{name}" if prefix else name,
             input=junction,
             add=node,
             main=branch_a,
@@ -239,6 +261,8 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         )
         _classify(block, modules)
         blocks.append(block)
+        adds.add(node)
+    _mark_dilated(blocks, modules)
     if not blocks:
         extra = f" ({depthwise} depthwise inverted-residual blocks are not ResNet blocks)" if depthwise else ""
         raise SurgeryError(
@@ -266,3 +290,55 @@ def model_variant(blocks: list[Block]) -> Variant:
     if not labels:
         return Variant.V1_5  # no downsampling block: nothing distinguishes the variants
     return labels.pop() if len(labels) == 1 else Variant.MIXED
+
+
+@dataclass
+class Trunk:
+    """The traceable part of a model that holds its residual blocks: the model itself, or a submodule of a model
+    fx cannot trace whole (a detection model's ``backbone``); block names are full paths in the model."""
+
+    name: str  # "" for the whole model
+    module: nn.Module
+    gm: fx.GraphModule
+    blocks: list[Block]
+
+    def path(self, name: str) -> str:
+        """A name inside the trunk as a full path in the model."""
+        return f"{self.name}.{name}" if self.name and name else self.name or name
+
+
+def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:
+    """``model`` when fx traces it whole, else its one outermost traceable submodule holding residual blocks.
+
+    Raises the whole model's TraceError when no submodule holds blocks, or several do (an untraceable module
+    among the blocks splits the ResNet into pieces: none of them is the trunk)."""
+    try:
+        gm = trace(model, leaf_modules)
+    except TraceError as e:
+        parts = _traceable_parts(model, "", leaf_modules)
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise TraceError(f"{e}; no traceable submodule holds residual blocks either") from None
+        names = ", ".join(p.name for p in parts[:4]) + (", ..." if len(parts) > 4 else "")
+        raise TraceError(f"{e}; the residual blocks are split over several traceable submodules ({names}), "
+                         "so none of them is the whole trunk") from None
+    return Trunk("", model, gm, find_blocks(gm))
+
+
+def _traceable_parts(module: nn.Module, prefix: str, leaf_modules) -> list[Trunk]:
+    parts = []
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if not any(isinstance(m, nn.Conv2d) for m in child.modules()):
+            continue
+        try:
+            gm = trace(child, leaf_modules)
+        except TraceError:
+            parts += _traceable_parts(child, path, leaf_modules)
+            continue
+        try:
+            parts.append(Trunk(path, child, gm, find_blocks(gm, path)))
+        except SurgeryError:
+            pass  # traceable, but no residual blocks (a head, a transform)
+    return parts

@@ -81,7 +81,8 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
         lines += table([("block", "rewrite", "exact")] +
                        [(r.block, str(r.op), "yes" if r.exact else "NO") for r in records])
     change = (macs_after - macs_before) / macs_before
-    lines.append(f"MACs: {macs_before / 1e9:.3f} G -> {macs_after / 1e9:.3f} G ({change:+.1%})")
+    part = f" (trunk {recipe.trunk})" if recipe.trunk else ""
+    lines.append(f"MACs{part}: {macs_before / 1e9:.3f} G -> {macs_after / 1e9:.3f} G ({change:+.1%})")
     if probe is not None:
         lines.append(f"max |difference| on a probe input: {probe[0]:.3g} (max |logit| {probe[1]:.3g}, "
                      f"relative {probe[0] / max(probe[1], 1e-12):.2g})")
@@ -129,7 +130,8 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SurgeryNotice)
         converted = convert(source, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
-    before, after = count_macs(source, size), count_macs(converted, size)
+    part = history(converted).recipe.trunk  # a detection model: its trunk is what changed, and what to measure
+    before, after = (count_macs(m.get_submodule(part) if part else m, size) for m in (source, converted))
     probe = max_difference(source, converted, size) if exact or prune_dead else None
     summary = convert_summary(model, weights, converted, before, after, probe)
     save(converted, out, force=force, summary=summary)
@@ -557,11 +559,31 @@ int8_options = [
 ]
 
 
+def export_part(model, part):
+    """The submodule --part of ``model``; a whole torchvision detection model is refused, naming --part backbone."""
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    if part:
+        try:
+            return model.get_submodule(part)
+        except AttributeError:
+            children = ", ".join(name for name, _ in model.named_children())
+            raise SurgeryError(f"{type(model).__name__} has no submodule {part!r}; its parts are: {children}") from None
+    if isinstance(model, (GeneralizedRCNN, RetinaNet, FCOS)):
+        raise SurgeryError(f"{type(model).__name__} takes a list of images and returns boxes per image, which this "
+                           "export (one image tensor in, verified tensors out) does not cover: export its trunk with "
+                           "--part backbone (the ResNet and its feature pyramid)")
+    return model
+
+
 @main.command("export")
 @click.argument("model_or_dir")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="the .onnx file to write")
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's)")
 @click.option("--static-batch", is_flag=True, help="fix the batch axis to 1 instead of leaving it dynamic")
+@click.option("--part", help="export this submodule only, e.g. backbone (a detection model's backbone with its "
+                             "feature pyramid; parity on every level)")
 @weights_option
 @size_option
 @click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(0), help="parity: absolute tolerance")
@@ -572,9 +594,9 @@ int8_options = [
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
 @user_errors
-def export_command(model_or_dir, out, opset, static_batch, weights, input_size, atol, rtol, int8, calibration_data,
-                   method, calibration_images, parity_images, min_agreement, per_tensor, activations, preset, size, resize,
-                   mean, std, batch_size, force, as_json):
+def export_command(model_or_dir, out, opset, static_batch, part, weights, input_size, atol, rtol, int8, calibration_data,
+                   method, calibration_images, parity_images, min_agreement, per_tensor, activations, preset, size,
+                   resize, mean, std, batch_size, force, as_json):
     """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
 
     The file is kept only if onnxruntime matches PyTorch within the tolerance at batch 1 and 4. With --int8
@@ -592,8 +614,9 @@ def export_command(model_or_dir, out, opset, static_batch, weights, input_size, 
     if int8 != bool(calibration_data):
         raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
     out = check_writable(out, force)
-    model = load_model(model_or_dir, weights)
-    click.echo(f"exporting {model_or_dir} to {out} and checking it in onnxruntime ...", err=True)
+    model = export_part(load_model(model_or_dir, weights), part)
+    click.echo(f"exporting {model_or_dir}{f' ({part})' if part else ''} to {out} and checking it in onnxruntime ...",
+               err=True)
     if int8:  # the fp32 file is staged beside --out, under a name a later run cleans up if this one is killed
         with output_errors(out):
             out.parent.mkdir(parents=True, exist_ok=True)

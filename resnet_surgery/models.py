@@ -19,6 +19,15 @@ from .history import Source, record
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+# Detection and segmentation models whose trunk is a ResNet: the tool rewrites the trunk inside the whole model.
+DETECTION_MODELS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn",
+                    "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+                    "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn")
+SEGMENTATION_MODELS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101")
+# torchvision builds these trunks with FrozenBatchNorm2d when trained weights are requested (its published
+# checkpoints have no num_batches_tracked there): built so always, any checkpoint of them loads.
+FROZEN_BN_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
+                    "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
@@ -120,9 +129,35 @@ def _check_cached_hash(path: Path) -> None:
                       "it is not the file torchvision publishes", stacklevel=3)
 
 
+def freeze_batchnorms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``module`` replaced by a FrozenBatchNorm2d holding its statistics and affine parameters."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, m in list(module.named_modules()):
+        if type(m) is nn.BatchNorm2d:
+            frozen = FrozenBatchNorm2d(m.num_features, m.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(m, key).detach())
+            module.set_submodule(name, frozen)
+    return module
+
+
+def build_torchvision(name: str) -> nn.Module:
+    """A torchvision model with random weights, built as torchvision builds it for its published weights
+    (never downloading a backbone: ``weights_backbone=None``)."""
+    if name in SEGMENTATION_MODELS:  # torchvision's published weights include the auxiliary classifier
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=True)
+    if name in DETECTION_MODELS:
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+        if name in FROZEN_BN_MODELS:
+            freeze_batchnorms(model.backbone.body)
+        return model
+    return torchvision.models.get_model(name, weights=None)
+
+
 def load_torchvision(name: str, weights: str = "none") -> nn.Module:
     """A torchvision model, weights through torchvision's own enums and TORCH_HOME cache (offline when cached)."""
-    model = torchvision.models.get_model(name, weights=None)
+    model = build_torchvision(name)
     if weights.lower() == "none":
         return model
     if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
@@ -182,12 +217,14 @@ def load_named(spec: str, weights: str = "none") -> nn.Module:
     weights = str(weights)
     if spec.startswith("timm:"):
         model, kind = load_timm(spec.removeprefix("timm:"), weights), "timm"
-    elif spec in TORCHVISION_MODELS or spec in torchvision.models.list_models(module=torchvision.models):
+    elif (spec in TORCHVISION_MODELS or spec in DETECTION_MODELS or spec in SEGMENTATION_MODELS
+          or spec in torchvision.models.list_models(module=torchvision.models)):
         model, kind = load_torchvision(spec, weights), "torchvision"  # others load for `inspect`'s verdict
     elif spec.startswith("cifar10-"):
         model, kind = load_zoo(spec, weights), "zoo"
     else:
-        raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, timm:NAME, "
+        raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, a detection or "
+                           f"segmentation model ({', '.join(DETECTION_MODELS + SEGMENTATION_MODELS)}), timm:NAME, "
                            "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
     model.eval()
     return record(model, source=Source(spec, kind, weights))

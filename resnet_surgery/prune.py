@@ -16,13 +16,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .blocks import Subsample, find_blocks, is_add, model_variant, trace
 from .recipe import Rewrite
 from .utils import private_copy
 from .vocab import Layout, Op
 
-ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
+ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
                        nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
 ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, torch.sigmoid, F.leaky_relu, torch.tanh}
 ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
@@ -97,10 +98,18 @@ class _Pusher:
         self.subsampled.append(node.name)
 
 
-def prune_dead_compute(model: nn.Module, leaf_modules=()):
-    """Return (pruned GraphModule, Rewrite records, notices); ``model`` must be a private copy (it is modified)."""
+def prune_dead_compute(model: nn.Module, leaf_modules=(), prefix: str = ""):
+    """Return (pruned GraphModule, Rewrite records, notices); ``model`` must be a private copy (it is modified).
+
+    ``prefix``: where ``model`` sits in a larger model (a detection model's trunk); records and notices name
+    modules by their full path. A site whose input is also read elsewhere (a feature pyramid's tap, a
+    returned feature map) is left alone, and a notice names those readers."""
     gm = trace(model, leaf_modules)
-    blocks = find_blocks(gm)
+    blocks = find_blocks(gm, prefix)
+
+    def path(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     records, notices = [], []
@@ -116,7 +125,8 @@ def prune_dead_compute(model: nn.Module, leaf_modules=()):
         if x.op == "placeholder":
             refuse = readers  # the model input itself: nothing upstream to save
         if refuse:
-            names = ", ".join(u.target if u.op == "call_module" else u.name for u in refuse)
+            names = ", ".join(path(u.target) if u.op == "call_module" else
+                              "the output" if u.op == "output" else u.name for u in refuse)
             notices.append(f"prune_dead: {block.name}: its input '{x.name}' is also read at full resolution by "
                            f"{names}: not pruned there")
             continue
@@ -125,15 +135,16 @@ def prune_dead_compute(model: nn.Module, leaf_modules=()):
             conv.stride = (conv.stride[0] // 2, conv.stride[1] // 2)
         pusher = _Pusher(gm)
         pusher.push(x)
-        records.append(Rewrite(block.name, Op.PRUNE_DEAD, True, input=x.name, readers=[u.target for u in readers],
-                               absorbed=pusher.absorbed, reduced=pusher.reduced, subsampled=pusher.subsampled))
+        records.append(Rewrite(block.name, Op.PRUNE_DEAD, True, input=x.name, readers=[path(u.target) for u in readers],
+                               absorbed=[path(n) for n in pusher.absorbed], reduced=[path(n) for n in pusher.reduced],
+                               subsampled=pusher.subsampled))
     gm.graph.lint()
     gm.recompile()
     return gm, records, notices
 
 
-def dead_sites(model: nn.Module, leaf_modules=()):
+def dead_sites(model: nn.Module, leaf_modules=(), prefix: str = ""):
     """The prune_dead records and notices for ``model``, computed on a copy (``model`` is untouched)."""
-    _, records, notices = prune_dead_compute(private_copy(model), leaf_modules)
+    _, records, notices = prune_dead_compute(private_copy(model), leaf_modules, prefix)
     return records, notices
 

@@ -117,6 +117,7 @@ class Recipe(_ByKey):
     calibration: dict | None = None  # summary of the last calibrate
     finetune: dict | None = None  # summary of the last finetune
     transplant: dict | None = None  # transplant: the source, what was paired, the probe difference
+    trunk: str | None = None  # the rewritten submodule of a model fx cannot trace whole (a detection backbone)
 
     @property
     def conversions(self) -> list[Conversion]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from .data import as_loader, split_batch
@@ -303,7 +304,21 @@ def _module(model: nn.Module, name: str, kind: type, what: str) -> nn.Module:
 
 def _batchnorms(model: nn.Module, norms: Sequence[str]) -> dict[str, nn.Module]:
     layers = {n: model.get_submodule(n) for n in dict.fromkeys(norms)}
-    return {n: m for n, m in layers.items() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    return {n: m for n, m in layers.items() if isinstance(m, FrozenBatchNorm2d)
+            or isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+def _average_batch_stats(bn: nn.Module, sums: list):
+    """A forward hook that adds this batch's statistics to ``sums`` and normalises with them (training-mode
+    BatchNorm), for a FrozenBatchNorm2d, which has no training mode."""
+
+    def hook(_, args, output):
+        x = args[0]
+        mean, var = _channel_stats(x)
+        sums[0], sums[1], sums[2] = sums[0] + mean, sums[1] + var, sums[2] + 1
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    return hook
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +334,7 @@ def reestimate_bn(model: nn.Module, norms: Sequence[str], batches, *, reference:
     every other module in eval mode. Returns the images seen.
 
     Without ``reference``: reset them and recompute them as plain averages of batch statistics (momentum=None).
+    A FrozenBatchNorm2d (torchvision's detection trunks) has no training mode: hooks average its batch statistics.
     With ``reference`` (the original model): match it. A norm that ``reference`` has too (same name and size)
     gets statistics that normalise ``model``'s new activations the way ``reference``'s running statistics
     normalise its own activations on the same images, matching mean and variance. That is plain re-estimation
@@ -331,7 +347,7 @@ def reestimate_bn(model: nn.Module, norms: Sequence[str], batches, *, reference:
     if reference is None:
         return _plain_bn(model, list(layers.values()), batches, progress)
     ref_layers = _batchnorms(reference, list(layers))
-    ref_layers = {n: m for n, m in ref_layers.items() if m.num_features == layers[n].num_features}
+    ref_layers = {n: m for n, m in ref_layers.items() if m.running_mean.shape == layers[n].running_mean.shape}
     device = model_device(model)
     ref_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sums = {n: [0.0, 0.0, 0] for n in layers}  # running sums of the new mean and variance, batch count
@@ -373,18 +389,27 @@ def reestimate_bn(model: nn.Module, norms: Sequence[str], batches, *, reference:
     finally:
         for h in handles:
             h.remove()
+    _write_stats(layers, sums)
+    return images_seen
+
+
+def _write_stats(layers: dict[str, nn.Module], sums: dict[str, list]) -> None:
     for name, m in layers.items():
         mean, var, count = sums[name]
         if count:
             m.running_mean.copy_(mean / count)
             m.running_var.copy_(var / count)
-            m.num_batches_tracked.fill_(count)
-    return images_seen
+            if hasattr(m, "num_batches_tracked"):  # FrozenBatchNorm2d counts nothing
+                m.num_batches_tracked.fill_(count)
 
 
 def _plain_bn(model: nn.Module, layers: list[nn.Module], batches, progress: bool) -> int:
     device = model_device(model)
+    frozen = {str(i): m for i, m in enumerate(layers) if isinstance(m, FrozenBatchNorm2d)}
+    layers = [m for m in layers if not isinstance(m, FrozenBatchNorm2d)]
     momenta = [m.momentum for m in layers]
+    sums = {n: [0.0, 0.0, 0] for n in frozen}
+    handles = [m.register_forward_hook(_average_batch_stats(m, sums[n])) for n, m in frozen.items()]
     images_seen = 0
     with eval_mode(model), torch.no_grad():
         for m in layers:
@@ -398,6 +423,9 @@ def _plain_bn(model: nn.Module, layers: list[nn.Module], batches, progress: bool
         finally:
             for m, momentum in zip(layers, momenta):
                 m.momentum = momentum
+            for h in handles:
+                h.remove()
+    _write_stats(frozen, sums)
     return images_seen
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import find_blocks, model_variant, trace
+from .blocks import find_trunk, model_variant
 from .history import history
 from .prune import dead_sites
 from .utils import eval_mode, model_device, table
@@ -56,6 +56,7 @@ class Report:
     strided_convs: list[StridedConv]
     dead: list[DeadSite] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    trunk: str = ""  # the analysed submodule of a model fx cannot trace whole ("": the whole model)
 
     @property
     def dead_macs(self) -> int:
@@ -69,7 +70,8 @@ class Report:
     def __str__(self) -> str:
         size = "x".join(map(str, self.input_size))
         n_down = sum(b.stride > 1 for b in self.blocks)
-        lines = [f"{self.model}: variant {self.variant}, {self.macs / 1e9:.3f} GMACs at {size}, "
+        part = f" (trunk {self.trunk})" if self.trunk else ""
+        lines = [f"{self.model}{part}: variant {self.variant}, {self.macs / 1e9:.3f} GMACs at {size}, "
                  f"{len(self.blocks)} residual blocks ({n_down} downsampling)", ""]
         rows = [("block", "kind", "stride", "stride on", "shortcut", "in -> out", "MMACs")]
         for b in self.blocks:
@@ -125,12 +127,12 @@ def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
 
 def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> Report:
     """Find the residual blocks of ``model`` and report variant, MACs, positions read and dead compute."""
-    gm = trace(model, leaf_modules)
-    blocks = find_blocks(gm)
+    trunk = find_trunk(model, leaf_modules)
+    gm, blocks, body, path = trunk.gm, trunk.blocks, trunk.module, trunk.path
     modules = dict(gm.named_modules())
-    with eval_mode(model), torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=model_device(model)))
-    total, macs = module_macs(model, input_size)
+    with eval_mode(body), torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=model_device(body)))
+    total, macs = module_macs(body, input_size)
     infos = []
     for b in blocks:
         names = {n.target for n in b.main + b.shortcut if n.op == "call_module"}
@@ -144,9 +146,10 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
             h, w = _shape(n.args[0])[1:3]
             reads = (read_fraction(h, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0])
                      * read_fraction(w, m.kernel_size[1], m.stride[1], m.padding[1], m.dilation[1]))
-            strided.append(StridedConv(n.target, m.kernel_size[0], m.stride[0], m.dilation[0], reads))
-    records, notices = dead_sites(model, leaf_modules)
-    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+            strided.append(StridedConv(path(n.target), m.kernel_size[0], m.stride[0], m.dilation[0], reads))
+    records, notices = dead_sites(body, leaf_modules, trunk.name)
+    nodes = {path(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    macs = {path(k): v for k, v in macs.items()}
     dead = []
     for r in records:
         # Each conv that the pass moves to the lower resolution had computed the other positions for nobody.
@@ -156,6 +159,13 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
             lost += macs[name] * (1 - math.ceil(h / 2) * math.ceil(w / 2) / (h * w))
         dead.append(DeadSite(r.block, int(round(lost)), r.absorbed))
     notes = [n.removeprefix("prune_dead: ") for n in notices]
+    dilated = [b.name for b in blocks if b.layout == Layout.DILATED]
+    if dilated:
+        notes.append(f"{', '.join(dilated)}: dilation replaces the stride (a dilated stage keeps its resolution): "
+                     "nothing to move")
+    if trunk.name:
+        notes.append(f"fx cannot trace {type(model).__name__} whole: analysed its trunk {trunk.name} "
+                     f"({type(body).__name__}); MACs are the trunk's")
     source = history(model).source
     return Report(source.model if source else type(model).__name__, list(input_size), str(model_variant(blocks)),
-                  total, infos, strided, dead, notes)
+                  total, infos, strided, dead, notes, trunk.name)

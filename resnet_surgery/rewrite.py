@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Block, find_blocks, model_variant, trace
+from .blocks import Block, Trunk, find_blocks, find_trunk, model_variant, trace
 from .errors import NotExactError, SurgeryError
 from .history import Source, history, record
 from .recipe import RECIPE_FORMAT, Options, Recipe, Rewrite
@@ -265,9 +265,9 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
                       list(input_size))
 
     new = private_copy(model)
-    gm = trace(new, leaf_modules)
-    blocks = find_blocks(gm)
-    modules = dict(new.named_modules())
+    trunk = find_trunk(new, leaf_modules)
+    body, gm, blocks = trunk.module, trunk.gm, trunk.blocks
+    modules = dict(body.named_modules())
     before = model_variant(blocks)
     steps, notices = plan(blocks, modules, options.to, options.shortcut, exact)
     if exact:
@@ -276,24 +276,53 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
             raise NotExactError(f"no function-preserving rewrite for this request: {inexact[0]}"
                                 + (f" (and {len(inexact) - 1} more blocks)" if len(inexact) > 1 else ""))
     _check_unshared(gm, steps)
-    rewrites = [apply_step(new, s) for s in steps]
+    rewrites = [_under(trunk, apply_step(body, s)) for s in steps]
     if not steps and (to or shortcut):
         notices.append(f"model is already {to or shortcut}" + (" in exact form" if exact else "") + ": nothing to change")
+    dilated = [b.name for b in blocks if b.layout == Layout.DILATED]
+    if dilated and (to or shortcut):
+        notices.append(f"{', '.join(dilated)}: dilation replaces the stride (dilated stage): nothing to move")
     approximate = [r.block for r in rewrites if not r.exact]
     if approximate:
         notices.append(f"this conversion changes the function: {len(approximate)} rewrites are approximate "
                        f"({', '.join(sorted(set(approximate)))}); recover accuracy with resnet_surgery.calibrate()")
-    after = model_variant(find_blocks(trace(new, leaf_modules))) if steps else before
+    after = model_variant(find_blocks(trace(body, leaf_modules))) if steps else before
     if prune_dead:
         from .prune import prune_dead_compute
 
-        new, prune_rewrites, prune_notices = prune_dead_compute(new, leaf_modules=leaf_modules)
+        pruned, prune_rewrites, prune_notices = prune_dead_compute(body, leaf_modules, trunk.name)
+        new = _replace_trunk(new, trunk, pruned)
         rewrites += prune_rewrites
         notices += prune_notices
     for note in notices:
         warnings.warn(note, SurgeryNotice, stacklevel=2)
-    return record(new, source=history(model).source, recipe=_recipe(model, options, before, after, rewrites, notices),
-                  calibration=None, finetune=None)
+    recipe = _recipe(model, options, before, after, rewrites, notices)
+    if trunk.name:
+        recipe.trunk = trunk.name
+    return record(new, source=history(model).source, recipe=recipe, calibration=None, finetune=None)
+
+
+def _under(trunk: Trunk, r: Rewrite) -> Rewrite:
+    """``r`` with the trunk's module names as full paths in the whole model (its block name already is one)."""
+    if not trunk.name:
+        return r
+    p = trunk.path
+    r.convs = {p(k): p(v) for k, v in r.convs.items()}
+    r.norms = [p(n) for n in r.norms]
+    r.keys = {p(k): p(v) for k, v in r.keys.items()}
+    return r
+
+
+def _replace_trunk(model: nn.Module, trunk: Trunk, new: nn.Module) -> nn.Module:
+    """Put ``new`` (the pruned GraphModule) where the trunk was; a whole-model trunk is replaced outright."""
+    if not trunk.name:
+        return new
+    # Plain attributes the rest of the model reads (BackboneWithFPN.out_channels) travel with it.
+    for key, value in vars(trunk.module).items():
+        if not key.startswith("_") and key != "training" and not hasattr(new, key):
+            setattr(new, key, value)
+    model.set_submodule(trunk.name, new)
+    return model
 
 
 def _recipe(model: nn.Module, options: Options, before: Variant, after: Variant, rewrites: list[Rewrite],
@@ -307,14 +336,33 @@ def _recipe(model: nn.Module, options: Options, before: Variant, after: Variant,
 
 
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
-    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode.
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode; over every output
+    tensor (a feature pyramid's levels). When ``b``'s recipe names a trunk (a detection model's backbone), the
+    two trunks are compared: the rest of the model is not rewritten.
 
     A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
+    recipe = history(b).recipe
+    if recipe is not None and recipe.trunk:
+        a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
     with eval_mode(a, b), torch.no_grad():
-        ya, yb = a(x), b(x)
-    for which, y in (("original", ya), ("converted", yb)):
-        if not torch.isfinite(y).all():
+        ya, yb = output_tensors(a(x)), output_tensors(b(x))
+    if not ya:
+        raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
+                           "verified by a probe")
+    for which, ys in (("original", ya), ("converted", yb)):
+        if not all(torch.isfinite(y).all() for y in ys):
             raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
                                "rewrite cannot be verified; check its weights for NaN/inf")
-    return float((ya - yb).abs().max()), float(ya.abs().max())
+    if [y.shape for y in ya] != [y.shape for y in yb]:
+        raise SurgeryError(f"the converted model's outputs have shapes {[list(y.shape) for y in yb]}, the "
+                           f"original's {[list(y.shape) for y in ya]}")
+    return (max(float((u - v).abs().max()) for u, v in zip(ya, yb)), max(float(u.abs().max()) for u in ya))
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output in order: a tensor, or those inside dicts, lists and tuples."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for item in items for t in output_tensors(item)]

@@ -44,6 +44,7 @@ class Layout(_Name):
     V1 = "v1"  # first 1x1
     V1_5 = "v1.5"  # 3x3
     V1_5_DILATED = "v1.5-dilated"  # 3x3 with dilation 2 and padding 2: the exact form of v1
+    DILATED = "dilated"  # stride 1, dilation in its place (replace_stride_with_dilation): nothing to move
     NOT_APPLICABLE = "n/a"  # no 1x1 on the main path (BasicBlock)
     OTHER = "other"  # not recognised
 
