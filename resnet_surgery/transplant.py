@@ -43,15 +43,6 @@ class Section:
     modules: list[str] = field(default_factory=list)
 
 
-def _frozen_bn_types() -> tuple[type, ...]:
-    # torchvision's FrozenBatchNorm2d is not a torch.nn module, so fx would trace into it: keep it whole.
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:
-        return ()
-    return (FrozenBatchNorm2d,)
-
-
 def _holds_state(m: nn.Module) -> bool:
     return bool(m.state_dict())
 
@@ -228,8 +219,7 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     """
     from .rewrite import SurgeryNotice, _recipe, max_difference
 
-    leaves = (*leaf_modules, *_frozen_bn_types())
-    sgm, tgm = trace(source, leaves), trace(target, leaves)
+    sgm, tgm = trace(source, leaf_modules), trace(target, leaf_modules)
     sblocks, tblocks = find_blocks(sgm), find_blocks(tgm)
     notices, pruned = [], _pruned(sblocks) and not _pruned(tblocks)
     if _pruned(tblocks) and not _pruned(sblocks):
@@ -238,14 +228,14 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     if pruned:
         # A pruned v1 source: prune the target the same way (exact), then pair as usual.
         target = _convert_target(target, "v1", False, None, input_size, leaf_modules, prune_dead=True)
-        tgm = trace(target, leaves)
+        tgm = trace(target, leaf_modules)
         tblocks = find_blocks(tgm)
         notices.append("the source was pruned (prune_dead): the target was converted to v1 and pruned the same way; "
                        "the recipe records it")
     to, exact, shortcut, changed, form = _conversion(sblocks, tblocks)
     if to or shortcut:
         new = _convert_target(target, to, exact, shortcut, input_size, leaf_modules)
-        tgm = trace(new, leaves)
+        tgm = trace(new, leaf_modules)
         tblocks = find_blocks(tgm)
         changed = list(dict.fromkeys(changed))
         shown = ", ".join(changed[:4]) + (f", ... {len(changed) - 4} more" if len(changed) > 4 else "")
