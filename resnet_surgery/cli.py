@@ -663,6 +663,8 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
 @click.option("--int8/--no-int8", default=True, show_default=True, help="also quantize every candidate to int8")
 @click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
               help="images that calibrate each approximate rewrite")
+@click.option("--calibrate-steps", default="bn,reconstruct", show_default=True,
+              help="calibration steps, comma-separated (bn alone is the cheap one, when only latency matters)")
 @click.option("--finetune-steps", default=0, show_default=True, type=click.IntRange(0),
               help="distillation fine-tuning steps after calibration (0: none)")
 @click.option("--quant-images", default=512, show_default=True, type=click.IntRange(1), help="int8 calibration images")
@@ -679,8 +681,8 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @user_errors
 def explore_command(model, weights, data, preset, size, resize, mean, std, batch_size, eval_data, eval_images,
-                    input_size, variants, int8, calibrate_images, finetune_steps, quant_images, min_agreement, batches,
-                    threads, min_time, max_time, out, force, as_json):
+                    input_size, variants, int8, calibrate_images, calibrate_steps, finetune_steps, quant_images,
+                    min_agreement, batches, threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
     from .data import PRESETS, transform_size
@@ -693,7 +695,8 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
     side = input_size or transform_size(transform) or PRESETS[preset or "imagenet"]["size"]
     report = explore(original, data, eval_data=eval_data, input_size=(3, side, side),
                      variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
-                     calibrate_images=calibrate_images, finetune_steps=finetune_steps, eval_images=eval_images,
+                     calibrate_images=calibrate_images, calibrate_steps=[s.strip() for s in calibrate_steps.split(",")],
+                     finetune_steps=finetune_steps, eval_images=eval_images,
                      quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
                      min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size,
                      preset=preset or "imagenet", transform=transform, progress=not as_json)

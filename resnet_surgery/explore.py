@@ -43,7 +43,7 @@ from .latency import compare_latency
 from .pipeline import _report_dict
 from .quantize import ACTIVATIONS, QuantizationError, quantize_onnx
 from .recipe import save
-from .recovery import calibrate, evaluate, predict
+from .recovery import CALIBRATION_STEPS, DEFAULT_STEPS, calibrate, evaluate, predict
 from .rewrite import SurgeryNotice, convert
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
@@ -156,6 +156,7 @@ def explore(
     variants: Sequence[str] | None = None,
     int8: bool = True,
     calibrate_images: int = 2048,
+    calibrate_steps: Sequence[str] = DEFAULT_STEPS,
     finetune_steps: int = 0,
     eval_images: int | None = None,
     quant_images: int = 512,
@@ -179,9 +180,12 @@ def explore(
     fine-tuning and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
     of it, default all); without it ``eval_images`` (default 1000, at most half) of ``data`` are held out.
     ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
+    ``calibrate_steps`` are `calibrate`'s steps (("bn",) is the cheap one, when only latency matters).
     ``force`` rebuilds finished candidates instead of reusing them.
     """
     start = time.perf_counter()
+    if unknown := [s for s in calibrate_steps if s not in CALIBRATION_STEPS]:
+        raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
     wanted = _wanted(variants)
     out = check_explore_out(out)
     calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)
@@ -198,6 +202,8 @@ def explore(
         "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
     }
+    if tuple(calibrate_steps) != DEFAULT_STEPS:  # only then: folders explored with the default stay reusable
+        settings["calibrate_steps"] = list(calibrate_steps)
     build = _Builder(model, calib_set, eval_loader, out, settings, force, input_size, progress)
     results = []
     bar = tqdm(wanted, desc="explore", disable=not progress)
@@ -368,6 +374,7 @@ class _Builder:
     def recover(self, converted: nn.Module) -> tuple[nn.Module, dict]:
         steps = self.settings["finetune_steps"]
         model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
+                          steps=self.settings.get("calibrate_steps", DEFAULT_STEPS),
                           batch_size=self.settings["batch_size"], progress=self.progress)
         how = {"recovery": "calibrate", "calibration": _report_dict(history(model).calibration)}
         if steps:
