@@ -84,7 +84,7 @@ def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeyp
     images = TensorDataset(labelled().tensors[0])
     calls = []
     real_calibrate = explore_module.calibrate
-    monkeypatch.setattr(explore_module, "calibrate", lambda *a, **k: calls.append(k["num_images"]) or real_calibrate(*a, **k))
+    monkeypatch.setattr(explore_module, "calibrate", lambda *a, **k: calls.append((k["num_images"], tuple(k["steps"]))) or real_calibrate(*a, **k))
     report = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=16,
                      eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
     assert report.metric == "agreement" and [c["name"] for c in report.candidates] == ["original", "d"]
@@ -92,7 +92,11 @@ def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeyp
     # Other settings: the finished candidate is not reused.
     again = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
                     eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
-    assert calls == [16, 8] and again.settings["calibrate_images"] == 8
+    # Other calibration steps: rebuilt too, with those steps.
+    explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
+            calibrate_steps=("bn",), eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
+    assert calls == [(16, ("bn", "reconstruct")), (8, ("bn", "reconstruct")), (8, ("bn",))]
+    assert again.settings["calibrate_images"] == 8
 
 
 def test_explore_bad_input(tmp_path):
@@ -103,6 +107,8 @@ def test_explore_bad_input(tmp_path):
         explore(model, TensorDataset(torch.randn(0, *SIZE)), input_size=SIZE, out=tmp_path / "b")
     with pytest.raises(SurgeryError, match="unknown variant 'v2'"):
         explore(model, labelled(), variants=["v2"], out=tmp_path / "c")
+    with pytest.raises(SurgeryError, match="unknown calibration step 'bm'"):
+        explore(model, labelled(), calibrate_steps=("bm",), out=tmp_path / "c")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(SurgeryError, match="is not an explore folder"):
