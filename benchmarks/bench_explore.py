@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -112,10 +113,24 @@ def run_resnet50(args, results: Path) -> dict:
     return {"model": "resnet50", "seconds": round(report.seconds, 1)}
 
 
+def _microseconds(x):
+    """Raw timings rounded to 0.1 us, one compact line per list: the file stays small enough to commit."""
+    if isinstance(x, dict):
+        return {k: _microseconds(v) for k, v in x.items()}
+    if isinstance(x, list) and x and all(isinstance(v, float) for v in x):
+        return json.dumps([round(v, 7) for v in x])
+    return x
+
+
 def save_report(report, stem: Path) -> None:
+    data = report.to_dict()
+    data["latency"]["timings_s"] = _microseconds(data["latency"]["timings_s"])
+    text = json.dumps(data, indent=2, default=str)
+    # The raw timing lists were dumped as strings: unquote them back into JSON arrays.
+    text = re.sub(r'"(\[[-0-9.e, ]*\])"', r"\1", text)
     # Not with_suffix: "cifar10-resnet-v1.5" would lose its ".5".
     with atomic_file(stem.parent / f"{stem.name}.json", force=True) as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        tmp.write_text(text + "\n")
     report.plot(stem.parent / f"{stem.name}.png")
 
 
