@@ -345,6 +345,17 @@ def load_original(spec, weights, converted):
     return load_model(spec, weights)
 
 
+def classifier_only(model):
+    """``model`` for build_preprocessing's default, or None for a detection or segmentation model: its weights'
+    transforms keep each image's own size (no batch), and the trunk it calibrates on takes a normalised batch
+    (the imagenet preset's mean/std, as torchvision's detection transform uses)."""
+    from .history import history
+    from .models import DETECTION_MODELS, SEGMENTATION_MODELS
+
+    source = history(model).source
+    return None if source is not None and source.model in DETECTION_MODELS + SEGMENTATION_MODELS else model
+
+
 original_options = [
     click.option("--original", help="the unconverted model (default: the source recorded in DIR's recipe)"),
     click.option("--weights", help="weights of --original (default: those recorded in DIR's recipe, else none)"),
@@ -402,7 +413,9 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
                       num_images, steps, iterations, lr, block_only, ridge, seed, skip_bad_images, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
-    block reconstruction (each rewritten block trained to reproduce the original block's output)."""
+    block reconstruction (each rewritten block trained to reproduce the original block's output). A detection
+    model is calibrated on its trunk (images normalised with the imagenet preset, --size sets their size) and,
+    like a segmentation model, scored by the relative error of its outputs."""
     from .atomic import check_writable
     from .history import history
     from .recipe import load, save
@@ -411,7 +424,7 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     check_writable(out, force)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
-    transform = build_preprocessing(preset, size, resize, mean, std, source)
+    transform = build_preprocessing(preset, size, resize, mean, std, classifier_only(source))
     loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json, seed=seed)
     model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
                       iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, seed=seed,

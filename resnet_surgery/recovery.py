@@ -4,7 +4,9 @@
 KL divergence). `calibrate` repairs the rewritten blocks of a converted model on a few unlabelled images:
 BatchNorm re-estimation, then block reconstruction (every parameter of each rewritten block optimised so
 that the block reproduces the original block's output, BRECQ-style) or a least-squares refit of every
-rewritten conv. Fine-tuning (distillation, feature mimicking) lives in `resnet_surgery.finetune`.
+rewritten conv. A detection model is calibrated on its trunk (the backbone its recipe names), and a model
+whose output is not class logits (pyramid levels, segmentation maps) is measured by its outputs' relative
+error instead of top-1 agreement. Fine-tuning (distillation, feature mimicking) lives in `resnet_surgery.finetune`.
 """
 
 from __future__ import annotations
@@ -174,6 +176,64 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imag
     return torch.cat(out)
 
 
+def _output_error(model: nn.Module, reference: nn.Module, batches, desc: str, progress: bool) -> tuple[float, int]:
+    """Mean over images and output tensors (pyramid levels, segmentation maps) of ||f(x) - f_ref(x)|| /
+    ||f_ref(x)||, and the images seen: the measure for outputs that are not class logits."""
+    from .rewrite import output_tensors
+
+    device = model_device(model)
+    total, n = 0.0, 0
+    with eval_mode(model, reference), torch.no_grad():
+        for images, _ in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            images = images.to(device)
+            ys, refs = output_tensors(model(images)), output_tensors(reference(images))
+            if not refs or [y.shape for y in ys] != [r.shape for r in refs]:
+                raise SurgeryError(f"the converted model's outputs have shapes {[list(y.shape) for y in ys]}, the "
+                                   f"original's {[list(r.shape) for r in refs]}; pass the matching original")
+            per_image = [(y.float() - r.float()).flatten(1).norm(dim=1) / r.float().flatten(1).norm(dim=1).clamp_min(1e-12)
+                         for y, r in zip(ys, refs)]
+            total += float(torch.stack(per_image).mean(0).sum())
+            n += len(images)
+    if n == 0:
+        raise SurgeryError("the calibration data yielded no images")
+    return total / n, n
+
+
+def _gives_logits(model: nn.Module, batches) -> bool:
+    """Whether ``model`` returns class logits (one N x classes tensor), from one image of the first batch."""
+    first = next(iter(batches), None)
+    if first is None:
+        raise SurgeryError("the calibration data yielded no images")
+    with eval_mode(model), torch.no_grad():
+        out = model(first[0][:1].to(model_device(model)))
+    return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def _trunks(converted: nn.Module, original: nn.Module, trunk: str | None) -> tuple[nn.Module, nn.Module]:
+    """What calibration runs on: both models' trunk when the recipe names one (a detection model's backbone,
+    which takes the normalised image batch), else the models themselves."""
+    if not trunk:
+        return converted, original
+    return (_module(converted, trunk, nn.Module, "the converted model"),
+            _module(original, trunk, nn.Module, "the original model"))
+
+
+def _in_trunk(name: str, trunk: str | None) -> str:
+    """A recipe's full module path relative to the trunk."""
+    return name.removeprefix(f"{trunk}.") if trunk else name
+
+
+def _full_names(report, trunk: str | None) -> None:
+    """The report's conv and block names as full paths in the whole model, as the recipe names them."""
+    if not trunk:
+        return
+    full = lambda n: f"{trunk}.{n}" if n else n  # noqa: E731
+    for f in report.fits:
+        f.conv, f.target = full(f.conv), full(f.target)
+    for b in report.blocks:
+        b.block, b.previous = full(b.block), full(b.previous)
+
+
 # --- calibration ----------------------------------------------------------------------------------
 
 
@@ -186,7 +246,9 @@ class CalibrationStep:
     passes: int  # forward passes over them
     cpu_seconds: float  # process CPU time, all threads
     wall_seconds: float
-    agreement: EvalReport  # against the original model
+    agreement: EvalReport  # against the original model (only num_images when the outputs are not logits)
+    # Outputs that are not class logits: mean over images and output tensors of ||f - f_orig|| / ||f_orig||.
+    output_error: float | None = None
 
 
 @dataclasses.dataclass
@@ -226,11 +288,19 @@ class CalibrationReport:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
+        if self.steps and self.steps[0].output_error is not None:
+            lines = [f"{'step':<12} {'images':>7} {'cpu s':>8} {'output error':>13}"]
+            lines += [f"{s.step:<12} {s.images:>7} {s.cpu_seconds:>8.1f} {s.output_error:>13.4f}" for s in self.steps]
+            return "\n".join(lines + self._fit_lines())
         lines = [f"{'step':<12} {'images':>7} {'cpu s':>8} {'agreement':>10} {'KL':>8} {'top-1':>7}"]
         for s in self.steps:
             a = s.agreement
             top1 = f"{a.top1:.2f}" if a.top1 is not None else "-"
             lines.append(f"{s.step:<12} {s.images:>7} {s.cpu_seconds:>8.1f} {a.agreement:>9.2f}% {a.kl:>8.4f} {top1:>7}")
+        return "\n".join(lines + self._fit_lines())
+
+    def _fit_lines(self) -> list[str]:
+        lines = []
         for f in self.fits:
             # Fewer equations than unknowns: the fit reproduces the calibration images, not the function.
             few = f" (only {f.rows} positions for {f.unknowns} weights: use more images)" if f.rows < 4 * f.unknowns else ""
@@ -239,7 +309,7 @@ class CalibrationReport:
             name = f"{b.previous} + {b.block}" if b.previous else b.block
             lines.append(f"  reconstruct {name}: relative error {b.error_before:.4f} -> {b.error_after:.4f} "
                          f"({b.iterations} iterations on {b.images} images, {b.cpu_seconds:.1f} CPU s)")
-        return "\n".join(lines)
+        return lines
 
 
 class _Batches:
@@ -780,6 +850,13 @@ def calibrate(
     ``num_images`` is a seeded random subset of ``data`` (None: all of it). ``history(result).calibration`` is a
     CalibrationReport with the agreement with ``original`` before and after each step on the calibration
     images; ``converted`` is untouched. Deterministic for a given ``seed``.
+
+    A detection model (its recipe names a trunk, e.g. "backbone": ResNet + FPN) is calibrated on its trunk:
+    the calibration images go straight into it, so preprocess them as the model's transform would (the
+    "imagenet" preset's mean and std are those of torchvision's GeneralizedRCNNTransform; the size is yours).
+    The whole model comes back with its trunk repaired. When the outputs are not class logits (pyramid
+    levels, a segmentation model's {"out", "aux"}), each step reports ``output_error``, the mean relative
+    error ||f - f_orig|| / ||f_orig|| over images and output tensors, instead of top-1 agreement.
     """
     unknown = [s for s in steps if s not in CALIBRATION_STEPS]
     if unknown:
@@ -790,23 +867,31 @@ def calibrate(
     if not records:
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "
                            "original's function, so there is nothing to calibrate")
+    trunk = history(converted).recipe.trunk
     model = copy.deepcopy(converted)
-    norms = [n for r in records for n in r.norms]
-    convs = {c: t for r in records for c, t in r.convs.items()}
-    blocks = list(dict.fromkeys(r.block for r in records))
+    # Every step runs on the trunk (the whole model when it traces whole), with names relative to it.
+    body, reference_body = _trunks(model, original, trunk)
+    norms = [_in_trunk(n, trunk) for r in records for n in r.norms]
+    convs = {_in_trunk(c, trunk): _in_trunk(t, trunk) for r in records for c, t in r.convs.items()}
+    blocks = list(dict.fromkeys(_in_trunk(r.block, trunk) for r in records))
     loader = as_loader(data, preset=preset, transform=transform, batch_size=batch_size,
                        num_images=num_images, seed=seed)
     batches = _Batches(loader)
+    logits = _gives_logits(body, batches)
 
-    reference = original  # replaced by its logits once the batches stay in memory: computed once
+    reference = reference_body  # replaced by its logits once the batches stay in memory: computed once
 
     def measure(step: str, timer: _CPUTimer | None, images: int, passes: int) -> None:
         nonlocal reference
-        scores = _scores(model, reference, batches, f"agreement after {step}", progress)
+        cpu, wall = (timer.cpu, timer.wall) if timer else (0.0, 0.0)
+        if not logits:
+            error, n = _output_error(body, reference_body, batches, f"output error after {step}", progress)
+            report.steps.append(CalibrationStep(step, images, passes, cpu, wall, EvalReport(num_images=n), error))
+            return
+        scores = _scores(body, reference, batches, f"agreement after {step}", progress)
         if scores.ref_logits and batches.cached is not None:
             reference = torch.cat(scores.ref_logits)
         agreement = scores.report(0.0)
-        cpu, wall = (timer.cpu, timer.wall) if timer else (0.0, 0.0)
         report.steps.append(CalibrationStep(step, images, passes, cpu, wall, agreement))
 
     report = CalibrationReport(num_images=0, ridge=ridge, steps=[], fits=[])
@@ -815,19 +900,20 @@ def calibrate(
     for step in dict.fromkeys(steps):
         with _CPUTimer() as timer:
             if step == "bn":
-                images = reestimate_bn(model, norms, batches, reference=original, progress=progress)
+                images = reestimate_bn(body, norms, batches, reference=reference_body, progress=progress)
                 passes = 1
             elif step == "transfer":
-                report.fits = transfer_weights(model, original, convs, batches, ridge=ridge, progress=progress)
+                report.fits = transfer_weights(body, reference_body, convs, batches, ridge=ridge, progress=progress)
                 images, passes = report.num_images, len(convs)
                 if "bn" in steps:
                     # The refits changed the activations the re-estimated statistics describe.
-                    reestimate_bn(model, norms, batches, reference=original, progress=progress)
+                    reestimate_bn(body, norms, batches, reference=reference_body, progress=progress)
                     passes += 1
             else:
-                report.blocks = reconstruct_blocks(model, original, blocks, batches, iterations=iterations, lr=lr,
-                                                   previous=previous, seed=seed, progress=progress)
+                report.blocks = reconstruct_blocks(body, reference_body, blocks, batches, iterations=iterations,
+                                                   lr=lr, previous=previous, seed=seed, progress=progress)
                 images, passes = min(b.images for b in report.blocks), len(blocks)
         measure(step, timer, images, passes)
+    _full_names(report, trunk)
     record_result(model, "calibration", report, report.to_dict())
     return model
