@@ -61,7 +61,8 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [c["pareto"]["1"] for c in timed] == pareto_front([(c["latency"]["1"]["ratio"], c["eval"]["top1"])
                                                               for c in timed])
     saved = json.loads((out / "explore.json").read_text())
-    assert set(saved) == {"model", "metric", "settings", "candidates", "latency", "seconds"}
+    assert set(saved) == {"model", "metric", "settings", "candidates", "latency", "seconds", "latency_seconds"}
+    assert 0 < saved["latency_seconds"] <= saved["seconds"]
     assert saved["candidates"][2]["name"] == "v1" and "calibration" in saved["candidates"][2]
     assert (out / "explore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "v1-pruned-int8" in str(report) and "front b1" in str(report)
