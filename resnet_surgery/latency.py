@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_file
 from .errors import SurgeryError
-from .onnxfile import input_info, load_onnx_header, stored_macs
+from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
 
 CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
 BUSY_LOAD = 0.5  # warn when the load average exceeds this fraction of the cores
@@ -302,7 +302,8 @@ def compare_latency(
     peak = max(peak, measure_peak_gflops(threads, n=peak_matmul_n, device=device))
     load_after = list(os.getloadavg())
 
-    results, warns = result_rows(timings, batch_sizes, macs, peak, seed)
+    quantized = {name for name, path in paths.items() if is_quantized(load_onnx_header(path))}
+    results, warns = result_rows(timings, batch_sizes, macs, peak, seed, quantized)
     warns += _load_warnings(load_before, load_after)
     provider = next(iter(sessions.values())).get_providers()[0]
     settings = {
@@ -408,8 +409,9 @@ def _time_rounds(runners, rules: StoppingRule, rng, *, desc: str, progress: bool
                 return times
 
 
-def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int):
-    """One row per (batch, model): summary, ratio against the first model, compute; and interval warnings."""
+def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int, quantized=frozenset()):
+    """One row per (batch, model): summary, ratio against the first model, compute; and interval warnings.
+    ``quantized`` models get no '% peak': the float32 matmul peak does not bound int8 arithmetic."""
     names = list(timings)
     results, warns = [], []
     for batch in batch_sizes:
@@ -425,7 +427,8 @@ def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None,
                         f"(wider than +-{100 * CI_WARN:.0f}%); use a longer --min-time or a quieter machine"
                     )
             gflops = 2 * macs[name] * batch / (row["p50_ms"] / 1e3) / 1e9 if macs[name] else None
-            row.update(macs=macs[name], gflops=gflops, peak_fraction=gflops / peak if gflops and peak else None)
+            fraction = gflops / peak if gflops and peak and name not in quantized else None
+            row.update(macs=macs[name], gflops=gflops, peak_fraction=fraction)
             results.append(row)
     if any(r["peak_fraction"] and r["peak_fraction"] > 1 for r in results):
         warns.append(

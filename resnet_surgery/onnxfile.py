@@ -58,6 +58,12 @@ def stored_macs(proto: onnx.ModelProto) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def is_quantized(proto: onnx.ModelProto) -> bool:
+    """Whether the graph computes in int8 (QDQ pairs or QLinear/Integer operators)."""
+    return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") or n.op_type.startswith("QLinear")
+               or n.op_type.endswith("Integer") for n in proto.graph.node)
+
+
 def set_metadata(path: Path, values: dict[str, str]) -> None:
     """Add or replace metadata_props; external weights stay where they are (only the graph is rewritten)."""
     proto = onnx.load(str(path), load_external_data=False)

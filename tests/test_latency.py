@@ -90,6 +90,9 @@ def test_results_rows_from_known_timings():
     assert second["gflops"] is None and second["peak_fraction"] is None and warns == []
     rows, warns = result_rows(timings, [2], {"a": 5_000_000, "b": None}, peak=1.0, seed=0)
     assert any("faster than the measured matmul peak" in w for w in warns)
+    # An int8 model is not bounded by the float32 peak: no '% peak', no warning.
+    rows, warns = result_rows(timings, [2], {"a": 5_000_000, "b": None}, peak=1.0, seed=0, quantized={"a"})
+    assert rows[0]["gflops"] and rows[0]["peak_fraction"] is None and warns == []
 
 
 def rounds(n: int, *medians: float, spread: float = 0.05) -> dict[str, list[float]]:

@@ -11,6 +11,7 @@ from resnet_surgery import SurgeryError, export_onnx
 from resnet_surgery.cli import main
 from resnet_surgery.data import CIFAR10_CLASSES, cifar10_tensors, disjoint_subsets, normalize_uint8
 from resnet_surgery.export import MACS_METADATA_KEY, onnx_metadata
+from resnet_surgery.onnxfile import is_quantized
 from resnet_surgery.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
 from resnet_surgery.zoo import load_cifar_resnet
 
@@ -60,6 +61,7 @@ def test_int8_keeps_agreement_with_fp32_on_held_out_images(fp32_onnx, cifar_imag
     weight_types = {zero_points[n.input[2]] for n in proto.graph.node
                     if n.op_type == "DequantizeLinear" and n.input[0] in zero_points}
     assert report.activations == "uint8" and activation_types == {onnx.TensorProto.UINT8}
+    assert is_quantized(proto) and not is_quantized(onnx.load(str(fp32_onnx)))  # latency's '% peak' skips int8
     assert weight_types == {onnx.TensorProto.INT8, onnx.TensorProto.INT32}  # conv weights; biases are int32
     meta = onnx_metadata(out)
     assert meta[MACS_METADATA_KEY] == onnx_metadata(fp32_onnx)[MACS_METADATA_KEY]
