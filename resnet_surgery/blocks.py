@@ -199,6 +199,19 @@ def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> Shortcut:
     return Shortcut.OTHER
 
 
+def full_name(prefix: str | None, name: str | None) -> str:
+    """``name`` inside the submodule at ``prefix`` as a full path in the whole model ("" stays "")."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name or ""
+
+
+def dilated_note(blocks: list[Block]) -> str | None:
+    """What to say of dilated stages (segmentation trunks), or None when there are none."""
+    dilated = [b.name for b in blocks if b.layout == Layout.DILATED]
+    if not dilated:
+        return None
+    return f"{', '.join(dilated)}: dilation replaces the stride (a dilated stage keeps its resolution): nothing to move"
+
+
 def _kxk_dilation(block: Block, modules: dict[str, nn.Module]) -> int:
     return max((_pair(modules[c].dilation)[0] for c in block.main_convs if _pair(modules[c].kernel_size)[0] > 1),
                default=1)
@@ -249,7 +262,7 @@ def find_blocks(gm: fx.GraphModule, prefix: str = "") -> list[Block]:
         names = [n.target for n in branch_a + branch_b if n.op == "call_module"]
         name = _common_prefix(names) or node.name
         block = Block(
-            name=f"{prefix}.{name}" if prefix else name,
+            name=full_name(prefix, name),
             input=junction,
             add=node,
             main=branch_a,
@@ -304,7 +317,7 @@ class Trunk:
 
     def path(self, name: str) -> str:
         """A name inside the trunk as a full path in the model."""
-        return f"{self.name}.{name}" if self.name and name else self.name or name
+        return full_name(self.name, name)
 
 
 def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:

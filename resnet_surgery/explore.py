@@ -43,7 +43,7 @@ from .latency import compare_latency
 from .pipeline import _report_dict
 from .quantize import ACTIVATIONS, QuantizationError, quantize_onnx
 from .recipe import save
-from .recovery import CALIBRATION_STEPS, DEFAULT_STEPS, calibrate, evaluate, predict
+from .recovery import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
 from .rewrite import SurgeryNotice, convert
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
@@ -184,8 +184,7 @@ def explore(
     ``force`` rebuilds finished candidates instead of reusing them.
     """
     start = time.perf_counter()
-    if unknown := [s for s in calibrate_steps if s not in CALIBRATION_STEPS]:
-        raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
+    check_steps(calibrate_steps)  # before any work, not at the first candidate
     wanted = _wanted(variants)
     out = check_explore_out(out)
     calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)

@@ -291,7 +291,7 @@ def compare_latency(
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          min_rounds, warmup, ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
-    input_names, shape, dtype, file_macs = _check_models(paths, batch_sizes)
+    input_names, shape, dtype, file_macs, quantized = _check_models(paths, batch_sizes)
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}
 
     load_before = list(os.getloadavg())
@@ -302,7 +302,6 @@ def compare_latency(
     peak = max(peak, measure_peak_gflops(threads, n=peak_matmul_n, device=device))
     load_after = list(os.getloadavg())
 
-    quantized = {name for name, path in paths.items() if is_quantized(load_onnx_header(path))}
     results, warns = result_rows(timings, batch_sizes, macs, peak, seed, quantized)
     warns += _load_warnings(load_before, load_after)
     provider = next(iter(sessions.values())).get_providers()[0]
@@ -495,12 +494,15 @@ def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device: 
 
 
 def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
-    """Validate the files: all ONNX, one input each, the same input shape, batch sizes they can take."""
-    infos, file_macs = {}, {}
+    """Validate the files: all ONNX, one input each, the same input shape, batch sizes they can take; also
+    their stored MACs and which of them are int8 (each file parsed once)."""
+    infos, file_macs, quantized = {}, {}, set()
     for name, path in paths.items():
         proto = load_onnx_header(path)
         infos[name] = input_info(proto, path)
         file_macs[name] = stored_macs(proto)
+        if is_quantized(proto):
+            quantized.add(name)
     first = next(iter(paths))
     _, shape, dtype = infos[first]
     for name, (_, other, other_dtype) in infos.items():
@@ -520,7 +522,7 @@ def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
                 f"{paths[name]} has a fixed batch size of {other[0]} but batch sizes {batch_sizes} were asked "
                 "for; export it without --static-batch or use --batch " + str(other[0])
             )
-    return {name: info[0] for name, info in infos.items()}, shape, dtype, file_macs
+    return {name: info[0] for name, info in infos.items()}, shape, dtype, file_macs, quantized
 
 
 def _shape_text(shape, dtype) -> str:

@@ -11,6 +11,7 @@ The function is unchanged in eval mode; BatchNorm in training mode sees fewer po
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .blocks import Subsample, find_blocks, is_add, model_variant, trace
+from .blocks import Subsample, find_blocks, full_name, is_add, model_variant, trace
 from .recipe import Rewrite
 from .utils import private_copy
 from .vocab import Layout, Op
@@ -106,10 +107,7 @@ def prune_dead_compute(model: nn.Module, leaf_modules=(), prefix: str = ""):
     returned feature map) is left alone, and a notice names those readers."""
     gm = trace(model, leaf_modules)
     blocks = find_blocks(gm, prefix)
-
-    def path(name: str) -> str:
-        return f"{prefix}.{name}" if prefix else name
-
+    path = partial(full_name, prefix)
     modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     records, notices = [], []

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
+from .blocks import full_name
 from .data import as_loader, split_batch
 from .errors import SurgeryError
 from .history import history, record_result
@@ -227,7 +228,9 @@ def _full_names(report, trunk: str | None) -> None:
     """The report's conv and block names as full paths in the whole model, as the recipe names them."""
     if not trunk:
         return
-    full = lambda n: f"{trunk}.{n}" if n else n  # noqa: E731
+    def full(name):  # a missing previous block stays None
+        return full_name(trunk, name) if name else name
+
     for f in report.fits:
         f.conv, f.target = full(f.conv), full(f.target)
     for b in report.blocks:
@@ -820,6 +823,12 @@ def reconstruct_blocks(
     return fits
 
 
+def check_steps(steps: Sequence[str]) -> None:
+    """One SurgeryError naming the first step that is not a calibration step."""
+    if unknown := [s for s in steps if s not in CALIBRATION_STEPS]:
+        raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
+
+
 def calibrate(
     converted: nn.Module,
     original: nn.Module,
@@ -858,9 +867,7 @@ def calibrate(
     levels, a segmentation model's {"out", "aux"}), each step reports ``output_error``, the mean relative
     error ||f - f_orig|| / ||f_orig|| over images and output tensors, instead of top-1 agreement.
     """
-    unknown = [s for s in steps if s not in CALIBRATION_STEPS]
-    if unknown:
-        raise SurgeryError(f"unknown calibration step {unknown[0]!r}; choose from {', '.join(CALIBRATION_STEPS)}")
+    check_steps(steps)
     if iterations < 1 or lr <= 0:
         raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
     records = approximate_rewrites(converted)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from .blocks import find_trunk, model_variant
+from .blocks import dilated_note, find_trunk, model_variant
 from .history import history
 from .prune import dead_sites
 from .utils import eval_mode, model_device, table
@@ -159,10 +159,8 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
             lost += macs[name] * (1 - math.ceil(h / 2) * math.ceil(w / 2) / (h * w))
         dead.append(DeadSite(r.block, int(round(lost)), r.absorbed))
     notes = [n.removeprefix("prune_dead: ") for n in notices]
-    dilated = [b.name for b in blocks if b.layout == Layout.DILATED]
-    if dilated:
-        notes.append(f"{', '.join(dilated)}: dilation replaces the stride (a dilated stage keeps its resolution): "
-                     "nothing to move")
+    if dilated := dilated_note(blocks):
+        notes.append(dilated)
     if trunk.name:
         notes.append(f"fx cannot trace {type(model).__name__} whole: analysed its trunk {trunk.name} "
                      f"({type(body).__name__}); MACs are the trunk's")

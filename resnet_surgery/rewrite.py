@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import Block, Trunk, find_blocks, find_trunk, model_variant, trace
+from .blocks import Block, Trunk, dilated_note, find_blocks, find_trunk, model_variant, trace
 from .errors import NotExactError, SurgeryError
 from .history import Source, history, record
 from .recipe import RECIPE_FORMAT, Options, Recipe, Rewrite
@@ -279,9 +279,9 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     rewrites = [_under(trunk, apply_step(body, s)) for s in steps]
     if not steps and (to or shortcut):
         notices.append(f"model is already {to or shortcut}" + (" in exact form" if exact else "") + ": nothing to change")
-    dilated = [b.name for b in blocks if b.layout == Layout.DILATED]
+    dilated = dilated_note(blocks)
     if dilated and (to or shortcut):
-        notices.append(f"{', '.join(dilated)}: dilation replaces the stride (dilated stage): nothing to move")
+        notices.append(dilated)
     approximate = [r.block for r in rewrites if not r.exact]
     if approximate:
         notices.append(f"this conversion changes the function: {len(approximate)} rewrites are approximate "

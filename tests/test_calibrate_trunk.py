@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 from torchvision.ops.misc import FrozenBatchNorm2d
+from util import write_random_images
 
 from resnet_surgery import SurgeryNotice, calibrate, convert, history, load, load_model, save
 from resnet_surgery.cli import main
@@ -122,12 +122,7 @@ def test_segmentation_model_is_calibrated_on_its_outputs():
 
 @pytest.mark.slow
 def test_cli_calibrates_a_converted_detection_folder(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        Image.fromarray(torch.randint(0, 256, (SIZE, SIZE, 3), generator=g, dtype=torch.uint8).numpy()).save(
-            folder / f"{i}.png")
+    folder = write_random_images(tmp_path / "images", 8, SIZE)
     runner = CliRunner()
     result = runner.invoke(main, ["convert", "fasterrcnn_resnet50_fpn", "--to", "v1", "--input-size", str(SIZE),
                                   "--out", str(tmp_path / "v1")])

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
-from PIL import Image
-from util import relative_error
+from util import relative_error, write_random_images
 
 import resnet_surgery
 from resnet_surgery.cli import main
@@ -100,12 +99,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_files, args, messag
 @pytest.mark.slow
 def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
     """The whole job on the committed CIFAR-10 model and a few generated images: no ../shared needed."""
-    images = tmp_path / "images"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(8):
-        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"{i}.png")
+    images = write_random_images(tmp_path / "images", 8, 32)
     out = tmp_path / "run"
     result = run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=out, input_size=32,
                           calibrate_data=images, num_images=8, iterations=10, min_time_s=0.05, progress=False, echo=lambda *a: None)

@@ -5,6 +5,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def write_random_images(folder, n: int, size: int, seed: int = 0):
+    """``n`` random ``size`` x ``size`` RGB PNGs named 0.png, 1.png, ... in ``folder`` (created)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()).save(
+            folder / f"{i}.png")
+    return folder
+
+
 def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     """Random BatchNorm statistics and affine parameters, so a rewrite cannot hide behind identity BNs."""
     g = torch.Generator().manual_seed(seed)
