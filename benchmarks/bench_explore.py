@@ -36,12 +36,12 @@ from torch.utils.data import TensorDataset
 
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
-from resnet_surgery.explore import explore
-from resnet_surgery.export import export_onnx
-from resnet_surgery.latency import compare_latency
-from resnet_surgery.quantize import quantize_onnx
-from resnet_surgery.recipe import load_model
-from resnet_surgery.zoo import load_cifar_resnet
+from resnet_surgery.deploy.export import export_onnx
+from resnet_surgery.deploy.latency import compare_latency
+from resnet_surgery.deploy.quantize import quantize_onnx
+from resnet_surgery.store import load_model
+from resnet_surgery.workflows.explore import explore
+from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

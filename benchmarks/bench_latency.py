@@ -31,8 +31,8 @@ import torchvision
 
 from resnet_surgery import convert, history, inspect
 from resnet_surgery.atomic import atomic_file
-from resnet_surgery.export import export_onnx
-from resnet_surgery.latency import compare_latency
+from resnet_surgery.deploy.export import export_onnx
+from resnet_surgery.deploy.latency import compare_latency
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

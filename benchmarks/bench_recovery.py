@@ -29,11 +29,11 @@ from torch.utils.data import TensorDataset
 
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
-from resnet_surgery.finetune import finetune
+from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.history import history
-from resnet_surgery.recovery import RECONSTRUCT_ITERATIONS, calibrate, evaluate, predict
-from resnet_surgery.rewrite import convert
-from resnet_surgery.zoo import load_cifar_resnet
+from resnet_surgery.recovery.calibrate import RECONSTRUCT_ITERATIONS, calibrate, evaluate, predict
+from resnet_surgery.recovery.finetune import finetune
+from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

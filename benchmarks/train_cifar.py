@@ -29,7 +29,13 @@ from tqdm import tqdm
 
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
-from resnet_surgery.zoo import DEFAULT_BLOCKS, DEFAULT_STEM_WIDTH, DEFAULT_WIDTHS, cifar_resnet, weights_path
+from resnet_surgery.zoo.cifar import (
+    DEFAULT_BLOCKS,
+    DEFAULT_STEM_WIDTH,
+    DEFAULT_WIDTHS,
+    cifar_resnet,
+    weights_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

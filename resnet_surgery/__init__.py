@@ -1,23 +1,26 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
-from .blocks import Block, Subsample, Trunk, find_blocks, find_trunk, trace
 from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
+from .deploy.export import ExportError, OnnxModule, ParityError, ParityReport, export_onnx
+from .deploy.latency import LatencyReport, RatioCI, compare_latency, ratio_ci
+from .deploy.onnxfile import onnx_input_shape
+from .deploy.quantize import QuantizationError, QuantReport, quantize_onnx
+from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
+from .engine.inspect import Report, count_macs, inspect
+from .engine.layers import Subsample
+from .engine.probe import max_difference
+from .engine.prune import prune_dead_compute
+from .engine.recipe import Options, Recipe, Rewrite
+from .engine.rewrite import SurgeryNotice, convert
+from .engine.transplant import transplant
 from .errors import NotExactError, SurgeryError, TraceError
-from .explore import ExploreReport, explore, pareto_front
-from .export import ExportError, OnnxModule, ParityError, ParityReport, export_onnx
-from .finetune import FinetuneReport, finetune
 from .history import History, Source, history
-from .latency import LatencyReport, RatioCI, compare_latency, ratio_ci
-from .onnxfile import onnx_input_shape
-from .prune import prune_dead_compute
-from .quantize import QuantizationError, QuantReport, quantize_onnx
-from .recipe import Options, Recipe, Rewrite, apply_recipe, load, load_model, read_recipe, save
-from .recovery import CalibrationReport, EvalReport, calibrate, evaluate, predict
-from .report import Report, count_macs, inspect
-from .rewrite import SurgeryNotice, convert, max_difference
-from .transplant import transplant
+from .recovery.calibrate import CalibrationReport, EvalReport, calibrate, evaluate, predict
+from .recovery.finetune import FinetuneReport, finetune
+from .store import apply_recipe, load, load_model, read_recipe, save
 from .vocab import Layout, Op, Shortcut, Variant
-from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+from .workflows.explore import ExploreReport, explore, pareto_front
+from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
 __all__ = [
     "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "EvalReport", "ExploreReport", "ExportError",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from .engine.recipe import Recipe
 
 ATTRIBUTE = "resnet_surgery_history"
 SOURCE_KINDS = ("torchvision", "timm", "zoo", "custom")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 from collections.abc import Iterator
 
 import torch
@@ -42,3 +43,21 @@ def table(rows: list[tuple[str, ...]]) -> list[str]:
     """Left-aligned text columns, the first row being the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def library_versions() -> dict[str, str]:
+    """The installed versions of resnet-surgery and the libraries whose behaviour a result depends on."""
+    versions = {}
+    for pkg in ("resnet-surgery", "torch", "torchvision", "timm", "onnx", "onnxruntime"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def report_dict(report):
+    """A step's report as plain data: its ``to_dict()``, or the value itself (None, a dict)."""
+    if report is None:
+        return None
+    return report.to_dict() if hasattr(report, "to_dict") else report

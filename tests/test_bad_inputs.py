@@ -17,9 +17,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import resnet_surgery.export as export_module
-import resnet_surgery.pipeline  # imported before any test patches the load_model it binds
-import resnet_surgery.recipe
+import resnet_surgery.deploy.export as export_module
+import resnet_surgery.store
+import resnet_surgery.workflows.pipeline  # imported before any test patches the load_model it binds
 from resnet_surgery import (
     ExportError,
     ParityError,
@@ -38,7 +38,7 @@ from resnet_surgery import (
 from resnet_surgery.atomic import atomic_dir, atomic_file, check_writable
 from resnet_surgery.cli import main
 from resnet_surgery.data import as_loader, preset_transform
-from resnet_surgery.zoo import cifar_resnet
+from resnet_surgery.zoo.cifar import cifar_resnet
 
 
 def run(*args):
@@ -156,8 +156,8 @@ def test_every_command_refuses_an_unwritable_out_up_front(tmp_path, a_file, comm
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
-    for module, name in ((resnet_surgery.recipe, "load_model"), (resnet_surgery.pipeline, "load_model"),
-                         (resnet_surgery.recipe, "load")):
+    for module, name in ((resnet_surgery.store, "load_model"), (resnet_surgery.workflows.pipeline, "load_model"),
+                         (resnet_surgery.store, "load")):
         monkeypatch.setattr(module, name, no_work)
     out = a_file / "out"
     folder = tmp_path / "folder"
@@ -404,7 +404,7 @@ def test_saved_weights_get_ordinary_permissions(tmp_path, umask_022):
 
 
 def test_run_validates_its_options_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(resnet_surgery.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
+    monkeypatch.setattr(resnet_surgery.workflows.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
     for option in (["--batch", "0"], ["--batch", "1,x"], ["--threads", "-1"], ["--epochs", "0"],
                    ["--num-images", "0"], ["--min-time", "-1"]):
         result = run("run", "resnet18", "--to", "v1", "--out", tmp_path / "out", *option)

@@ -7,8 +7,8 @@ from torch import nn
 from util import CaffeResNet, Untraceable
 
 from resnet_surgery import SurgeryError, TraceError, count_macs, find_blocks, inspect, trace
-from resnet_surgery.blocks import model_variant
-from resnet_surgery.report import read_fraction
+from resnet_surgery.engine.blocks import model_variant
+from resnet_surgery.engine.inspect import read_fraction
 
 
 def downsampling(model):

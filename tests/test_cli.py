@@ -8,7 +8,7 @@ from util import relative_error, write_random_images
 
 import resnet_surgery
 from resnet_surgery.cli import main
-from resnet_surgery.pipeline import run_pipeline
+from resnet_surgery.workflows.pipeline import run_pipeline
 
 
 def run(*args):

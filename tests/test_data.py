@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from resnet_surgery import Source, history, load_model
-from resnet_surgery.cli import build_preprocessing
+from resnet_surgery.cli.app import build_preprocessing
 from resnet_surgery.data import (
     CIFAR10_CLASSES,
     as_loader,
@@ -138,7 +138,7 @@ def test_as_loader_errors(tmp_path):
 def test_a_flat_folder_of_real_imagenet_images_loads_without_labels(shared_data):
     import torchvision
 
-    from resnet_surgery.recovery import evaluate
+    from resnet_surgery.recovery.calibrate import evaluate
 
     folder = shared_data / "imagenet-val"  # ten full-size validation images, no class folders
     images, labels = split_batch(next(iter(as_loader(folder, batch_size=4))))

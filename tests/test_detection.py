@@ -32,9 +32,9 @@ from resnet_surgery import (
 )
 from resnet_surgery.cli import main
 from resnet_surgery.errors import TraceError
-from resnet_surgery.models import DETECTION_MODELS, FROZEN_BN_MODELS, SEGMENTATION_MODELS
-from resnet_surgery.recovery import reestimate_bn
+from resnet_surgery.recovery.calibrate import reestimate_bn
 from resnet_surgery.vocab import Layout, Variant
+from resnet_surgery.zoo.registry import DETECTION_MODELS, FROZEN_BN_MODELS, SEGMENTATION_MODELS
 
 # The ten models of issue 10 (the _v2 mask/retina variants load too, but are not listed there).
 MODELS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",

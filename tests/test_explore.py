@@ -10,9 +10,9 @@ from torch.utils.data import TensorDataset
 
 from resnet_surgery import SurgeryError, explore, pareto_front
 from resnet_surgery.cli import main
-from resnet_surgery.zoo import cifar_resnet
+from resnet_surgery.zoo.cifar import cifar_resnet
 
-explore_module = importlib.import_module("resnet_surgery.explore")  # the package's `explore` is the function
+explore_module = importlib.import_module("resnet_surgery.workflows.explore")  # the package's `explore` is the function
 FAST = {"min_time_s": 0.05, "max_time_s": 0.1, "progress": False}  # tests never assert timings
 SIZE = (3, 16, 16)
 

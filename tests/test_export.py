@@ -12,10 +12,10 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from util import CaffeResNet, randomize_bn
 
-import resnet_surgery.export as export_module
+import resnet_surgery.deploy.export as export_module
 from resnet_surgery import SurgeryError, SurgeryNotice, convert, count_macs, history
 from resnet_surgery.cli import main
-from resnet_surgery.export import ParityError, export_onnx, onnx_input_shape, onnx_metadata
+from resnet_surgery.deploy.export import ParityError, export_onnx, onnx_input_shape, onnx_metadata
 
 
 def tiny_net(channels: int = 8) -> nn.Module:

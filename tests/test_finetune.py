@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from resnet_surgery import SurgeryError, convert, history
-from resnet_surgery.finetune import distillation_loss, finetune
 from resnet_surgery.history import record
-from resnet_surgery.zoo import cifar_resnet
+from resnet_surgery.recovery.finetune import distillation_loss, finetune
+from resnet_surgery.zoo.cifar import cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,7 +153,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_finetune import synthetic, tiny_pair
 from resnet_surgery import history
-from resnet_surgery.finetune import finetune
+from resnet_surgery.recovery.finetune import finetune
 
 teacher, student = tiny_pair()
 out = finetune(student, teacher, synthetic(n=64), epochs=3, batch_size=8, lr=0.05, optimizer="sgd",

@@ -10,8 +10,8 @@ from torch import nn
 
 from resnet_surgery import SurgeryError
 from resnet_surgery.cli import main
-from resnet_surgery.export import export_onnx
-from resnet_surgery.latency import (
+from resnet_surgery.deploy.export import export_onnx
+from resnet_surgery.deploy.latency import (
     LatencyReport,
     StoppingRule,
     compare_latency,
@@ -118,7 +118,7 @@ def test_stopping_rule_stops_at_a_narrow_interval_or_at_max_time():
 
 
 def test_import_and_method_survive_python_OO():
-    code = "import resnet_surgery, resnet_surgery.cli, resnet_surgery.latency as l; print(l.METHOD.split()[1])"
+    code = "import resnet_surgery, resnet_surgery.cli, resnet_surgery.deploy.latency as l; print(l.METHOD.split()[1])"
     out = subprocess.run([sys.executable, "-OO", "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "One", out.stderr
 
@@ -199,7 +199,7 @@ def test_given_macs_override_the_file_and_busy_machine_warns(onnx_models, monkey
 
 
 def test_wide_interval_warns(onnx_models, monkeypatch):
-    import resnet_surgery.latency as latency
+    import resnet_surgery.deploy.latency as latency
 
     monkeypatch.setattr(latency, "CI_WARN", 0.0)
     report = compare_latency({"a": onnx_models["small"], "b": onnx_models["big"]}, **FAST)
@@ -238,7 +238,7 @@ def test_cuda_without_the_cuda_provider_says_how_to_get_it(onnx_models):
 def quick_peak(request, monkeypatch):
     """The CLI measures the peak with 2048 x 2048 matmuls; its tests need not."""
     if request.node.name.startswith("test_cli"):
-        import resnet_surgery.latency as latency
+        import resnet_surgery.deploy.latency as latency
 
         monkeypatch.setattr(latency, "measure_peak_gflops", lambda *args, **kwargs: 50.0)
 

@@ -10,10 +10,10 @@ from torch.utils.data import TensorDataset
 from resnet_surgery import SurgeryError, export_onnx
 from resnet_surgery.cli import main
 from resnet_surgery.data import CIFAR10_CLASSES, cifar10_tensors, disjoint_subsets, normalize_uint8
-from resnet_surgery.export import MACS_METADATA_KEY, onnx_metadata
-from resnet_surgery.onnxfile import is_quantized
-from resnet_surgery.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
-from resnet_surgery.zoo import load_cifar_resnet
+from resnet_surgery.deploy.export import MACS_METADATA_KEY, onnx_metadata
+from resnet_surgery.deploy.onnxfile import is_quantized
+from resnet_surgery.deploy.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
+from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 
 @pytest.fixture(scope="module")

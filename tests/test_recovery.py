@@ -8,10 +8,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from util import CaffeResNet
 
-from resnet_surgery import SurgeryError, convert, history, recovery
+import resnet_surgery.recovery.calibrate as recovery
+from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
-from resnet_surgery.recovery import calibrate, evaluate, predict, reestimate_bn, transfer_weights
-from resnet_surgery.zoo import load_cifar_resnet
+from resnet_surgery.recovery.calibrate import calibrate, evaluate, predict, reestimate_bn, transfer_weights
+from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 
 class Logits(nn.Module):
@@ -321,7 +322,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(cifar_folder, tmp_path):
 
 def tiny_conversion(to="v1", layout="v1.5", **kw):
     """A tiny random CIFAR-layout model (BatchNorm statistics from a few batches) and its conversion."""
-    from resnet_surgery.zoo import cifar_resnet
+    from resnet_surgery.zoo.cifar import cifar_resnet
 
     torch.manual_seed(0)
     original = cifar_resnet(layout, widths=(8, 8, 16), blocks=(1, 1, 1), stem_width=8)

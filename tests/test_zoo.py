@@ -4,7 +4,7 @@ from torchvision.models.resnet import Bottleneck
 
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.errors import SurgeryError
-from resnet_surgery.zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet, weights_path
+from resnet_surgery.zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet, weights_path
 
 
 def downsampling_blocks(model):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, check_writable
-from .data import model_transform
-from .history import history
-from .recipe import load_model, save
-from .report import count_macs
-from .rewrite import SurgeryNotice, convert, max_difference
+from ..atomic import atomic_dir, check_writable
+from ..data import model_transform
+from ..engine.inspect import count_macs
+from ..engine.probe import max_difference
+from ..engine.rewrite import convert
+from ..history import history
+from ..store import load_model, save
+from ..utils import report_dict
 
 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
@@ -31,8 +32,8 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
     (both parity-checked against PyTorch), latency.json, latency.png and report.json. ``preset`` None:
     images are prepared as the model's weights were published (``data.model_transform``), else "imagenet".
     """
-    from .export import export_onnx
-    from .latency import compare_latency
+    from ..deploy.export import export_onnx
+    from ..deploy.latency import compare_latency
 
     check_writable(out, force)
     size = (3, input_size, input_size)
@@ -50,9 +51,8 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         original = load_model(model, weights)
         bar.update()
         step("convert")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SurgeryNotice)
-            converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
+        converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size,
+                            warn=False)  # the notices are echoed below
         recipe = history(converted).recipe
         for note in recipe.notices:
             echo(f"note: {note}")
@@ -69,22 +69,22 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         transform = model_transform(original) if preset is None else None
         preset = preset or "imagenet"
         if calibrate_data:
-            from .recovery import calibrate
+            from ..recovery.calibrate import calibrate
 
             step("calibrate")
             converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
                                   transform=transform, progress=progress,
                                   **({} if iterations is None else {"iterations": iterations}))
-            result["calibration"] = _report_dict(history(converted).calibration)
+            result["calibration"] = report_dict(history(converted).calibration)
             bar.update()
         if finetune_data:
-            from .finetune import finetune
+            from ..recovery.finetune import finetune
 
             step("finetune")
             converted = finetune(converted, original, finetune_data, objective=objective, epochs=epochs,
                                  steps=finetune_steps, augment=augment, preset=preset, transform=transform,
                                  num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
-            result["finetune"] = _report_dict(history(converted).finetune)
+            result["finetune"] = report_dict(history(converted).finetune)
             # The checkpoint only matters to a run that may be resumed; this one finished.
             (tmp / "finetune.ckpt").unlink(missing_ok=True)
             bar.update()
@@ -108,9 +108,3 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
     result["out"] = str(out)
     result["latency_table"] = str(latency)
     return result
-
-
-def _report_dict(report):
-    if report is None:
-        return None
-    return report.to_dict() if hasattr(report, "to_dict") else report

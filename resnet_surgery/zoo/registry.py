@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import SurgeryError, first_line
-from .history import Source, record
+from ..errors import SurgeryError, first_line
+from ..history import Source, record
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
@@ -198,7 +198,7 @@ def load_timm(name: str, weights: str = "none") -> nn.Module:
 
 def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
     """The project's CIFAR-10 models: DEFAULT is the committed trained weights, none a random init."""
-    from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+    from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
     if name not in CIFAR_MODELS:
         raise SurgeryError(f"unknown model {name!r}: the CIFAR-10 models are {', '.join(CIFAR_MODELS)}")

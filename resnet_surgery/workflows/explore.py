@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,18 +32,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, atomic_file, check_writable
-from .blocks import find_blocks, model_variant, trace
-from .data import as_dataset, disjoint_subsets, split_batch
-from .errors import NotExactError, SurgeryError
-from .export import OnnxModule, export_onnx
-from .history import history
-from .latency import compare_latency
-from .pipeline import _report_dict
-from .quantize import ACTIVATIONS, QuantizationError, quantize_onnx
-from .recipe import save
-from .recovery import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
-from .rewrite import SurgeryNotice, convert
+from ..atomic import atomic_dir, atomic_file, check_writable
+from ..data import as_dataset, disjoint_subsets, split_batch
+from ..deploy.export import OnnxModule, export_onnx
+from ..deploy.latency import compare_latency
+from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
+from ..engine.blocks import find_blocks, model_variant, trace
+from ..engine.rewrite import convert
+from ..errors import NotExactError, SurgeryError
+from ..history import history
+from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
+from ..store import save
+from ..utils import report_dict
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 RESULT_FILE = "result.json"
@@ -366,24 +365,22 @@ class _Builder:
         return model, how
 
     def convert(self, model, to, **kwargs) -> nn.Module:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SurgeryNotice)
-            return convert(model, to, input_size=self.size, **kwargs)
+        return convert(model, to, input_size=self.size, warn=False, **kwargs)
 
     def recover(self, converted: nn.Module) -> tuple[nn.Module, dict]:
         steps = self.settings["finetune_steps"]
         model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
                           steps=self.settings.get("calibrate_steps", DEFAULT_STEPS),
                           batch_size=self.settings["batch_size"], progress=self.progress)
-        how = {"recovery": "calibrate", "calibration": _report_dict(history(model).calibration)}
+        how = {"recovery": "calibrate", "calibration": report_dict(history(model).calibration)}
         if steps:
-            from .finetune import finetune
+            from ..recovery.finetune import finetune
 
             # The calibration images, seen many times: feature mimicking with augmentation (README, recovery).
             model = finetune(model, self.original, self.calib_set, objective="features", steps=steps, augment="auto",
                              batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
             how.update(recovery=f"calibrate + {steps} feature-mimicking steps",
-                       finetune=_report_dict(history(model).finetune))
+                       finetune=report_dict(history(model).finetune))
         return model, how
 
     def recovered(self, name: str) -> nn.Module | None:
@@ -392,7 +389,7 @@ class _Builder:
             return self.models[name]
         folder = self.out / name / "model"
         if self.finished(name) and folder.is_dir():
-            from .models import load_state_into, read_state_dict
+            from ..zoo.registry import load_state_into, read_state_dict
 
             model = self.convert(self.original, name)
             load_state_into(model, read_state_dict(folder / "model.safetensors"), name, str(folder))

@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from .errors import SurgeryError
-from .vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
+from ..errors import SurgeryError
+from ..vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
 
 
 def user_errors(fn):
@@ -70,8 +70,8 @@ def variant_options(fn):
 def convert_summary(name: str, weights: str, converted, macs_before: int, macs_after: int,
                     probe: tuple[float, float] | None) -> str:
     """The readable result of a conversion (printed, and saved as summary.txt)."""
-    from .history import history
-    from .utils import table
+    from ..history import history
+    from ..utils import table
 
     recipe = history(converted).recipe
     records = recipe.rewrites
@@ -98,8 +98,8 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @user_errors
 def inspect_command(model, weights, input_size, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
-    from .recipe import load_model
-    from .report import inspect
+    from ..engine.inspect import inspect
+    from ..store import load_model
 
     report = inspect(load_model(model, weights), (3, input_size, input_size))
     print_json(report.to_dict()) if as_json else click.echo(str(report))
@@ -116,20 +116,18 @@ def inspect_command(model, weights, input_size, as_json):
 @user_errors
 def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size, out, force, as_json):
     """Convert MODEL to another downsampling variant and write it to --out."""
-    import warnings
 
-    from .atomic import check_writable
-    from .history import history
-    from .recipe import load_model, save
-    from .report import count_macs
-    from .rewrite import SurgeryNotice, convert, max_difference
+    from ..atomic import check_writable
+    from ..engine.inspect import count_macs
+    from ..engine.probe import max_difference
+    from ..engine.rewrite import convert
+    from ..history import history
+    from ..store import load_model, save
 
     check_writable(out, force)
     size = (3, input_size, input_size)
     source = load_model(model, weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SurgeryNotice)
-        converted = convert(source, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size)
+    converted = convert(source, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size, warn=False)
     part = history(converted).recipe.trunk  # a detection model: its trunk is what changed, and what to measure
     before, after = (count_macs(m.get_submodule(part) if part else m, size) for m in (source, converted))
     probe = max_difference(source, converted, size) if exact or prune_dead else None
@@ -144,8 +142,8 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
 
 def transplant_summary(source: str, source_weights: str, target: str, target_weights: str, moved) -> str:
     """The readable result of a transplant (printed, and saved as summary.txt)."""
-    from .history import history
-    from .utils import table
+    from ..history import history
+    from ..utils import table
 
     recipe = history(moved).recipe
     t = recipe.transplant
@@ -181,20 +179,16 @@ def transplant_summary(source: str, source_weights: str, target: str, target_wei
 def transplant_command(source, target, weights, into_weights, no_head, input_size, out, force, as_json):
     """Copy SOURCE's weights into the layout of --into (another implementation of the same network), matched
     by structure rather than names, converting --into's stride placement or shortcuts to SOURCE's if they differ."""
-    import warnings
 
-    from .atomic import check_writable
-    from .history import history
-    from .recipe import load_model, save
-    from .rewrite import SurgeryNotice
-    from .transplant import transplant
+    from ..atomic import check_writable
+    from ..engine.transplant import transplant
+    from ..history import history
+    from ..store import load_model, save
 
     check_writable(out, force)
     size = (3, input_size, input_size)
     src, tgt = load_model(source, weights), load_model(target, into_weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SurgeryNotice)  # the summary lists them as notes
-        moved = transplant(src, tgt, head=not no_head, input_size=size)
+    moved = transplant(src, tgt, head=not no_head, input_size=size, warn=False)  # the summary lists them as notes
     summary = transplant_summary(source, weights, target, into_weights, moved)
     save(moved, out, force=force, summary=summary)
     if as_json:
@@ -233,8 +227,8 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
     """Compare the latency of ONNX MODELS in onnxruntime; each is compared with the first."""
     from pathlib import Path
 
-    from .atomic import check_writable
-    from .latency import compare_latency
+    from ..atomic import check_writable
+    from ..deploy.latency import compare_latency
 
     if plot:
         check_writable(plot, force)
@@ -282,7 +276,7 @@ preprocessing_options = [
 
 def build_preprocessing(preset, size, resize, mean, std, model=None):
     """--preset and its overrides; with none of them, the preprocessing ``model``'s weights were published with."""
-    from .data import model_transform, preset_transform
+    from ..data import model_transform, preset_transform
 
     chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
     own = model_transform(model) if model is not None and not chosen else None
@@ -311,7 +305,7 @@ skip_bad_images_option = click.option(
 
 def image_loader(data, transform, batch_size, num_images, skip_bad_images, progress, seed=0):
     """The images of --data as the library would load them, less unreadable ones with --skip-bad-images."""
-    from .data import as_loader
+    from ..data import as_loader
 
     return as_loader(data, transform=transform, batch_size=batch_size, num_images=num_images, seed=seed,
                      skip_bad_images=skip_bad_images, progress=progress)
@@ -332,8 +326,8 @@ def is_rank0() -> bool:
 
 def load_original(spec, weights, converted):
     """--original (default: the source model recorded in the converted folder's recipe, with its weights)."""
-    from .history import history
-    from .recipe import load_model
+    from ..history import history
+    from ..store import load_model
 
     source = history(converted).recipe.source
     if spec is None:
@@ -349,8 +343,8 @@ def classifier_only(model):
     """``model`` for build_preprocessing's default, or None for a detection or segmentation model: its weights'
     transforms keep each image's own size (no batch), and the trunk it calibrates on takes a normalised batch
     (the imagenet preset's mean/std, as torchvision's detection transform uses)."""
-    from .history import history
-    from .models import DETECTION_MODELS, SEGMENTATION_MODELS
+    from ..history import history
+    from ..zoo.registry import DETECTION_MODELS, SEGMENTATION_MODELS
 
     source = history(model).source
     return None if source is not None and source.model in DETECTION_MODELS + SEGMENTATION_MODELS else model
@@ -375,8 +369,8 @@ original_options = [
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from .recipe import load_model
-    from .recovery import evaluate
+    from ..recovery.calibrate import evaluate
+    from ..store import load_model
 
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
@@ -416,10 +410,10 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     block reconstruction (each rewritten block trained to reproduce the original block's output). A detection
     model is calibrated on its trunk (images normalised with the imagenet preset, --size sets their size) and,
     like a segmentation model, scored by the relative error of its outputs."""
-    from .atomic import check_writable
-    from .history import history
-    from .recipe import load, save
-    from .recovery import calibrate
+    from ..atomic import check_writable
+    from ..history import history
+    from ..recovery.calibrate import calibrate
+    from ..store import load, save
 
     check_writable(out, force)
     converted = load(converted_dir)
@@ -474,10 +468,10 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
     """
     from pathlib import Path
 
-    from .atomic import check_writable
-    from .finetune import finetune
-    from .history import history
-    from .recipe import load, save
+    from ..atomic import check_writable
+    from ..history import history
+    from ..recovery.finetune import finetune
+    from ..store import load, save
 
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
@@ -529,7 +523,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, calibrate_data, finetune_data, preset,
                 num_images, iterations, epochs, objective, finetune_steps, batches, threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
-    from .pipeline import run_pipeline
+    from ..workflows.pipeline import run_pipeline
 
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
@@ -619,10 +613,10 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
     import tempfile
     from pathlib import Path
 
-    from .atomic import check_writable, output_errors, temp_prefix
-    from .export import ParityError, export_onnx
-    from .quantize import QuantizationError, quantize_onnx
-    from .recipe import load_model
+    from ..atomic import check_writable, output_errors, temp_prefix
+    from ..deploy.export import ParityError, export_onnx
+    from ..deploy.quantize import QuantizationError, quantize_onnx
+    from ..store import load_model
 
     if int8 != bool(calibration_data):
         raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
@@ -698,9 +692,9 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
                     min_agreement, batches, threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
-    from .data import PRESETS, transform_size
-    from .explore import check_explore_out, explore
-    from .recipe import load_model
+    from ..data import PRESETS, transform_size
+    from ..store import load_model
+    from ..workflows.explore import check_explore_out, explore
 
     check_explore_out(out)
     original = load_model(model, weights)

@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .atomic import atomic_file, check_writable
-from .blocks import NORM_TYPES
-from .data import as_loader, split_batch
-from .errors import SurgeryError, first_line
-from .history import history, record_result
-from .models import torch_load
-from .recovery import approximate_rewrites
-from .utils import eval_mode, model_device
+from ..atomic import atomic_file, check_writable
+from ..data import as_loader, split_batch
+from ..engine.blocks import NORM_TYPES
+from ..errors import SurgeryError, first_line
+from ..history import history, record_result
+from ..utils import eval_mode, model_device
+from ..zoo.registry import torch_load
+from .calibrate import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 3e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
@@ -139,7 +139,7 @@ def _set_train_mode(model: nn.Module, prefixes: list[str] | None, frozen: list[s
 def global_pool(model: nn.Module) -> tuple[str, list[str]]:
     """(the global pooling module that ends the trunk, the modules after it: the classifier), from the fx graph.
     Its input is the feature map that objective="features" matches."""
-    from .blocks import trace
+    from ..engine.blocks import trace
 
     gm = trace(model)
     modules = dict(gm.named_modules())

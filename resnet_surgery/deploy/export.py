@@ -29,12 +29,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .atomic import atomic_file, check_writable, temp_prefix
-from .errors import SurgeryError, first_line
+from ..atomic import atomic_file, check_writable, temp_prefix
+from ..engine.inspect import count_macs
+from ..errors import SurgeryError, first_line
+from ..utils import eval_mode, model_device
 from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
 from .onnxfile import opset as opset_of
-from .report import count_macs
-from .utils import eval_mode, model_device
 
 __all__ = ["MACS_METADATA_KEY", "ExportError", "ParityError", "ParityReport", "export_onnx", "onnx_input_shape",
            "onnx_metadata"]

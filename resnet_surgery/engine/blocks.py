@@ -15,27 +15,14 @@ import torch.fx as fx
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .errors import SurgeryError, TraceError
-from .vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
+from ..errors import SurgeryError, TraceError
+from ..vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
+from .layers import Subsample
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
 # FrozenBatchNorm2d (torchvision's detection trunks) is no _NormBase but normalises like one.
 NORM_TYPES = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-
-
-class Subsample(nn.Module):
-    """Keep every ``stride``-th row and column: the exact form of "only these positions are read"."""
-
-    def __init__(self, stride: int = 2):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, :: self.stride, :: self.stride]
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}"
 
 
 class SurgeryTracer(fx.Tracer):

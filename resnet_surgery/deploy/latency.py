@@ -18,8 +18,8 @@ import torch
 from onnx import TensorProto, helper
 from tqdm.auto import tqdm
 
-from .atomic import atomic_file
-from .errors import SurgeryError
+from ..atomic import atomic_file
+from ..errors import SurgeryError
 from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
 
 CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%

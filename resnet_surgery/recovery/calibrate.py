@@ -22,11 +22,11 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm import tqdm
 
-from .blocks import full_name
-from .data import as_loader, split_batch
-from .errors import SurgeryError
-from .history import history, record_result
-from .utils import eval_mode, model_device
+from ..data import as_loader, split_batch
+from ..engine.blocks import full_name
+from ..errors import SurgeryError
+from ..history import history, record_result
+from ..utils import eval_mode, model_device
 
 CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
 DEFAULT_STEPS = ("bn", "reconstruct")
@@ -180,7 +180,7 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imag
 def _output_error(model: nn.Module, reference: nn.Module, batches, desc: str, progress: bool) -> tuple[float, int]:
     """Mean over images and output tensors (pyramid levels, segmentation maps) of ||f(x) - f_ref(x)|| /
     ||f_ref(x)||, and the images seen: the measure for outputs that are not class logits."""
-    from .rewrite import output_tensors
+    from ..engine.probe import output_tensors
 
     device = model_device(model)
     total, n = 0.0, 0
@@ -738,7 +738,7 @@ def _relative_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, device, c
 def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tensor) -> dict[str, str | None]:
     """For each block in ``blocks``, the residual block whose output *is* its input (None when it reads
     anything else, e.g. the stem), found by running ``model`` once on ``images``."""
-    from .blocks import find_blocks, trace
+    from ..engine.blocks import find_blocks, trace
 
     names = [b.name for b in find_blocks(trace(model))]
     modules = {n: m for n in names if (m := _submodule(model, n)) is not None}

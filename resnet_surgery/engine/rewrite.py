@@ -9,20 +9,19 @@ shortcut keeps the key ``P.weight`` with shape [C, Cin, 3, 3] (the 1x1 weights i
 
 from __future__ import annotations
 
-import importlib.metadata
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from ..errors import NotExactError, SurgeryError
+from ..history import history, record
+from ..utils import private_copy
+from ..vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
 from .blocks import Block, Trunk, dilated_note, find_blocks, find_trunk, model_variant, trace
-from .errors import NotExactError, SurgeryError
-from .history import Source, history, record
-from .recipe import RECIPE_FORMAT, Options, Recipe, Rewrite
-from .utils import eval_mode, model_device, private_copy
-from .vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
+from .layers import avgpool_shortcut, conv1x1_from, conv3x3_from, off_centre_is_zero
+from .recipe import Options, Rewrite, new_recipe
 
 
 class SurgeryNotice(UserWarning):
@@ -37,41 +36,6 @@ class Step:
     op: Op
     exact: bool
     why_not_exact: str = ""
-
-
-def conv1x1_from(conv: nn.Conv2d, stride: int) -> nn.Conv2d:
-    """A 1x1 conv holding ``conv``'s centre tap (or its weights, when it is already 1x1)."""
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=stride, groups=conv.groups,
-                    bias=conv.bias is not None).to(conv.weight)
-    kh, kw = conv.kernel_size
-    new.weight.data.copy_(conv.weight.data[:, :, kh // 2 : kh // 2 + 1, kw // 2 : kw // 2 + 1])
-    if conv.bias is not None:
-        new.bias.data.copy_(conv.bias.data)
-    return new
-
-
-def conv3x3_from(conv: nn.Conv2d, stride: int) -> nn.Conv2d:
-    """A 3x3 stride-s padding-1 conv whose centre tap holds a 1x1 conv's weights: it reads the same pixels."""
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=stride, padding=1, groups=conv.groups,
-                    bias=conv.bias is not None).to(conv.weight)
-    new.weight.data.zero_()
-    new.weight.data[:, :, 1:2, 1:2] = conv.weight.data
-    if conv.bias is not None:
-        new.bias.data.copy_(conv.bias.data)
-    return new
-
-
-def avgpool_shortcut(stride: int) -> nn.AvgPool2d:
-    # ceil_mode keeps the output size equal to the strided conv's at odd sizes; count_include_pad=False
-    # averages only real pixels at the ragged edge.
-    return nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
-
-
-def off_centre_is_zero(conv: nn.Conv2d) -> bool:
-    kh, kw = conv.kernel_size
-    w = conv.weight.detach().clone()
-    w[:, :, kh // 2, kw // 2] = 0
-    return bool((w == 0).all())
 
 
 def _set_stride(conv: nn.Conv2d, stride: int, dilation: int = 1) -> None:
@@ -227,16 +191,6 @@ def apply_step(model: nn.Module, step: Step) -> Rewrite:
     return rewrite
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for pkg in ("resnet-surgery", "torch", "torchvision", "timm", "onnx", "onnxruntime"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def _check_unshared(gm, steps: list[Step]) -> None:
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for s in steps:
@@ -247,7 +201,7 @@ def _check_unshared(gm, steps: list[Step]) -> None:
 
 
 def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = None, exact: bool = False,
-            prune_dead: bool = False, input_size=(3, 224, 224), leaf_modules=()) -> nn.Module:
+            prune_dead: bool = False, input_size=(3, 224, 224), leaf_modules=(), warn: bool = True) -> nn.Module:
     """Return a new model converted to variant ``to`` ("v1", "v1.5", "d") and/or ``shortcut``; ``model`` is untouched.
 
     ``exact=True`` allows only function-preserving rewrites (v1 to v1.5 becomes the dilated form) and raises
@@ -294,9 +248,10 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
         new = _replace_trunk(new, trunk, pruned)
         rewrites += prune_rewrites
         notices += prune_notices
-    for note in notices:
-        warnings.warn(note, SurgeryNotice, stacklevel=2)
-    recipe = _recipe(model, options, before, after, rewrites, notices)
+    if warn:
+        for note in notices:
+            warnings.warn(note, SurgeryNotice, stacklevel=2)
+    recipe = new_recipe(model, options, before, after, rewrites, notices)
     if trunk.name:
         recipe.trunk = trunk.name
     return record(new, source=history(model).source, recipe=recipe, calibration=None, finetune=None)
@@ -323,46 +278,3 @@ def _replace_trunk(model: nn.Module, trunk: Trunk, new: nn.Module) -> nn.Module:
             setattr(new, key, value)
     model.set_submodule(trunk.name, new)
     return model
-
-
-def _recipe(model: nn.Module, options: Options, before: Variant, after: Variant, rewrites: list[Rewrite],
-            notices: list[str]) -> Recipe:
-    """The new model's recipe: a model converted before keeps its first source; its conversions replay first."""
-    prior = history(model).recipe
-    source = prior.source if prior else history(model).source or Source(type(model).__name__, "custom")
-    return Recipe(format=RECIPE_FORMAT, source=source, history=prior.conversions if prior else [], options=options,
-                  variant_before=before, variant_after=after, exact=all(r.exact for r in rewrites),
-                  rewrites=rewrites, notices=notices, versions=library_versions())
-
-
-def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
-    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode; over every output
-    tensor (a feature pyramid's levels). When ``b``'s recipe names a trunk (a detection model's backbone), the
-    two trunks are compared: the rest of the model is not rewritten.
-
-    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
-    recipe = history(b).recipe
-    if recipe is not None and recipe.trunk:
-        a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
-    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
-    with eval_mode(a, b), torch.no_grad():
-        ya, yb = output_tensors(a(x)), output_tensors(b(x))
-    if not ya:
-        raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
-                           "verified by a probe")
-    for which, ys in (("original", ya), ("converted", yb)):
-        if not all(torch.isfinite(y).all() for y in ys):
-            raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
-                               "rewrite cannot be verified; check its weights for NaN/inf")
-    if [y.shape for y in ya] != [y.shape for y in yb]:
-        raise SurgeryError(f"the converted model's outputs have shapes {[list(y.shape) for y in yb]}, the "
-                           f"original's {[list(y.shape) for y in ya]}")
-    return (max(float((u - v).abs().max()) for u, v in zip(ya, yb)), max(float(u.abs().max()) for u in ya))
-
-
-def output_tensors(out) -> list[torch.Tensor]:
-    """The tensors of a model's output in order: a tensor, or those inside dicts, lists and tuples."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
-    return [t for item in items for t in output_tensors(item)]

@@ -21,12 +21,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import SurgeryError
+from ..history import history, record
+from ..utils import model_device, private_copy
+from ..vocab import Layout, Shortcut
 from .blocks import Block, find_blocks, model_variant, trace
-from .errors import SurgeryError
-from .history import history, record
-from .recipe import Options
-from .utils import model_device, private_copy
-from .vocab import Layout, Shortcut
+from .probe import max_difference
+from .recipe import Options, new_recipe
+from .rewrite import SurgeryNotice, convert
 
 CONV_ATTRIBUTES = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 OPTIONAL_KEYS = ("num_batches_tracked",)  # BatchNorm has it, FrozenBatchNorm2d and GroupNorm do not
@@ -130,14 +132,11 @@ def _pruned(blocks: list[Block]) -> bool:
 
 def _convert_target(target: nn.Module, to, exact: bool, shortcut, input_size, leaf_modules,
                     prune_dead: bool = False) -> nn.Module:
-    from .rewrite import SurgeryNotice, convert
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SurgeryNotice)  # transplant says what changed in its own words
-        if exact:  # the dilated form is what exact=True makes of v1: go through v1 (and swap shortcuts there)
-            target = convert(target, "v1", shortcut=shortcut, input_size=input_size, leaf_modules=leaf_modules)
-        return convert(target, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=input_size,
-                       leaf_modules=leaf_modules)
+    # transplant says what changed in its own words, so convert's notices are not shown
+    if exact:  # the dilated form is what exact=True makes of v1: go through v1 (and swap shortcuts there)
+        target = convert(target, "v1", shortcut=shortcut, input_size=input_size, leaf_modules=leaf_modules, warn=False)
+    return convert(target, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=input_size,
+                   leaf_modules=leaf_modules, warn=False)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -208,7 +207,7 @@ _HEAD_HINT = "; pass head=False (--no-head) to keep the target's head"
 
 
 def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input_size=(3, 224, 224),
-               leaf_modules=()) -> nn.Module:
+               leaf_modules=(), warn: bool = True) -> nn.Module:
     """A new model of ``target``'s class and layout carrying ``source``'s weights, paired by structure.
 
     ``target`` is untouched. Where the two differ in stride placement or shortcut form, the target is first
@@ -217,8 +216,6 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     Any mismatch (block count, a shape, a kernel, stride or bias) is one SurgeryError naming both modules.
     ``history(result).recipe.transplant`` holds what was paired and the output difference on a probe input.
     """
-    from .rewrite import SurgeryNotice, _recipe, max_difference
-
     sgm, tgm = trace(source, leaf_modules), trace(target, leaf_modules)
     sblocks, tblocks = find_blocks(sgm), find_blocks(tgm)
     notices, pruned = [], _pruned(sblocks) and not _pruned(tblocks)
@@ -272,12 +269,13 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
         if diff > 1e-4 * max(top, 1e-12):
             notices.append(f"outputs differ from the source's on a probe input (max |difference| {diff:.3g}, max "
                            f"|output| {top:.3g}): something without weights differs (pooling, activations, eps)")
-    for note in notices:
-        warnings.warn(note, SurgeryNotice, stacklevel=2)
+    if warn:
+        for note in notices:
+            warnings.warn(note, SurgeryNotice, stacklevel=2)
     recipe = history(new).recipe if (to or shortcut or pruned) else None
     if recipe is None:  # nothing converted: a recipe that replays nothing, so `save`/`load` still work
         variant = model_variant(tblocks)
-        recipe = _recipe(target, Options(None, None, True, False, list(input_size)), variant, variant, [], [])
+        recipe = new_recipe(target, Options(None, None, True, False, list(input_size)), variant, variant, [], [])
     summary = {
         "source": _describe(source),
         "head": head,

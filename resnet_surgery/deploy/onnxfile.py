@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import SurgeryError, first_line
+from ..errors import SurgeryError, first_line
 
 MACS_METADATA_KEY = "resnet_surgery.macs"
 

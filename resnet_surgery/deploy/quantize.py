@@ -22,12 +22,12 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import atomic_file, check_writable, temp_prefix
-from .data import as_dataset, disjoint_subsets, split_batch
-from .errors import SurgeryError, first_line
+from ..atomic import atomic_file, check_writable, temp_prefix
+from ..data import as_dataset, disjoint_subsets, split_batch
+from ..errors import SurgeryError, first_line
+from ..recovery.calibrate import evaluate
 from .export import OnnxModule, ParityError
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
-from .recovery import evaluate
 
 METHODS = ("minmax", "entropy", "percentile")
 # uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:

@@ -11,11 +11,11 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..history import history
+from ..utils import eval_mode, model_device, table
+from ..vocab import Layout
 from .blocks import dilated_note, find_trunk, model_variant
-from .history import history
 from .prune import dead_sites
-from .utils import eval_mode, model_device, table
-from .vocab import Layout
 
 
 @dataclass

@@ -1,38 +1,28 @@
-"""The recipe of a conversion (typed, validated, versioned) and a converted model as a folder without pickle.
+"""The recipe of a conversion: typed, validated and versioned.
 
-A folder written by ``save`` holds ``model.safetensors``, ``recipe.json`` and ``summary.txt``. The
-recipe names the source model and every conversion applied to it, so ``load`` rebuilds the
-architecture (source model + replayed conversions) and then loads the weights. recipe.json is
-``Recipe.to_json()``; reading it checks its format version and every field, and a bad file is one
-error naming the field.
+A recipe names the source model and every conversion applied to it, so a folder (``store.save``) can be
+rebuilt from it. ``Recipe.to_json()`` is what recipe.json holds; ``Recipe.from_json`` checks the format
+version and every field, and a bad file is one error naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import types
-import warnings
 from enum import Enum
-from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_dir
-from .errors import SurgeryError
-from .history import SOURCE_KINDS, Source, history, record
-from .models import load_named, load_state_into, read_state_dict
-from .vocab import Op, Shortcut, Variant
+from ..errors import SurgeryError
+from ..history import SOURCE_KINDS, Source, history
+from ..utils import library_versions
+from ..vocab import Op, Shortcut, Variant
 
 FORMAT_VERSION = 1
 RECIPE_FORMAT = f"resnet-surgery/{FORMAT_VERSION}"
-WEIGHTS_FILE = "model.safetensors"
-RECIPE_FILE = "recipe.json"
-SUMMARY_FILE = "summary.txt"
 
 
 class _ByKey:
@@ -228,74 +218,23 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# --- folders -----------------------------------------------------------------------------------------
+def new_recipe(model: nn.Module, options: Options, before: Variant, after: Variant, rewrites: list[Rewrite],
+               notices: list[str]) -> Recipe:
+    """The recipe of a model made from ``model`` by one conversion.
 
+    Args:
+        model: the model before the conversion; one converted before keeps its first source, and its
+            conversions replay first.
+        options: what the conversion was asked to do.
+        before, after: the variant before and after.
+        rewrites: what was rewritten, in order.
+        notices: what the user should know (also shown as SurgeryNotice warnings by ``convert``).
 
-def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
-    """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically."""
-    recipe = history(model).recipe
-    if recipe is None:
-        raise SurgeryError("this model has no recipe: save the result of resnet_surgery.convert()")
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_dir(out, force) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": recipe.format})
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
-        (tmp / SUMMARY_FILE).write_text(summary + ("\n" if summary and not summary.endswith("\n") else ""))
-    return Path(out)
-
-
-def read_recipe(path: str | os.PathLike) -> Recipe:
-    """The validated recipe of a folder written by ``save`` (or of a recipe.json file)."""
-    path = Path(path)
-    file = path / RECIPE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise SurgeryError(f"{path} is not a folder written by `resnet-surgery convert` (no {RECIPE_FILE})")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SurgeryError(f"{file} is not valid JSON ({e}); convert the model again") from None
-    return Recipe.from_json(data, str(file))
-
-
-def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) -> nn.Module:
-    """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites."""
-    from .rewrite import SurgeryNotice, convert  # rewrite.py builds its recipes with this module's classes
-
-    if isinstance(recipe, dict):
-        recipe = Recipe.from_json(recipe)
-    elif not isinstance(recipe, Recipe):
-        recipe = read_recipe(recipe)
-    converted = model
-    for step in recipe.conversions:
-        opts = step.options
-        if opts.to is None and opts.shortcut is None and not opts.prune_dead:
-            continue  # a transplant that needed no conversion: nothing to replay
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SurgeryNotice)
-            converted = convert(converted, opts.to, shortcut=opts.shortcut, exact=opts.exact,
-                                prune_dead=opts.prune_dead, input_size=tuple(opts.input_size))
-        done = [(r.block, r.op) for r in history(converted).recipe.rewrites]
-        wanted = [(r.block, r.op) for r in step.rewrites]
-        if done != wanted:
-            raise SurgeryError(f"the recipe does not fit this model: it rewrote {len(wanted)} blocks "
-                               f"({wanted[:2]}...), this model gives {len(done)} ({done[:2]}...)")
-    return record(converted, recipe=recipe)
-
-
-def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by ``save``/``convert --out``: source architecture + recipe + safetensors weights."""
-    recipe = read_recipe(folder)
-    if not recipe.source.loadable:
-        raise SurgeryError(f"{folder} was converted from a custom model ({recipe.source.model}): build that model, "
-                           "then resnet_surgery.apply_recipe(model, recipe) and load model.safetensors")
-    model = apply_recipe(load_named(recipe.source.model, "none"), recipe)
-    load_state_into(model, read_state_dict(Path(folder) / WEIGHTS_FILE), "the recipe's model",
-                    str(Path(folder) / WEIGHTS_FILE))
-    return record(model, source=recipe.source).eval()
-
-
-def load_model(spec: str | os.PathLike, weights: str = "none") -> nn.Module:
-    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
-    if Path(spec).is_dir():
-        return load(spec)
-    return load_named(str(spec), weights)
+    Returns:
+        A new Recipe stamped with the library versions.
+    """
+    prior = history(model).recipe
+    source = prior.source if prior else history(model).source or Source(type(model).__name__, "custom")
+    return Recipe(format=RECIPE_FORMAT, source=source, history=prior.conversions if prior else [], options=options,
+                  variant_before=before, variant_after=after, exact=all(r.exact for r in rewrites),
+                  rewrites=rewrites, notices=notices, versions=library_versions())

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .blocks import Subsample, find_blocks, full_name, is_add, model_variant, trace
+from ..utils import private_copy
+from ..vocab import Layout, Op
+from .blocks import find_blocks, full_name, is_add, model_variant, trace
+from .layers import Subsample
 from .recipe import Rewrite
-from .utils import private_copy
-from .vocab import Layout, Op
 
 ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
                        nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)

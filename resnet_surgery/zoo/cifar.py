@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from .errors import SurgeryError
-from .vocab import Variant
+from ..errors import SurgeryError
+from ..vocab import Variant
 
 LAYOUTS = (Variant.V1.value, Variant.V1_5.value)
 # Registered model names -> layout of the committed CIFAR-10 weights.

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export with parity, int8 quantization, latency in onnxruntime."""

@@ -1,0 +1,45 @@
+"""Probing a model: compare two models' outputs on a seeded random input, and flatten any output to tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from ..history import history
+from ..utils import eval_mode, model_device
+
+__all__ = ["max_difference", "output_tensors"]
+
+
+def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
+    """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode; over every output
+    tensor (a feature pyramid's levels). When ``b``'s recipe names a trunk (a detection model's backbone), the
+    two trunks are compared: the rest of the model is not rewritten.
+
+    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
+    recipe = history(b).recipe
+    if recipe is not None and recipe.trunk:
+        a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
+    x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
+    with eval_mode(a, b), torch.no_grad():
+        ya, yb = output_tensors(a(x)), output_tensors(b(x))
+    if not ya:
+        raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
+                           "verified by a probe")
+    for which, ys in (("original", ya), ("converted", yb)):
+        if not all(torch.isfinite(y).all() for y in ys):
+            raise SurgeryError(f"the {which} model's output on a probe input is not finite (NaN or inf), so the "
+                               "rewrite cannot be verified; check its weights for NaN/inf")
+    if [y.shape for y in ya] != [y.shape for y in yb]:
+        raise SurgeryError(f"the converted model's outputs have shapes {[list(y.shape) for y in yb]}, the "
+                           f"original's {[list(y.shape) for y in ya]}")
+    return (max(float((u - v).abs().max()) for u, v in zip(ya, yb)), max(float(u.abs().max()) for u in ya))
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output in order: a tensor, or those inside dicts, lists and tuples."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for item in items for t in output_tensors(item)]

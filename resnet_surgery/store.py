@@ -1,0 +1,94 @@
+"""A converted model as a folder without pickle: ``save``, ``load``, ``load_model`` and ``apply_recipe``.
+
+A folder written by ``save`` holds ``model.safetensors``, ``recipe.json`` and ``summary.txt``. ``load``
+rebuilds the architecture (the recipe's source model, its conversions replayed with ``convert``) and then
+loads the weights, so this module sits above the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_dir
+from .engine.recipe import Recipe
+from .engine.rewrite import convert
+from .errors import SurgeryError
+from .history import history, record
+from .zoo.registry import load_named, load_state_into, read_state_dict
+
+__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "load", "load_model", "read_recipe", "save"]
+
+WEIGHTS_FILE = "model.safetensors"
+RECIPE_FILE = "recipe.json"
+SUMMARY_FILE = "summary.txt"
+
+
+def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
+    """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically."""
+    recipe = history(model).recipe
+    if recipe is None:
+        raise SurgeryError("this model has no recipe: save the result of resnet_surgery.convert()")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_dir(out, force) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": recipe.format})
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+        (tmp / SUMMARY_FILE).write_text(summary + ("\n" if summary and not summary.endswith("\n") else ""))
+    return Path(out)
+
+
+def read_recipe(path: str | os.PathLike) -> Recipe:
+    """The validated recipe of a folder written by ``save`` (or of a recipe.json file)."""
+    path = Path(path)
+    file = path / RECIPE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise SurgeryError(f"{path} is not a folder written by `resnet-surgery convert` (no {RECIPE_FILE})")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SurgeryError(f"{file} is not valid JSON ({e}); convert the model again") from None
+    return Recipe.from_json(data, str(file))
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) -> nn.Module:
+    """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites."""
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_json(recipe)
+    elif not isinstance(recipe, Recipe):
+        recipe = read_recipe(recipe)
+    converted = model
+    for step in recipe.conversions:
+        opts = step.options
+        if opts.to is None and opts.shortcut is None and not opts.prune_dead:
+            continue  # a transplant that needed no conversion: nothing to replay
+        converted = convert(converted, opts.to, shortcut=opts.shortcut, exact=opts.exact,
+                            prune_dead=opts.prune_dead, input_size=tuple(opts.input_size), warn=False)
+        done = [(r.block, r.op) for r in history(converted).recipe.rewrites]
+        wanted = [(r.block, r.op) for r in step.rewrites]
+        if done != wanted:
+            raise SurgeryError(f"the recipe does not fit this model: it rewrote {len(wanted)} blocks "
+                               f"({wanted[:2]}...), this model gives {len(done)} ({done[:2]}...)")
+    return record(converted, recipe=recipe)
+
+
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by ``save``/``convert --out``: source architecture + recipe + safetensors weights."""
+    recipe = read_recipe(folder)
+    if not recipe.source.loadable:
+        raise SurgeryError(f"{folder} was converted from a custom model ({recipe.source.model}): build that model, "
+                           "then resnet_surgery.apply_recipe(model, recipe) and load model.safetensors")
+    model = apply_recipe(load_named(recipe.source.model, "none"), recipe)
+    load_state_into(model, read_state_dict(Path(folder) / WEIGHTS_FILE), "the recipe's model",
+                    str(Path(folder) / WEIGHTS_FILE))
+    return record(model, source=recipe.source).eval()
+
+
+def load_model(spec: str | os.PathLike, weights: str = "none") -> nn.Module:
+    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
+    if Path(spec).is_dir():
+        return load(spec)
+    return load_named(str(spec), weights)
