@@ -19,9 +19,11 @@ from .engine.recipe import Recipe
 from .engine.rewrite import convert
 from .errors import SurgeryError
 from .history import history, record
-from .zoo.registry import load_named, load_state_into, read_state_dict
+from .utils import private_copy
+from .zoo.registry import load_named
+from .zoo.weights import load_state_into, read_state_dict
 
-__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "load", "load_model", "read_recipe", "save"]
+__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "load", "load_into", "load_model", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -76,14 +78,38 @@ def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) ->
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by ``save``/``convert --out``: source architecture + recipe + safetensors weights."""
+    """Rebuild a model saved by ``save`` (or ``convert --out``).
+
+    Args:
+        folder: a folder written by ``save``.
+
+    Returns:
+        The recipe's source model (built by name, no download) with its conversions replayed and the folder's
+        safetensors weights loaded, in eval mode.
+    """
     recipe = read_recipe(folder)
     if not recipe.source.loadable:
         raise SurgeryError(f"{folder} was converted from a custom model ({recipe.source.model}): build that model, "
                            "then resnet_surgery.apply_recipe(model, recipe) and load model.safetensors")
-    model = apply_recipe(load_named(recipe.source.model, "none"), recipe)
-    load_state_into(model, read_state_dict(Path(folder) / WEIGHTS_FILE), "the recipe's model",
-                    str(Path(folder) / WEIGHTS_FILE))
+    return load_into(load_named(recipe.source.model, "none"), folder)
+
+
+def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """A folder written by ``save`` rebuilt on ``model`` (the folder's source model, built by the caller).
+
+    Args:
+        model: the model the folder was converted from (untouched: the conversions replay on a copy).
+        folder: a folder written by ``save``.
+
+    Returns:
+        The converted model with the folder's weights, in eval mode.
+    """
+    recipe = read_recipe(folder)
+    if not any(c.options.to or c.options.shortcut or c.options.prune_dead for c in recipe.conversions):
+        model = private_copy(model)  # nothing to replay, so apply_recipe would return the caller's model itself
+    model = apply_recipe(model, recipe)
+    weights = Path(folder) / WEIGHTS_FILE
+    load_state_into(model, read_state_dict(weights), "the recipe's model", str(weights))
     return record(model, source=recipe.source).eval()
 
 

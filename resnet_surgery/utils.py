@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -61,3 +62,31 @@ def report_dict(report):
     if report is None:
         return None
     return report.to_dict() if hasattr(report, "to_dict") else report
+
+
+def image_size(input_size) -> tuple[int, int, int]:
+    """One type for an input size everywhere: (C, H, W) as a tuple of ints.
+
+    Args:
+        input_size: an int N (a 3-channel N x N image) or a sequence (C, H, W) of positive ints.
+
+    Returns:
+        The size as ``(C, H, W)``; a TypeError names what was given otherwise.
+    """
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        input_size = (3, input_size, input_size)
+    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+        raise TypeError(f"input_size takes an int N or (C, H, W) of positive ints, got {input_size!r}")
+    return tuple(input_size)
+
+
+def freeze_batchnorms(module: nn.Module) -> nn.Module:
+    """Every BatchNorm2d of ``module`` replaced by a FrozenBatchNorm2d holding its statistics and affine parameters."""
+    for name, m in list(module.named_modules()):
+        if type(m) is nn.BatchNorm2d:
+            frozen = FrozenBatchNorm2d(m.num_features, m.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(m, key).detach())
+            module.set_submodule(name, frozen)
+    return module

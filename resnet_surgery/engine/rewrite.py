@@ -13,14 +13,17 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ..errors import NotExactError, SurgeryError
+from ..errors import NotExactError, SurgeryError, first_line
 from ..history import history, record
-from ..utils import private_copy
+from ..utils import eval_mode, image_size, model_device, private_copy
 from ..vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
 from .blocks import Block, Trunk, dilated_note, find_blocks, find_trunk, model_variant, trace
 from .layers import avgpool_shortcut, conv1x1_from, conv3x3_from, off_centre_is_zero
+from .probe import output_tensors
+from .prune import prune_dead_compute
 from .recipe import Options, Rewrite, new_recipe
 
 
@@ -131,33 +134,32 @@ def plan(blocks: list[Block], modules, to: Variant | None, shortcut: Shortcut | 
 # --- applying ----------------------------------------------------------------------------------------
 
 
-def _norms(block: Block) -> list[str]:
-    return list(block.norms)
+def _move_stride(model: nn.Module, b: Block, rewrite: Rewrite, first: tuple[int, int], second: tuple[int, int]):
+    """Set (stride, dilation) of the block's first two main-path convs: the 1x1 and the 3x3."""
+    _set_stride(model.get_submodule(b.main_convs[0]), *first)
+    _set_stride(model.get_submodule(b.main_convs[1]), *second)
+    rewrite.convs = {b.main_convs[1]: b.main_convs[1]}
 
 
-def apply_step(model: nn.Module, step: Step) -> Rewrite:
-    """Carry out one rewrite on ``model`` (in place) and return its record for the recipe."""
-    b = step.block
-    rewrite = Rewrite(b.name, step.op, step.exact, norms=_norms(b))
-    if step.op in (Op.STRIDE_TO_1X1, Op.STRIDE_TO_3X3, Op.STRIDE_TO_3X3_DILATED):
-        a, c = model.get_submodule(b.main_convs[0]), model.get_submodule(b.main_convs[1])
-        if step.op == Op.STRIDE_TO_1X1:
-            _set_stride(a, b.stride)
-            _set_stride(c, 1)
-        elif step.op == Op.STRIDE_TO_3X3:
-            _set_stride(a, 1)
-            _set_stride(c, b.stride)
-        else:  # 1x1 stride s then 3x3 stride 1 == 1x1 stride 1 then 3x3 stride s, dilation s, padding s
-            _set_stride(a, 1)
-            _set_stride(c, b.stride, dilation=b.stride)
-        rewrite.convs = {b.main_convs[1]: b.main_convs[1]}
-        return rewrite
+def _stride_to_1x1(model: nn.Module, b: Block, rewrite: Rewrite) -> None:
+    _move_stride(model, b, rewrite, (b.stride, 1), (1, 1))
 
+
+def _stride_to_3x3(model: nn.Module, b: Block, rewrite: Rewrite) -> None:
+    _move_stride(model, b, rewrite, (1, 1), (b.stride, 1))
+
+
+def _stride_to_3x3_dilated(model: nn.Module, b: Block, rewrite: Rewrite) -> None:
+    # 1x1 stride s then 3x3 stride 1 == 1x1 stride 1 then 3x3 stride s, dilation s, padding s
+    _move_stride(model, b, rewrite, (1, 1), (b.stride, b.stride))
+
+
+def _unpool(model: nn.Module, b: Block, rewrite: Rewrite) -> tuple[str, nn.Conv2d]:
+    """Undo an avgpool shortcut: unwrap our own Sequential(pool, conv), or blank a separate pool module.
+    Returns the shortcut conv's name and module, now with the block's stride."""
     name = b.shortcut_convs[0]
     conv = model.get_submodule(name)
-    target = Shortcut(step.op.removeprefix("shortcut_"))
     if b.shortcut_type == Shortcut.AVGPOOL:
-        # Undo the pool first: unwrap our own Sequential(pool, conv), or blank a separate pool module.
         pool = b.shortcut_pools[0]
         parent = pool.rpartition(".")[0]
         wrapper = model.get_submodule(parent) if parent else None
@@ -168,26 +170,58 @@ def apply_step(model: nn.Module, step: Step) -> Rewrite:
         else:
             model.set_submodule(pool, nn.Identity())
         _set_stride(conv, b.stride)
-    if target == Shortcut.AVGPOOL:
-        if conv.kernel_size != (1, 1):
-            conv = conv1x1_from(conv, 1)
-            model.set_submodule(name, conv)
-        _set_stride(conv, 1)
-        # A layout with a pool slot of its own (timm's avg_down, blanked to Identity) gets its pool back.
-        slots = [n.target for n in b.shortcut if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Identity)]
-        if slots:
-            model.set_submodule(slots[0], avgpool_shortcut(b.stride))
-            rewrite.convs = {name: b.shortcut_convs[0]}
-            return rewrite
-        model.set_submodule(name, nn.Sequential(avgpool_shortcut(b.stride), conv))
-        rewrite.keys = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
-        rewrite.convs = {f"{name}.1": b.shortcut_convs[0]}
-        return rewrite
-    if target == Shortcut.CONV1X1:
-        model.set_submodule(name, conv1x1_from(conv, b.stride))
-    else:
-        model.set_submodule(name, conv3x3_from(conv, b.stride))
-    rewrite.convs = {name: b.shortcut_convs[0]}
+    return name, conv
+
+
+def _shortcut_avgpool(model: nn.Module, b: Block, rewrite: Rewrite) -> None:
+    name, conv = _unpool(model, b, rewrite)
+    if conv.kernel_size != (1, 1):
+        conv = conv1x1_from(conv, 1)
+        model.set_submodule(name, conv)
+    _set_stride(conv, 1)
+    # A layout with a pool slot of its own (timm's avg_down, blanked to Identity) gets its pool back.
+    slots = [n.target for n in b.shortcut if n.op == "call_module" and isinstance(model.get_submodule(n.target), nn.Identity)]
+    if slots:
+        model.set_submodule(slots[0], avgpool_shortcut(b.stride))
+        rewrite.convs = {name: b.shortcut_convs[0]}
+        return
+    model.set_submodule(name, nn.Sequential(avgpool_shortcut(b.stride), conv))
+    rewrite.keys = {f"{b.shortcut_convs[0]}.weight": f"{name}.1.weight"}
+    rewrite.convs = {f"{name}.1": b.shortcut_convs[0]}
+
+
+def _shortcut_conv(build):
+    """A shortcut rewrite to a strided conv made by ``build(conv, stride)`` (1x1, or 3x3 with the 1x1 centred)."""
+    def rewrite_shortcut(model: nn.Module, b: Block, rewrite: Rewrite) -> None:
+        name, conv = _unpool(model, b, rewrite)
+        model.set_submodule(name, build(conv, b.stride))
+        rewrite.convs = {name: b.shortcut_convs[0]}
+    return rewrite_shortcut
+
+
+# One handler per rewrite: each changes ``model`` in place and fills in the Rewrite's convs and keys.
+HANDLERS = {
+    Op.STRIDE_TO_1X1: _stride_to_1x1,
+    Op.STRIDE_TO_3X3: _stride_to_3x3,
+    Op.STRIDE_TO_3X3_DILATED: _stride_to_3x3_dilated,
+    Op.SHORTCUT_AVGPOOL: _shortcut_avgpool,
+    Op.SHORTCUT_CONV1X1: _shortcut_conv(conv1x1_from),
+    Op.SHORTCUT_CONV3X3: _shortcut_conv(conv3x3_from),
+}
+
+
+def apply_step(model: nn.Module, step: Step) -> Rewrite:
+    """Carry out one rewrite on ``model`` (in place).
+
+    Args:
+        model: the module holding the block (the traced trunk).
+        step: the planned rewrite.
+
+    Returns:
+        Its record for the recipe (touched convs, renamed state_dict keys).
+    """
+    rewrite = Rewrite(step.block.name, step.op, step.exact, norms=list(step.block.norms))
+    HANDLERS[step.op](model, step.block, rewrite)
     return rewrite
 
 
@@ -202,11 +236,24 @@ def _check_unshared(gm, steps: list[Step]) -> None:
 
 def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = None, exact: bool = False,
             prune_dead: bool = False, input_size=(3, 224, 224), leaf_modules=(), warn: bool = True) -> nn.Module:
-    """Return a new model converted to variant ``to`` ("v1", "v1.5", "d") and/or ``shortcut``; ``model`` is untouched.
+    """A new model converted to another downsampling variant; ``model`` is untouched.
 
-    ``exact=True`` allows only function-preserving rewrites (v1 to v1.5 becomes the dilated form) and raises
-    NotExactError otherwise. ``prune_dead=True`` then removes the computation a v1 model never reads.
-    ``history(result).recipe`` records every rewrite with its exactness and touched modules.
+    Args:
+        model: a ResNet-like model (torchvision, timm, your own); its blocks are found in the fx graph (a model
+            fx traces only in parts, such as a detection model, is converted in its traceable trunk).
+        to: the target variant, "v1", "v1.5" or "d".
+        shortcut: the target projection shortcut, "conv1x1", "avgpool" or "conv3x3".
+        exact: allow only function-preserving rewrites (v1 to v1.5 becomes the dilated form); NotExactError
+            otherwise.
+        prune_dead: then remove the computation a v1 model never reads (exact).
+        input_size: an int N or (C, H, W): the converted model is checked to run at this size with the
+            original's output shapes, and the recipe records it.
+        leaf_modules: module classes or names fx should not trace into.
+        warn: also show each notice as a SurgeryNotice warning (they are always in the recipe's notices).
+
+    Returns:
+        The new model, of the same class; ``history(result).recipe`` records every rewrite with its exactness
+        and touched modules.
     """
     if to is not None and to not in TARGET_VARIANTS:
         raise SurgeryError(f"unknown variant {to!r}: choose one of {', '.join(TARGET_VARIANTS)}")
@@ -215,6 +262,7 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     if to is None and shortcut is None and not prune_dead:
         raise SurgeryError("nothing to do: give a target variant (--to, to=), a shortcut (--shortcut, shortcut=) or "
                            "--prune-dead (prune_dead=True)")
+    input_size = image_size(input_size)
     options = Options(Variant(to) if to else None, Shortcut(shortcut) if shortcut else None, exact, prune_dead,
                       list(input_size))
 
@@ -242,12 +290,11 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
                        f"({', '.join(sorted(set(approximate)))}); recover accuracy with resnet_surgery.calibrate()")
     after = model_variant(find_blocks(trace(body, leaf_modules))) if steps else before
     if prune_dead:
-        from .prune import prune_dead_compute
-
         pruned, prune_rewrites, prune_notices = prune_dead_compute(body, leaf_modules, trunk.name)
         new = _replace_trunk(new, trunk, pruned)
         rewrites += prune_rewrites
         notices += prune_notices
+    _check_runs(model, new, trunk.name, input_size)
     if warn:
         for note in notices:
             warnings.warn(note, SurgeryNotice, stacklevel=2)
@@ -255,6 +302,21 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     if trunk.name:
         recipe.trunk = trunk.name
     return record(new, source=history(model).source, recipe=recipe, calibration=None, finetune=None)
+
+
+def _check_runs(model: nn.Module, new: nn.Module, trunk: str, input_size: tuple[int, int, int]) -> None:
+    """The rewritten trunk runs at ``input_size`` and gives the original's output shapes (no state changes)."""
+    a, b = (m.get_submodule(trunk) if trunk else m for m in (model, new))
+    x = torch.zeros(1, *input_size, device=model_device(a))
+    with eval_mode(a, b), torch.no_grad():
+        try:
+            shapes = [[list(y.shape) for y in output_tensors(m(x))] for m in (a, b)]
+        except RuntimeError as e:
+            raise SurgeryError(f"the model does not run at input_size {list(input_size)} ({first_line(e)}); "
+                               "pass the size it takes (--input-size)") from None
+    if shapes[0] != shapes[1]:
+        raise SurgeryError(f"at input_size {list(input_size)} the converted model's outputs have shapes "
+                           f"{shapes[1]}, the original's {shapes[0]}")
 
 
 def _under(trunk: Trunk, r: Rewrite) -> Rewrite:

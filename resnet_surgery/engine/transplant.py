@@ -23,9 +23,9 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..history import history, record
-from ..utils import model_device, private_copy
+from ..utils import image_size, model_device, private_copy
 from ..vocab import Layout, Shortcut
-from .blocks import Block, find_blocks, model_variant, trace
+from .blocks import Block, find_blocks, find_trunk, model_variant, trace
 from .probe import max_difference
 from .recipe import Options, new_recipe
 from .rewrite import SurgeryNotice, convert
@@ -210,69 +210,37 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
                leaf_modules=(), warn: bool = True) -> nn.Module:
     """A new model of ``target``'s class and layout carrying ``source``'s weights, paired by structure.
 
-    ``target`` is untouched. Where the two differ in stride placement or shortcut form, the target is first
-    converted to the source's (a SurgeryNotice says so; the recipe records it, so ``save``/``load`` replay it).
-    ``head=False`` leaves the target's classifier as it is (e.g. 10 classes where the source has 1000).
-    Any mismatch (block count, a shape, a kernel, stride or bias) is one SurgeryError naming both modules.
-    ``history(result).recipe.transplant`` holds what was paired and the output difference on a probe input.
+    Args:
+        source: the model whose weights are moved (untouched).
+        target: the model whose class and module names receive them (untouched). Where the two differ in
+            stride placement or shortcut form, a copy of the target is first converted to the source's (the
+            recipe records it, so ``save``/``load`` replay it).
+        head: False leaves the target's classifier as it is (e.g. 10 classes where the source has 1000).
+        input_size: (C, H, W) of the probe input that compares the two models' outputs.
+        leaf_modules: module classes or names fx should not trace into.
+        warn: also show the notices as SurgeryNotice warnings (they are always in the recipe).
+
+    Returns:
+        The new model; ``history(result).recipe.transplant`` holds what was paired and the output difference
+        on a probe input. Any mismatch (block count, a shape, a kernel, stride or bias) is one SurgeryError
+        naming both modules.
     """
-    sgm, tgm = trace(source, leaf_modules), trace(target, leaf_modules)
-    sblocks, tblocks = find_blocks(sgm), find_blocks(tgm)
-    notices, pruned = [], _pruned(sblocks) and not _pruned(tblocks)
-    if _pruned(tblocks) and not _pruned(sblocks):
-        raise SurgeryError("the target was pruned (prune_dead) and the source was not: transplant into the unpruned "
-                           "model, then convert the result with prune_dead=True (--prune-dead)")
-    if pruned:
-        # A pruned v1 source: prune the target the same way (exact), then pair as usual.
-        target = _convert_target(target, "v1", False, None, input_size, leaf_modules, prune_dead=True)
-        tgm = trace(target, leaf_modules)
-        tblocks = find_blocks(tgm)
-        notices.append("the source was pruned (prune_dead): the target was converted to v1 and pruned the same way; "
-                       "the recipe records it")
-    to, exact, shortcut, changed, form = _conversion(sblocks, tblocks)
-    if to or shortcut:
-        new = _convert_target(target, to, exact, shortcut, input_size, leaf_modules)
-        tgm = trace(new, leaf_modules)
-        tblocks = find_blocks(tgm)
-        changed = list(dict.fromkeys(changed))
-        shown = ", ".join(changed[:4]) + (f", ... {len(changed) - 4} more" if len(changed) > 4 else "")
-        notices.append(f"the target was converted to the source's form ({form}) so that their outputs match, in "
-                       f"{len(changed)} blocks ({shown}); the recipe records it")
-        left = _conversion(sblocks, tblocks)[3]
-        if left:
-            raise SurgeryError(f"converting the target did not reach the source's form ({left[0]} still differs)")
-    else:
-        new = target if pruned else private_copy(target)  # a pruned target is already a new model
+    input_size = image_size(input_size)
+    sgm, sblocks = _classifier_blocks(source, leaf_modules, "source")
+    tgm, tblocks = _classifier_blocks(target, leaf_modules, "target")
+    new, tgm, tblocks, notices, converted = _match_form(target, sblocks, tblocks, input_size, leaf_modules)
     ssecs, tsecs = sections(sgm, sblocks), sections(tgm, tblocks)
     _check_covered(source, ssecs, "source")
     _check_covered(new, tsecs, "target")
-    pairs, copies = [], []
-    for s, t in match(ssecs, tsecs, head):
-        pairs.append((s, t))
-        try:
-            keys = _pair_tensors(source.get_submodule(s), s, new.get_submodule(t), t)
-        except SurgeryError as e:
-            in_head = any(t in sec.modules for sec in tsecs if sec.label == "head")
-            raise SurgeryError(f"{e}{_HEAD_HINT if in_head else ''}") from None
-        copies += [(f"{s}.{a}", f"{t}.{b}") for a, b in keys]
-    src_state, new_state = source.state_dict(), new.state_dict()
-    with torch.no_grad():
-        for a, b in copies:
-            new_state[b].copy_(src_state[a].reshape(new_state[b].shape))
+    pairs, copies = _copy_weights(source, new, ssecs, tsecs, head)
     eps = _eps_notice(pairs, source, new)
     if eps:
         notices.append(eps)
-    probe = None
-    if head and model_device(source) == model_device(new):  # with head=False the outputs differ by design
-        diff, top = max_difference(source, new, input_size)
-        probe = {"max_abs_diff": diff, "max_abs": top}
-        if diff > 1e-4 * max(top, 1e-12):
-            notices.append(f"outputs differ from the source's on a probe input (max |difference| {diff:.3g}, max "
-                           f"|output| {top:.3g}): something without weights differs (pooling, activations, eps)")
+    probe = _probe(source, new, input_size, notices) if head else None  # without the head they differ by design
     if warn:
         for note in notices:
             warnings.warn(note, SurgeryNotice, stacklevel=2)
-    recipe = history(new).recipe if (to or shortcut or pruned) else None
+    recipe = history(new).recipe if converted else None
     if recipe is None:  # nothing converted: a recipe that replays nothing, so `save`/`load` still work
         variant = model_variant(tblocks)
         recipe = new_recipe(target, Options(None, None, True, False, list(input_size)), variant, variant, [], [])
@@ -287,6 +255,76 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     }
     recipe = dataclasses.replace(recipe, notices=notices, transplant=summary)  # transplant's notices, not convert's
     return record(new, source=history(target).source, recipe=recipe, calibration=None, finetune=None)
+
+
+def _classifier_blocks(model: nn.Module, leaf_modules, which: str) -> tuple[fx.GraphModule, list[Block]]:
+    """The traced model and its blocks, found the way every step finds them; a model fx traces only in parts
+    (a detection model) is refused up front: transplant pairs whole models."""
+    trunk = find_trunk(model, leaf_modules)
+    if trunk.name:
+        raise SurgeryError(f"the {which} ({type(model).__name__}) traces only in parts (its trunk is {trunk.name}): "
+                           f"transplant pairs whole models; transplant into {trunk.name} of the same class instead")
+    return trunk.gm, trunk.blocks
+
+
+def _match_form(target: nn.Module, sblocks: list[Block], tblocks: list[Block], input_size, leaf_modules):
+    """A copy of the target in the source's stride placement, shortcut form and pruning:
+    (model, its graph, its blocks, notices, whether it was converted)."""
+    notices, pruned = [], _pruned(sblocks) and not _pruned(tblocks)
+    if _pruned(tblocks) and not _pruned(sblocks):
+        raise SurgeryError("the target was pruned (prune_dead) and the source was not: transplant into the unpruned "
+                           "model, then convert the result with prune_dead=True (--prune-dead)")
+    if pruned:
+        # A pruned v1 source: prune the target the same way (exact), then pair as usual.
+        target = _convert_target(target, "v1", False, None, input_size, leaf_modules, prune_dead=True)
+        tblocks = find_blocks(trace(target, leaf_modules))
+        notices.append("the source was pruned (prune_dead): the target was converted to v1 and pruned the same way; "
+                       "the recipe records it")
+    to, exact, shortcut, changed, form = _conversion(sblocks, tblocks)
+    if not (to or shortcut):
+        new = target if pruned else private_copy(target)  # a pruned target is already a new model
+        tgm = trace(new, leaf_modules)
+        return new, tgm, find_blocks(tgm), notices, pruned
+    new = _convert_target(target, to, exact, shortcut, input_size, leaf_modules)
+    tgm = trace(new, leaf_modules)
+    tblocks = find_blocks(tgm)
+    changed = list(dict.fromkeys(changed))
+    shown = ", ".join(changed[:4]) + (f", ... {len(changed) - 4} more" if len(changed) > 4 else "")
+    notices.append(f"the target was converted to the source's form ({form}) so that their outputs match, in "
+                   f"{len(changed)} blocks ({shown}); the recipe records it")
+    left = _conversion(sblocks, tblocks)[3]
+    if left:
+        raise SurgeryError(f"converting the target did not reach the source's form ({left[0]} still differs)")
+    return new, tgm, tblocks, notices, True
+
+
+def _copy_weights(source: nn.Module, new: nn.Module, ssecs: list[Section], tsecs: list[Section], head: bool):
+    """Pair the sections' modules and copy every tensor: (module pairs, (source key, target key) copies)."""
+    pairs, copies = [], []
+    for s, t in match(ssecs, tsecs, head):
+        pairs.append((s, t))
+        try:
+            keys = _pair_tensors(source.get_submodule(s), s, new.get_submodule(t), t)
+        except SurgeryError as e:
+            in_head = any(t in sec.modules for sec in tsecs if sec.label == "head")
+            raise SurgeryError(f"{e}{_HEAD_HINT if in_head else ''}") from None
+        copies += [(f"{s}.{a}", f"{t}.{b}") for a, b in keys]
+    src_state, new_state = source.state_dict(), new.state_dict()
+    with torch.no_grad():
+        for a, b in copies:
+            new_state[b].copy_(src_state[a].reshape(new_state[b].shape))
+    return pairs, copies
+
+
+def _probe(source: nn.Module, new: nn.Module, input_size, notices: list[str]) -> dict | None:
+    """Both models' outputs on one probe input (when they sit on one device); a difference is a notice."""
+    if model_device(source) != model_device(new):
+        return None
+    diff, top = max_difference(source, new, input_size)
+    if diff > 1e-4 * max(top, 1e-12):
+        notices.append(f"outputs differ from the source's on a probe input (max |difference| {diff:.3g}, max "
+                       f"|output| {top:.3g}): something without weights differs (pooling, activations, eps)")
+    return {"max_abs_diff": diff, "max_abs": top}
 
 
 def _shown(section: Section) -> str:

@@ -30,7 +30,7 @@ from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError, first_line
 from ..history import history, record_result
 from ..utils import eval_mode, model_device
-from ..zoo.registry import torch_load
+from ..zoo.weights import torch_load
 from .calibrate import approximate_rewrites
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 3e-4}  # name -> default learning rate

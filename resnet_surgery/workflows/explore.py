@@ -37,13 +37,14 @@ from ..data import as_dataset, disjoint_subsets, split_batch
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
 from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
-from ..engine.blocks import find_blocks, model_variant, trace
+from ..engine.blocks import Trunk, find_trunk, model_variant
 from ..engine.rewrite import convert
 from ..errors import NotExactError, SurgeryError
 from ..history import history
 from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
-from ..store import save
-from ..utils import report_dict
+from ..recovery.finetune import finetune
+from ..store import load_into, save
+from ..utils import image_size, report_dict, table
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 RESULT_FILE = "result.json"
@@ -87,11 +88,10 @@ class ExploreReport:
                 row += [f"{lat['p50_ms']:.3f}", f"{lat['ratio']:.3f} [{lat['ratio_low']:.3f}, {lat['ratio_high']:.3f}]",
                         "*" if c["pareto"][str(b)] else ""]
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = [f"explore {self.model}: accuracy on {self.settings['eval_images']} held-out images "
                  f"({'top-1 with labels' if self.metric == 'top1' else 'agreement with the original: no labels'}), "
                  "latency in one interleaved onnxruntime run"]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        lines += table(rows)
         lines.append("ratio = median latency / the original's (below 1 is faster); front: on the Pareto front "
                      f"of latency ratio and {'top-1' if self.metric == 'top1' else 'agreement'}")
         lines += [f"{c['name']}: {c['status']}" for c in self.candidates if c["status"] != "ok"]
@@ -185,6 +185,8 @@ def explore(
     start = time.perf_counter()
     check_steps(calibrate_steps)  # before any work, not at the first candidate
     wanted = _wanted(variants)
+    input_size = image_size(input_size)
+    variant = model_variant(_classifier_trunk(model).blocks)
     out = check_explore_out(out)
     calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)
     eval_loader = DataLoader(eval_set, batch_size=batch_size)
@@ -202,16 +204,8 @@ def explore(
     }
     if tuple(calibrate_steps) != DEFAULT_STEPS:  # only then: folders explored with the default stay reusable
         settings["calibrate_steps"] = list(calibrate_steps)
-    build = _Builder(model, calib_set, eval_loader, out, settings, force, input_size, progress)
-    results = []
-    bar = tqdm(wanted, desc="explore", disable=not progress)
-    for cand in bar:
-        bar.set_postfix_str(cand)
-        fp32 = build.fp32(cand)
-        results.append(fp32)
-        if int8 and fp32["status"] == "ok":
-            results.append(build.int8(fp32, quant_images, min_agreement))
-
+    build = _Builder(model, variant, calib_set, eval_loader, out, settings, force, input_size, progress)
+    results = _build_candidates(build, wanted, int8, quant_images, min_agreement, progress)
     timed = [r for r in results if r["status"] == "ok"]
     timing_start = time.perf_counter()
     latency = compare_latency({r["name"]: out / "candidates" / r["name"] / ONNX_FILE for r in timed},
@@ -226,6 +220,31 @@ def explore(
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     report.plot(out / "explore.png")
     return report
+
+
+def _classifier_trunk(model: nn.Module) -> Trunk:
+    """The model's blocks, found the way every step finds them; explore ranks classifiers, so a model fx traces
+    only in parts (a detection model) is refused up front."""
+    trunk = find_trunk(model)
+    if trunk.name:
+        raise SurgeryError(f"{type(model).__name__} traces only in parts (its trunk is {trunk.name}): explore ranks "
+                           "classifiers by top-1; convert it with `resnet-surgery convert` and export its trunk with "
+                           "`export --part backbone` instead")
+    return trunk
+
+
+def _build_candidates(build: _Builder, wanted: list[str], int8: bool, quant_images: int, min_agreement: float,
+                      progress: bool) -> list[dict]:
+    """Make (or reuse) every wanted candidate in fp32 and, when asked, its int8 file."""
+    results = []
+    bar = tqdm(wanted, desc="explore", disable=not progress)
+    for cand in bar:
+        bar.set_postfix_str(cand)
+        fp32 = build.fp32(cand)
+        results.append(fp32)
+        if int8 and fp32["status"] == "ok":
+            results.append(build.int8(fp32, quant_images, min_agreement))
+    return results
 
 
 def _wanted(variants) -> list[str]:
@@ -292,12 +311,12 @@ def _attach_latency(timed: list[dict], rows: list[dict], metric: str) -> None:
 class _Builder:
     """Makes (or reuses) each candidate's folder: model, ONNX file and result.json."""
 
-    def __init__(self, original, calib_set, eval_loader, out, settings, force, input_size, progress):
+    def __init__(self, original, variant, calib_set, eval_loader, out, settings, force, input_size, progress):
         self.original, self.calib_set, self.eval_loader = original, calib_set, eval_loader
         self.out, self.settings, self.force, self.size, self.progress = out / "candidates", settings, force, input_size, progress
         self.models: dict[str, nn.Module] = {}  # recovered models built in this run, for v1-pruned
         self._reference = None
-        self.variant = model_variant(find_blocks(trace(original)))
+        self.variant = variant
 
     def reference(self) -> torch.Tensor:
         """The original's logits on the held-out images, computed once."""
@@ -374,8 +393,6 @@ class _Builder:
                           batch_size=self.settings["batch_size"], progress=self.progress)
         how = {"recovery": "calibrate", "calibration": report_dict(history(model).calibration)}
         if steps:
-            from ..recovery.finetune import finetune
-
             # The calibration images, seen many times: feature mimicking with augmentation (README, recovery).
             model = finetune(model, self.original, self.calib_set, objective="features", steps=steps, augment="auto",
                              batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
@@ -389,11 +406,7 @@ class _Builder:
             return self.models[name]
         folder = self.out / name / "model"
         if self.finished(name) and folder.is_dir():
-            from ..zoo.registry import load_state_into, read_state_dict
-
-            model = self.convert(self.original, name)
-            load_state_into(model, read_state_dict(folder / "model.safetensors"), name, str(folder))
-            return model
+            return load_into(self.original, folder)
         model, _ = self.make(name)
         return model
 

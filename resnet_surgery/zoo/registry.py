@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
-import re
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -16,6 +12,9 @@ from torch import nn
 
 from ..errors import SurgeryError, first_line
 from ..history import Source, record
+from ..utils import freeze_batchnorms
+from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, load_state_into, read_state_dict
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
@@ -28,82 +27,6 @@ SEGMENTATION_MODELS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet5
 # checkpoints have no num_batches_tracked there): built so always, any checkpoint of them loads.
 FROZEN_BN_MODELS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
                     "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from ``.safetensors`` or ``.pth``/``.pt`` (``weights_only=True``: never unpickles code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SurgeryError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise SurgeryError(f"{path} is not a readable safetensors file ({first_line(e)}); is it corrupt?") from None
-    obj = torch_load(path)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SurgeryError(f"{path} is not a state_dict (a dict of tensors); save model.state_dict() instead")
-    # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
-
-
-def torch_load(path: Path, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with every way a file can be unreadable as one SurgeryError."""
-    if path.stat().st_size == 0:
-        raise SurgeryError(f"{path} is empty (0 bytes); pass the checkpoint file itself, re-saved if need be")
-    if not zipfile.is_zipfile(path) and not _starts_like_pickle(path):
-        with open(path, "rb") as f:
-            head = f.read(16)
-        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint (neither the zip archive torch.save writes "
-                           f"nor a pickle; it starts with {head!r}); pass a file written by torch.save, or .safetensors")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path):  # and so starts like a pickle (checked above)
-            raise SurgeryError(
-                f"{path} is a plain pickle, which safe loading (weights_only=True) refuses because unpickling can "
-                "run code; if you trust it, convert it once: torch.save(torch.load(PATH, weights_only=False), "
-                "'weights.pt') with a state_dict inside (model.state_dict() for a whole model), or use .safetensors"
-            ) from None
-        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):
-            raise SurgeryError(f"{path} is not a readable PyTorch checkpoint; is it corrupt or truncated?") from None
-        raise SurgeryError(f"{path} holds pickled Python objects (a whole model?), not just tensors; "
-                           "save model.state_dict() instead: resnet-surgery never unpickles code") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
-        # A damaged file can fail anywhere in the unpickler, even with a bare opcode (KeyError: 101).
-        raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); is it corrupt, truncated "
-                           "or not a checkpoint at all?") from None
-
-
-def _starts_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
-
-
-def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, source: str) -> None:
-    """``model.load_state_dict(state)``, with a one-line error naming missing, unexpected and misshapen keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
-            if items:
-                more = f", ... {len(items) - 3} more" if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
-        raise SurgeryError(f"{source} does not fit {what}: {'; '.join(parts)}")
-    model.load_state_dict(state)
 
 
 def _torchvision_weights(name: str, weights: str):
@@ -113,33 +36,6 @@ def _torchvision_weights(name: str, weights: str):
     except KeyError:
         choices = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is an alias in the enum
         raise SurgeryError(f"{name} has no weights {weights!r}: choose one of {choices}, none, or a file path") from None
-
-
-def _check_cached_hash(path: Path) -> None:
-    """torchvision's file names carry the first hex digits of their sha256: warn when a cached file differs."""
-    match = re.search(r"-([0-9a-f]{8,})\.", path.name)
-    if not match or not path.is_file():
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if not digest.hexdigest().startswith(match.group(1)):
-        warnings.warn(f"{path} does not match the sha256 prefix in its name ({match.group(1)}): "
-                      "it is not the file torchvision publishes", stacklevel=3)
-
-
-def freeze_batchnorms(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d of ``module`` replaced by a FrozenBatchNorm2d holding its statistics and affine parameters."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for name, m in list(module.named_modules()):
-        if type(m) is nn.BatchNorm2d:
-            frozen = FrozenBatchNorm2d(m.num_features, m.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(m, key).detach())
-            module.set_submodule(name, frozen)
-    return module
 
 
 def build_torchvision(name: str) -> nn.Module:
@@ -165,7 +61,7 @@ def load_torchvision(name: str, weights: str = "none") -> nn.Module:
         return model
     w = _torchvision_weights(name, weights)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-    _check_cached_hash(cached)
+    check_cached_hash(cached)
     try:
         state = w.get_state_dict(progress=True, check_hash=True)
     except OSError as e:  # URLError and socket errors: no network and nothing cached
@@ -198,8 +94,6 @@ def load_timm(name: str, weights: str = "none") -> nn.Module:
 
 def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
     """The project's CIFAR-10 models: DEFAULT is the committed trained weights, none a random init."""
-    from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
-
     if name not in CIFAR_MODELS:
         raise SurgeryError(f"unknown model {name!r}: the CIFAR-10 models are {', '.join(CIFAR_MODELS)}")
     if weights.upper() == "DEFAULT":
@@ -212,19 +106,36 @@ def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
     return model
 
 
+def _is_torchvision(spec: str) -> bool:
+    # any other torchvision classifier loads too, for `inspect`'s verdict
+    return (spec in TORCHVISION_MODELS or spec in DETECTION_MODELS or spec in SEGMENTATION_MODELS
+            or spec in torchvision.models.list_models(module=torchvision.models))
+
+
+# The model families by the names they answer to, tried in order: (kind, knows the name, builds it with weights).
+FAMILIES = (
+    ("timm", lambda spec: spec.startswith("timm:"), lambda spec, weights: load_timm(spec.removeprefix("timm:"), weights)),
+    ("torchvision", _is_torchvision, load_torchvision),
+    ("zoo", lambda spec: spec.startswith("cifar10-"), load_zoo),
+)
+
+
 def load_named(spec: str, weights: str = "none") -> nn.Module:
-    """A model by torchvision name, ``timm:NAME`` or CIFAR-10 zoo name (folders: ``recipe.load_model``)."""
+    """A model by name (folders: ``store.load_model``).
+
+    Args:
+        spec: a torchvision name, ``timm:NAME`` or a CIFAR-10 zoo name.
+        weights: a torchvision enum name (DEFAULT, IMAGENET1K_V2...), "none" (random init) or a weights file.
+
+    Returns:
+        The model in eval mode, its source recorded in ``history(model).source``.
+    """
     weights = str(weights)
-    if spec.startswith("timm:"):
-        model, kind = load_timm(spec.removeprefix("timm:"), weights), "timm"
-    elif (spec in TORCHVISION_MODELS or spec in DETECTION_MODELS or spec in SEGMENTATION_MODELS
-          or spec in torchvision.models.list_models(module=torchvision.models)):
-        model, kind = load_torchvision(spec, weights), "torchvision"  # others load for `inspect`'s verdict
-    elif spec.startswith("cifar10-"):
-        model, kind = load_zoo(spec, weights), "zoo"
-    else:
+    found = next(((kind, build) for kind, knows, build in FAMILIES if knows(spec)), None)
+    if found is None:
         raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, a detection or "
                            f"segmentation model ({', '.join(DETECTION_MODELS + SEGMENTATION_MODELS)}), timm:NAME, "
                            "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
-    model.eval()
+    kind, build = found
+    model = build(spec, weights).eval()
     return record(model, source=Source(spec, kind, weights))
