@@ -16,6 +16,11 @@ from torch import nn
 if TYPE_CHECKING:
     from .engine.recipe import Recipe
 
+__all__ = [
+    "ATTRIBUTE", "History", "LOADABLE_KINDS", "SOURCE_KINDS", "Source", "history", "record",
+    "record_result",
+]
+
 ATTRIBUTE = "resnet_surgery_history"
 SOURCE_KINDS = ("torchvision", "timm", "zoo", "custom")
 LOADABLE_KINDS = ("torchvision", "timm", "zoo")  # what load_model can build again by name
@@ -52,12 +57,7 @@ def history(model: nn.Module) -> History:
 
 def record(model: nn.Module, **changes) -> nn.Module:
     """Replace fields of ``model``'s History (a new object: copies made earlier keep theirs); returns ``model``."""
-    new = dataclasses.replace(history(model), **changes)
-    setattr(model, ATTRIBUTE, new)
-    # Read-only mirrors for code written before history(): model.resnet_surgery_recipe["rewrites"] still reads.
-    for field in dataclasses.fields(new):
-        value = getattr(new, field.name)
-        setattr(model, f"resnet_surgery_{field.name}", dataclasses.asdict(value) if isinstance(value, Source) else value)
+    setattr(model, ATTRIBUTE, dataclasses.replace(history(model), **changes))
     return model
 
 

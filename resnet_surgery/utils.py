@@ -11,6 +11,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+__all__ = [
+    "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device", "private_copy",
+    "report_dict", "table",
+]
+
 
 def private_copy(model: nn.Module) -> nn.Module:
     """A deep copy in the same train/eval mode, module by module (deepcopy of a GraphModule loses it)."""

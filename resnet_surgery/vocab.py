@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from enum import Enum
 
+__all__ = [
+    "BlockKind", "Layout", "Op", "PROJECTIONS", "Shortcut", "TARGET_SHORTCUTS", "TARGET_VARIANTS",
+    "Variant",
+]
+
 
 class _Name(str, Enum):
     """A string constant that prints and formats as its value on every Python version."""
@@ -70,6 +75,8 @@ PROJECTIONS = (Shortcut.CONV1X1, Shortcut.CONV3X3)
 
 
 class BlockKind(_Name):
+    """What a residual block is: a bottleneck (1x1, 3x3, 1x1), a basic block (3x3, 3x3) or other."""
+
     BOTTLENECK = "bottleneck"
     BASIC = "basic"
     OTHER = "other"

@@ -67,12 +67,6 @@ def test_recipe_round_trips_typed(folder):
     assert recipe.source == Source("cifar10-resnet-v1.5", "zoo", "DEFAULT")
     assert Recipe.from_json(recipe.to_json()) == recipe
     assert [c.options.to for c in recipe.conversions] == [Variant.V1, None]
-    # Code written against the dict recipe still reads it.
-    r = recipe["history"][0]["rewrites"][0]
-    assert r["block"] == r.block and r.get("norms") == r.norms and r["op"] == "stride_to_1x1"
-    assert r.get("input") is None and "input" not in r and "block" in r
-    with pytest.raises(KeyError):
-        r["no_such_field"]
 
 
 def damaged(folder, tmp_path, edit):
@@ -137,10 +131,6 @@ def test_history_is_the_one_place_steps_record_on(tmp_path):
     save(converted, tmp_path / "c")
     again = load(tmp_path / "c")
     assert history(again).recipe == h.recipe and history(again).source == h.source
-    # Code written before history() still reads the old attributes.
-    assert converted.resnet_surgery_recipe["rewrites"] == h.recipe.rewrites
-    assert converted.resnet_surgery_source == {"model": "cifar10-resnet-v1", "kind": "zoo", "weights": "DEFAULT"}
-    assert converted.resnet_surgery_calibration is None
     custom = history(quiet_convert(plain, "d")).recipe
     assert custom.source == Source("CaffeResNet", "custom") and custom.to_json()["source"] == {
         "model": "CaffeResNet", "kind": "custom"}

@@ -19,6 +19,11 @@ from ..errors import SurgeryError, TraceError
 from ..vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 from .layers import Subsample
 
+__all__ = [
+    "ADD_FUNCTIONS", "ADD_METHODS", "Block", "NORM_TYPES", "SurgeryTracer", "Trunk", "dilated_note",
+    "find_blocks", "find_trunk", "full_name", "is_add", "model_variant", "modules_on", "trace",
+]
+
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
 # FrozenBatchNorm2d (torchvision's detection trunks) is no _NormBase but normalises like one.
@@ -93,6 +98,7 @@ class Block:
 
 
 def is_add(node: fx.Node) -> bool:
+    """Whether ``node`` adds two tensors (``+``, ``+=``, ``torch.add``, ``.add``/``.add_``): a residual sum."""
     if node.op == "call_function" and node.target in ADD_FUNCTIONS:
         return True
     return node.op == "call_method" and node.target in ADD_METHODS
@@ -113,6 +119,7 @@ def _trunk(node: fx.Node) -> list[fx.Node]:
 
 
 def modules_on(nodes, modules, types) -> list[str]:
+    """Names of the modules of ``types`` that ``nodes`` call, in order."""
     return [n.target for n in nodes if n.op == "call_module" and isinstance(modules[n.target], types)]
 
 

@@ -17,9 +17,16 @@ from ..vocab import Layout
 from .blocks import dilated_note, find_trunk, model_variant
 from .prune import dead_sites
 
+__all__ = [
+    "BlockInfo", "DeadSite", "Report", "StridedConv", "count_macs", "inspect", "module_macs",
+    "read_fraction",
+]
+
 
 @dataclass
 class BlockInfo:
+    """One residual block: its kind, stride and where it sits, its shortcut, shapes and MACs."""
+
     name: str
     kind: str  # bottleneck | basic | other
     stride: int
@@ -32,6 +39,8 @@ class BlockInfo:
 
 @dataclass
 class StridedConv:
+    """A strided conv and the fraction of its input positions it ever reads."""
+
     name: str
     kernel: int
     stride: int
@@ -41,6 +50,8 @@ class StridedConv:
 
 @dataclass
 class DeadSite:
+    """A downsampling block whose input is read only at stride 2, and the MACs spent upstream on the rest."""
+
     block: str  # the downsampling block whose input is read only at stride 2
     dead_macs: int  # MACs spent upstream on positions nobody reads
     absorbed: list[str]
@@ -48,6 +59,8 @@ class DeadSite:
 
 @dataclass
 class Report:
+    """What ``inspect`` found: variant, MACs, blocks, strided convs, dead computation and notes."""
+
     model: str
     input_size: list[int]
     variant: str

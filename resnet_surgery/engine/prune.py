@@ -25,6 +25,11 @@ from .blocks import find_blocks, full_name, is_add, model_variant, trace
 from .layers import Subsample
 from .recipe import Rewrite
 
+__all__ = [
+    "ELEMENTWISE_FUNCTIONS", "ELEMENTWISE_METHODS", "ELEMENTWISE_MODULES", "dead_sites",
+    "prune_dead_compute",
+]
+
 ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
                        nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
 ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, torch.sigmoid, F.leaky_relu, torch.tanh}

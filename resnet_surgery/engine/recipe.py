@@ -21,24 +21,14 @@ from ..history import SOURCE_KINDS, Source, history
 from ..utils import library_versions
 from ..vocab import Op, Shortcut, Variant
 
+__all__ = ["Conversion", "FORMAT_VERSION", "Options", "RECIPE_FORMAT", "Recipe", "Rewrite", "new_recipe"]
+
 FORMAT_VERSION = 1
 RECIPE_FORMAT = f"resnet-surgery/{FORMAT_VERSION}"
 
 
-class _ByKey:
-    """``recipe["rewrites"]``, ``r["block"]``, ``r.get("norms")``: read access for code written against dicts."""
-
-    def __getitem__(self, key: str):
-        if key not in _field_names(self):
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        value = getattr(self, key) if key in _field_names(self) else None
-        return default if value is None else value
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
+class _Json:
+    """JSON in and out for the recipe's dataclasses."""
 
     def to_json(self) -> dict:
         """Plain JSON types; optional fields that are unset are left out."""
@@ -54,7 +44,7 @@ class _ByKey:
 
 
 @dataclasses.dataclass
-class Options(_ByKey):
+class Options(_Json):
     """The arguments of one ``convert`` call."""
 
     to: Variant | None
@@ -65,7 +55,7 @@ class Options(_ByKey):
 
 
 @dataclasses.dataclass
-class Rewrite(_ByKey):
+class Rewrite(_Json):
     """One rewrite of one block: whether it preserves the function, and what it touched."""
 
     block: str
@@ -83,7 +73,7 @@ class Rewrite(_ByKey):
 
 
 @dataclasses.dataclass
-class Conversion(_ByKey):
+class Conversion(_Json):
     """An earlier ``convert`` call of a model converted more than once (replayed first on load)."""
 
     options: Options
@@ -91,7 +81,7 @@ class Conversion(_ByKey):
 
 
 @dataclasses.dataclass
-class Recipe(_ByKey):
+class Recipe(_Json):
     """Everything needed to rebuild a converted model from its source, and what the conversion did."""
 
     format: str

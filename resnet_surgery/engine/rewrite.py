@@ -26,6 +26,8 @@ from .probe import output_tensors
 from .prune import prune_dead_compute
 from .recipe import Options, Rewrite, new_recipe
 
+__all__ = ["HANDLERS", "Step", "SurgeryNotice", "apply_step", "convert", "plan"]
+
 
 class SurgeryNotice(UserWarning):
     """Something the user should know about a conversion (a no-op, a skipped block, a changed function)."""

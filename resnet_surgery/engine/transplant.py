@@ -30,6 +30,11 @@ from .probe import max_difference
 from .recipe import Options, new_recipe
 from .rewrite import SurgeryNotice, convert
 
+__all__ = [
+    "CONVERTIBLE_SHORTCUTS", "CONVERT_TO", "CONV_ATTRIBUTES", "OPTIONAL_KEYS", "Section", "match",
+    "sections", "transplant",
+]
+
 CONV_ATTRIBUTES = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 OPTIONAL_KEYS = ("num_batches_tracked",)  # BatchNorm has it, FrozenBatchNorm2d and GroupNorm do not
 CONVERTIBLE_SHORTCUTS = (Shortcut.CONV1X1, Shortcut.CONV3X3, Shortcut.AVGPOOL)

@@ -46,6 +46,11 @@ from ..recovery.finetune import finetune
 from ..store import load_into, save
 from ..utils import image_size, report_dict, table
 
+__all__ = [
+    "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore",
+    "pareto_front",
+]
+
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 RESULT_FILE = "result.json"
 ONNX_FILE = "model.onnx"

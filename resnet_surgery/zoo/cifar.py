@@ -18,6 +18,11 @@ from torchvision.models.resnet import Bottleneck
 from ..errors import SurgeryError
 from ..vocab import Variant
 
+__all__ = [
+    "CIFAR_MODELS", "CifarResNet", "DEFAULT_BLOCKS", "DEFAULT_STEM_WIDTH", "DEFAULT_WIDTHS", "LAYOUTS",
+    "WEIGHTS_DIR", "cifar_resnet", "load_cifar_resnet", "weights_path",
+]
+
 LAYOUTS = (Variant.V1.value, Variant.V1_5.value)
 # Registered model names -> layout of the committed CIFAR-10 weights.
 CIFAR_MODELS = {"cifar10-resnet-v1": Variant.V1.value, "cifar10-resnet-v1.5": Variant.V1_5.value}

@@ -16,6 +16,11 @@ from ..utils import freeze_batchnorms
 from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, load_state_into, read_state_dict
 
+__all__ = [
+    "DETECTION_MODELS", "FAMILIES", "FROZEN_BN_MODELS", "SEGMENTATION_MODELS", "TORCHVISION_MODELS",
+    "build_torchvision", "load_named", "load_timm", "load_torchvision", "load_zoo",
+]
+
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                       "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
 # Detection and segmentation models whose trunk is a ResNet: the tool rewrites the trunk inside the whole model.
@@ -75,6 +80,7 @@ def load_torchvision(name: str, weights: str = "none") -> nn.Module:
 
 
 def load_timm(name: str, weights: str = "none") -> nn.Module:
+    """A timm model: weights "none", "DEFAULT" (timm's own download) or a weights file."""
     try:
         import timm
     except ImportError:
