@@ -10,6 +10,8 @@ from .engine.inspect import Report, count_macs, inspect
 from .engine.layers import Subsample
 from .engine.probe import max_difference
 from .engine.prune import prune_dead_compute
+from .engine.reads import ConvReads, SiteReads, grid_text, site_reads
+from .engine.reads_plot import plot_sites
 from .engine.recipe import Options, Recipe, Rewrite
 from .engine.rewrite import SurgeryNotice, convert
 from .engine.transplant import transplant
@@ -23,13 +25,13 @@ from .workflows.explore import ExploreReport, explore, pareto_front
 from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
 __all__ = [
-    "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "EvalReport", "ExploreReport", "ExportError",
+    "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "ConvReads", "EvalReport", "ExploreReport", "ExportError",
     "FinetuneReport", "History", "LatencyReport", "Layout", "NotExactError", "OnnxModule", "Op", "Options",
     "ParityError", "ParityReport", "QuantReport", "QuantizationError", "RatioCI", "Recipe", "Report", "Rewrite",
-    "Shortcut", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Trunk", "Variant", "apply_recipe",
+    "Shortcut", "SiteReads", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Trunk", "Variant", "apply_recipe",
     "as_loader", "calibrate", "cifar10_tensors", "cifar_resnet", "compare_latency", "convert", "count_macs",
-    "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "history", "inspect", "load",
+    "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "grid_text", "history", "inspect", "load",
     "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "pareto_front",
-    "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "split_batch", "trace",
+    "plot_sites", "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "site_reads", "split_batch", "trace",
     "transplant",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from ..utils import eval_mode, model_device, table
 from ..vocab import Layout
 from .blocks import dilated_note, find_trunk, model_variant
 from .prune import dead_sites
+from .reads import grid_text, site_reads
+from .reads_plot import plot_sites
 
 __all__ = [
     "BlockInfo", "DeadSite", "Report", "StridedConv", "count_macs", "inspect", "module_macs",
@@ -106,6 +110,39 @@ class Report:
             lines.append("dead computation: none")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def grid(self, model: nn.Module, *, leaf_modules=(), patch: int = 6) -> str:
+        """What each downsampling site reads, as characters (x: read, o: never read), for a terminal.
+
+        Args:
+            model: the model this report describes (the report holds no paddings or pooling shortcuts).
+            leaf_modules: as for ``inspect``.
+            patch: rows and columns of each pattern.
+
+        Returns:
+            The text of ``grid_text``, a few lines per site.
+        """
+        return grid_text(site_reads(model, self, leaf_modules=leaf_modules, patch=patch))
+
+    def plot(self, path: str | os.PathLike, model: nn.Module, *, compare=(), labels=None, leaf_modules=(),
+             patch: int = 6, force: bool = True) -> Path:
+        """Write a PNG of what each downsampling site reads; ``compare`` models (variants) side by side.
+
+        Args:
+            path: the PNG to write (atomically).
+            model: the model this report describes.
+            compare: other models to show beside it, inspected at the same input size.
+            labels: a title per column (default: each model's variant).
+            leaf_modules: as for ``inspect``.
+            patch: rows and columns of each pattern.
+            force: replace an existing file.
+
+        Returns:
+            The path written.
+        """
+        reports = [(self, model)] + [(inspect(m, self.input_size, leaf_modules=leaf_modules), m) for m in compare]
+        columns = [site_reads(m, r, leaf_modules=leaf_modules, patch=patch) for r, m in reports]
+        return plot_sites(columns, path, labels or [r.variant for r, _ in reports], force=force)
 
 
 def read_fraction(size: int, kernel: int, stride: int, padding: int, dilation: int) -> float:
