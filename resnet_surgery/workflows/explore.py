@@ -41,7 +41,8 @@ from ..engine.blocks import find_blocks, model_variant, trace
 from ..engine.rewrite import convert
 from ..errors import NotExactError, SurgeryError
 from ..history import history
-from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
+from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps
+from ..recovery.evaluate import evaluate, predict
 from ..store import save
 from ..utils import report_dict
 
