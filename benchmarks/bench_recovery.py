@@ -31,8 +31,10 @@ from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.history import history
-from resnet_surgery.recovery.calibrate import RECONSTRUCT_ITERATIONS, calibrate, evaluate, predict
+from resnet_surgery.recovery.calibrate import calibrate
+from resnet_surgery.recovery.evaluate import evaluate, predict
 from resnet_surgery.recovery.finetune import finetune
+from resnet_surgery.recovery.reconstruct import RECONSTRUCT_ITERATIONS
 from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]

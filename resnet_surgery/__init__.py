@@ -17,7 +17,8 @@ from .engine.rewrite import SurgeryNotice, convert
 from .engine.transplant import transplant
 from .errors import NotExactError, SurgeryError, TraceError
 from .history import History, Source, history
-from .recovery.calibrate import CalibrationReport, EvalReport, calibrate, evaluate, predict
+from .recovery.calibrate import CalibrationReport, calibrate
+from .recovery.evaluate import EvalReport, evaluate, predict
 from .recovery.finetune import FinetuneReport, finetune
 from .store import apply_recipe, load, load_model, read_recipe, save
 from .vocab import Layout, Op, Shortcut, Variant

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tarfile
 from collections.abc import Sequence
@@ -27,6 +28,14 @@ PRESETS = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _DONE = ".complete"
+
+__all__ = [
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_SPLITS", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "IMAGE_SUFFIXES", "PRESETS", "BadImageError", "DataSpec", "ImageFiles", "as_dataset", "as_loader",
+    "build_transform", "cache_root", "cifar10_tensors", "disjoint_subsets", "extract_cifar10", "image_folder",
+    "model_transform", "normalize_uint8", "preset_transform", "read_image", "split_batch", "transform_size",
+    "without_bad_images",
+]
 
 
 def cache_root(path: str | os.PathLike | None = None) -> Path:
@@ -328,6 +337,38 @@ def as_loader(
     )
     loader.skipped_images = skipped
     return loader
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The images a step reads and how: the parameter group that `evaluate`, `calibrate` and `finetune` share.
+
+    Args:
+        data: an ImageFolder or flat-folder path, a Dataset or a DataLoader (see `as_loader`).
+        preset: the preprocessing preset of a path ("imagenet" or "cifar10"), unless ``transform`` is given.
+        transform: the preprocessing of a path's images (None: the preset's).
+        num_images: a seeded random subset of that many images (None: all of them).
+        batch_size: images per batch (per process under torchrun).
+        seed: the seed of the subset (and of whatever else the step draws at random).
+        progress: show progress bars.
+    """
+
+    data: object
+    preset: str = "imagenet"
+    transform: object = None
+    num_images: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    def loader(self) -> DataLoader:
+        """The DataLoader over these images, in order (see `as_loader`).
+
+        Returns:
+            DataLoader: batches of ``batch_size`` over the seeded subset of ``data``.
+        """
+        return as_loader(self.data, preset=self.preset, transform=self.transform, batch_size=self.batch_size,
+                         num_images=self.num_images, seed=self.seed)
 
 
 def as_dataset(data, *, preset: str = "imagenet", transform=None, sized: bool = True) -> Dataset:

@@ -138,7 +138,7 @@ def test_as_loader_errors(tmp_path):
 def test_a_flat_folder_of_real_imagenet_images_loads_without_labels(shared_data):
     import torchvision
 
-    from resnet_surgery.recovery.calibrate import evaluate
+    from resnet_surgery.recovery.evaluate import evaluate
 
     folder = shared_data / "imagenet-val"  # ten full-size validation images, no class folders
     images, labels = split_batch(next(iter(as_loader(folder, batch_size=4))))

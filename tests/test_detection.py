@@ -32,7 +32,7 @@ from resnet_surgery import (
 )
 from resnet_surgery.cli import main
 from resnet_surgery.errors import TraceError
-from resnet_surgery.recovery.calibrate import reestimate_bn
+from resnet_surgery.recovery.batchnorm import reestimate_bn
 from resnet_surgery.vocab import Layout, Variant
 from resnet_surgery.zoo.registry import DETECTION_MODELS, FROZEN_BN_MODELS, SEGMENTATION_MODELS
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.history import record
-from resnet_surgery.recovery.finetune import distillation_loss, finetune
+from resnet_surgery.recovery.distill import distillation_loss
+from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.zoo.cifar import cifar_resnet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,10 +8,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from util import CaffeResNet
 
+import resnet_surgery.recovery.activations as activations
 import resnet_surgery.recovery.calibrate as recovery
+import resnet_surgery.recovery.evaluate as evaluation
+import resnet_surgery.recovery.refit as refit
 from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
-from resnet_surgery.recovery.calibrate import calibrate, evaluate, predict, reestimate_bn, transfer_weights
+from resnet_surgery.recovery.batchnorm import reestimate_bn
+from resnet_surgery.recovery.calibrate import calibrate
+from resnet_surgery.recovery.evaluate import evaluate, predict
+from resnet_surgery.recovery.refit import transfer_weights
 from resnet_surgery.zoo.cifar import load_cifar_resnet
 
 
@@ -130,7 +136,7 @@ def test_reestimate_bn_against_the_original_matches_its_normalisation():
 )
 def test_transfer_recovers_a_conv_exactly_when_it_can(kw, monkeypatch):
     # Few rows per batch: the spatial sampling path must still give the exact answer on noise-free targets.
-    monkeypatch.setattr(recovery, "MAX_ROWS_PER_BATCH", 200)
+    monkeypatch.setattr(refit, "MAX_ROWS_PER_BATCH", 200)
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(8, 8, **kw))
     converted = nn.Sequential(nn.Conv2d(8, 8, **kw))  # same shape, other weights: the fit must find the original
@@ -150,8 +156,8 @@ def test_transfer_recovers_a_conv_exactly_when_it_can(kw, monkeypatch):
 
 
 def test_report_flags_a_fit_with_too_few_positions():
-    step = recovery.CalibrationStep("naive copy", 0, 0, 0.0, 0.0, recovery.EvalReport(10, agreement=90.0, kl=0.1))
-    fits = [recovery.ConvFit("a", "a", 10, 72, 1.0, 0.0), recovery.ConvFit("b", "b", 10_000, 72, 1.0, 0.5)]
+    step = recovery.CalibrationStep("naive copy", 0, 0, 0.0, 0.0, evaluation.EvalReport(10, agreement=90.0, kl=0.1))
+    fits = [refit.ConvFit("a", "a", 10, 72, 1.0, 0.0), refit.ConvFit("b", "b", 10_000, 72, 1.0, 0.5)]
     text = str(recovery.CalibrationReport(10, 1e-3, [step], fits)).splitlines()
     assert "only 10 positions for 72 weights: use more images" in text[-2]
     assert "use more images" not in text[-1]
@@ -341,8 +347,8 @@ def block_errors(model, original, blocks, images):
     errors = []
     with torch.no_grad():
         for b in blocks:
-            x = recovery._capture(model, model.get_submodule(b), images, "input")
-            y = recovery._capture(original, original.get_submodule(b), images, "output")
+            x = activations.capture(model, model.get_submodule(b), images, "input")
+            y = activations.capture(original, original.get_submodule(b), images, "output")
             errors.append(float(((model.get_submodule(b)(x) - y) ** 2).sum() / ((y - y.mean((0, 2, 3), keepdim=True)) ** 2).sum()))
     return errors
 

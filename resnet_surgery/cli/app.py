@@ -369,7 +369,7 @@ original_options = [
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from ..recovery.calibrate import evaluate
+    from ..recovery.evaluate import evaluate
     from ..store import load_model
 
     model = load_model(model_or_dir, weights)

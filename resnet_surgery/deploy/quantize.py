@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..atomic import atomic_file, check_writable, temp_prefix
 from ..data import as_dataset, disjoint_subsets, split_batch
 from ..errors import SurgeryError, first_line
-from ..recovery.calibrate import evaluate
+from ..recovery.evaluate import evaluate
 from .export import OnnxModule, ParityError
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 

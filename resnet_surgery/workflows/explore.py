@@ -41,7 +41,8 @@ from ..engine.blocks import Trunk, find_trunk, model_variant
 from ..engine.rewrite import convert
 from ..errors import NotExactError, SurgeryError
 from ..history import history
-from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps, evaluate, predict
+from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps
+from ..recovery.evaluate import evaluate, predict
 from ..recovery.finetune import finetune
 from ..store import load_into, save
 from ..utils import image_size, report_dict, table

@@ -1,0 +1,125 @@
+"""Fine-tuning checkpoints: written atomically after every pass, resumed only by the run they belong to
+(the model's fingerprint, the data and the options that shape the run)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..atomic import atomic_file
+from ..errors import SurgeryError, first_line
+from ..history import history
+from ..zoo.weights import torch_load
+
+__all__ = ["load_checkpoint", "run_identity", "save_checkpoint"]
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """A hash of what key names and shapes do not show: every module's class, the geometry of every conv and
+    pool (stride, dilation, padding, kernel), and the recipe's rewrites."""
+    geometry = [
+        [name, type(m).__name__, *(str(getattr(m, a, "")) for a in ("kernel_size", "stride", "padding", "dilation",
+                                                                    "groups", "ceil_mode", "count_include_pad"))]
+        for name, m in model.named_modules()
+    ]
+    recipe = history(model).recipe
+    rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
+    text = json.dumps({"modules": geometry, "rewrites": rewrites})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _data_identity(data) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        return str(Path(data).resolve())
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    size = len(dataset) if hasattr(dataset, "__len__") else "?"
+    return f"{type(data).__name__} of {size} {type(dataset).__name__} items"
+
+
+def run_identity(model: nn.Module, data, **options) -> dict:
+    """What a checkpoint belongs to: the model's fingerprint, the data and the options that shape the run.
+
+    Args:
+        model: the converted model the run starts from.
+        data: the run's data (a path, a Dataset or a DataLoader).
+        **options: the options that shape the run (objective, lr, seed...).
+
+    Returns:
+        dict: what `load_checkpoint` compares with the checkpoint's own.
+    """
+    return {"model": _model_fingerprint(model), "data": _data_identity(data), **options}
+
+
+def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> None:
+    if identity is None:
+        return
+    if saved is None:
+        raise SurgeryError(f"{path} does not record which model and options it belongs to (an older checkpoint); "
+                           "start fresh with --force (force=True)")
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            what = "a different model (its modules, conv geometry or rewrites differ)" if key == "model" else (
+                f"{key} {saved.get(key)!r}, not {value!r}")
+            raise SurgeryError(f"{path} belongs to another run: {what}; resume with the same model, data and "
+                               "options, or start fresh with --force (force=True)")
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epochs, losses, identity=None) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous one).
+
+    Args:
+        path: the checkpoint file.
+        model: the student.
+        optimizer: its optimizer.
+        scheduler: its learning-rate schedule.
+        epoch: passes finished.
+        step: optimizer steps taken.
+        epochs: passes the run spans.
+        losses: the mean loss of each finished pass.
+        identity: the run's `run_identity`.
+    """
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "epoch": epoch, "step": step, "epochs": epochs, "epoch_losses": losses, "identity": identity}
+    with atomic_file(path, force=True) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device, identity=None) -> dict:
+    """Load a checkpoint into the student, its optimizer and schedule, once it is shown to belong to this run.
+
+    Args:
+        path: the checkpoint file.
+        model: the student (loaded in place).
+        optimizer: its optimizer (loaded in place).
+        scheduler: its learning-rate schedule (loaded in place).
+        epochs: passes the run spans; the checkpoint's must match.
+        device: where the tensors go.
+        identity: the run's `run_identity` (None: not checked).
+
+    Returns:
+        dict: the checkpoint (its "epoch" and "step" say where to continue).
+    """
+    if not path.is_file():
+        raise SurgeryError(f"no checkpoint at {path} to resume from; run without resume to start fresh")
+    state = torch_load(path, map_location=device)
+    if not isinstance(state, dict):
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint; pass the right checkpoint or start fresh with "
+                           "--force (force=True)")
+    _check_identity(path, state.get("identity"), identity)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({first_line(e)}); "
+                           "pass the right checkpoint or start fresh with --force (force=True)") from None
+    if state["epochs"] != epochs:
+        raise SurgeryError(f"{path} belongs to a run of {state['epochs']} epochs; resume with epochs={state['epochs']}")
+    return state
+

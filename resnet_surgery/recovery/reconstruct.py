@@ -1,0 +1,204 @@
+"""Block reconstruction (BRECQ-style): every parameter of each rewritten block optimised so that, fed with
+the input the converted model now gives it, the block reproduces the original block's output."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..engine.blocks import find_blocks, trace
+from ..errors import SurgeryError
+from ..utils import eval_mode, model_device
+from .activations import capture, execution_order, named_module, run_hooked, submodule
+
+__all__ = ["RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "BlockFit",
+           "previous_blocks", "reconstruct_blocks"]
+
+# Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero), mini-batch.
+RECONSTRUCT_ITERATIONS = 500
+RECONSTRUCT_LR = 1e-3
+RECONSTRUCT_BATCH = 64
+# Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
+RECONSTRUCT_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class BlockFit:
+    """The reconstruction of one rewritten block: its output error against the original block's output.
+
+    Args:
+        block: the rewritten block.
+        previous: the block before it, optimised with it (None: the block alone).
+        images: calibration images whose inputs and targets were cached.
+        iterations: optimiser steps.
+        error_before: squared error relative to the target's per-channel variance, before.
+        error_after: the same after.
+        cpu_seconds: process CPU time the block took.
+    """
+
+    block: str
+    previous: str | None  # the block before it, optimised with it (None: the block alone)
+    images: int  # calibration images whose inputs and targets were cached
+    iterations: int
+    error_before: float  # squared error relative to the target's per-channel variance
+    error_after: float
+    cpu_seconds: float
+
+
+
+def _unit_io(model: nn.Module, original: nn.Module, unit: nn.Module, first: str, name: str, batches,
+             max_bytes: int, device):
+    """The inputs of ``model``'s block ``first`` (from ``model`` as it is now) and the outputs of ``original``'s
+    block ``name`` on ``batches``, concatenated on the CPU; stops adding batches once ``max_bytes`` would be
+    passed."""
+    start, ref = model.get_submodule(first), original.get_submodule(name)
+    inputs, targets, size = [], [], 0
+    for images, _ in batches:
+        images = images.to(device)
+        x, y = capture(model, start, images, "input"), capture(original, ref, images, "output")
+        if not inputs and unit(x[:1]).shape[1:] != y.shape[1:]:
+            raise SurgeryError(f"block {name} yields {tuple(unit(x[:1]).shape[1:])} but the original's yields "
+                               f"{tuple(y.shape[1:])}; reconstruction needs the same output shape")
+        per_image = (x[0].numel() + y[0].numel()) * 4
+        room = (max_bytes - size) // per_image
+        if room <= 0:
+            break
+        inputs.append(x[:room].float().cpu())
+        targets.append(y[:room].float().cpu())
+        size += per_image * len(inputs[-1])
+    if not inputs:
+        raise SurgeryError(f"one calibration image's activations at block {name} exceed the cache "
+                           f"({max_bytes} bytes); raise max_bytes")
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def _relative_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, device, chunk: int = 256) -> float:
+    """sum |unit(x) - y|^2 over the target's sum of squared deviations from its per-channel means."""
+    dims = [0, *range(2, y.dim())]
+    var = ((y - y.mean(dim=dims, keepdim=True)) ** 2).sum().double()
+    err = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            out = unit(x[i : i + chunk].to(device)).float().cpu()
+            err += ((out - y[i : i + chunk]) ** 2).sum().double()
+    return float(err / var.clamp_min(1e-30))
+
+
+def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tensor) -> dict[str, str | None]:
+    """For each block in ``blocks``, the residual block whose output *is* its input (None when it reads
+    anything else, e.g. the stem), found by running ``model`` once on ``images``.
+
+    Args:
+        model: the model to run.
+        blocks: names of residual blocks of ``model``.
+        images: the input batch.
+
+    Returns:
+        dict: {block: the block before it, or None}.
+    """
+    names = [b.name for b in find_blocks(trace(model))]
+    modules = {n: m for n in names if (m := submodule(model, n)) is not None}
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _, __, out, n=n: outputs.__setitem__(n, out)) for n, m in modules.items()]
+    handles += [model.get_submodule(n).register_forward_pre_hook(lambda _, args, n=n: inputs.__setitem__(n, args[0]))
+                for n in blocks]
+    run_hooked(model, handles, images)
+    return {n: next((p for p, out in outputs.items() if p != n and out is inputs.get(n)), None) for n in blocks}
+
+
+def _optimise(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iterations: int, lr: float, batch_size: int,
+              generator: torch.Generator, device, desc: str, progress: bool) -> None:
+    """Train every parameter of ``unit`` (in place) to map ``x`` to ``y``: MSE, Adam with a cosine schedule,
+    ``iterations`` mini-batches drawn with ``generator``."""
+    params = [p for p in unit.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
+    try:
+        with torch.enable_grad():
+            for _ in tqdm(range(iterations), desc=desc, disable=not progress, leave=False):
+                pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
+                loss = F.mse_loss(unit(x[pick].to(device)), y[pick].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for p in params:
+            p.grad = None
+
+
+def reconstruct_blocks(
+    model: nn.Module,
+    original: nn.Module,
+    blocks: Sequence[str],
+    batches,
+    *,
+    iterations: int = RECONSTRUCT_ITERATIONS,
+    lr: float = RECONSTRUCT_LR,
+    batch_size: int = RECONSTRUCT_BATCH,
+    previous: bool = True,
+    max_bytes: int = RECONSTRUCT_BYTES,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[BlockFit]:
+    """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
+    ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam with a
+    cosine schedule; ``iterations`` mini-batches of ``batch_size`` drawn from the cached activations of
+    ``batches``). Blocks go in forward order, each on the inputs left by the ones before it (BRECQ).
+
+    With ``previous``, the block whose output is the rewritten block's input is optimised with it (when there
+    is one): after a stride move that block's output is read at other positions than before (v1 reads 1 of 4),
+    and it can move there what the rewritten block needs. Norms stay in eval mode, so running statistics are
+    untouched; no other parameter changes.
+
+    Args:
+        model: the converted model (its blocks change in place).
+        original: the original model, with blocks of the same names.
+        blocks: the blocks to reconstruct.
+        batches: re-iterable (images, labels) batches.
+        iterations: optimiser steps per block.
+        lr: peak learning rate.
+        batch_size: mini-batch of cached activations per step.
+        previous: optimise the block before each one with it.
+        max_bytes: cap on the cached inputs and targets of one block.
+        seed: seed of the mini-batch draws.
+        progress: show progress bars.
+
+    Returns:
+        list: a BlockFit per block, in forward order.
+    """
+    device = model_device(model)
+    for name in blocks:
+        named_module(model, name, nn.Module, "the converted model")
+        named_module(original, name, nn.Module, "the original model")
+    first = next(iter(batches), None)
+    if first is None:
+        raise SurgeryError("the calibration data yielded no images")
+    generator = torch.Generator().manual_seed(seed)
+    fits = []
+    with eval_mode(model, original):
+        with torch.no_grad():
+            order = execution_order(model, list(blocks), first[0][:2].to(device))
+        before_of = previous_blocks(model, order, first[0][:2].to(device)) if previous else {}
+        for name in order:
+            prev = before_of.get(name)
+            names = [prev, name] if prev else [name]
+            unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
+            start = time.process_time()
+            with torch.no_grad():
+                x, y = _unit_io(model, original, unit, names[0], name, batches, max_bytes, device)
+            before = _relative_error(unit, x, y, device)
+            _optimise(unit, x, y, iterations=iterations, lr=lr, batch_size=batch_size, generator=generator,
+                      device=device, desc=f"reconstruct {name}", progress=progress)
+            after = _relative_error(unit, x, y, device)
+            fits.append(BlockFit(name, prev, len(x), iterations, before, after, time.process_time() - start))
+            del x, y
+    return fits
+
