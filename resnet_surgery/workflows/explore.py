@@ -207,13 +207,12 @@ def explore(
         "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
         "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
+        # only when not the default: folders explored with the default stay reusable
+        **({"calibrate_steps": list(calibrate_steps)} if tuple(calibrate_steps) != DEFAULT_STEPS else {}),
     }
-    if tuple(calibrate_steps) != DEFAULT_STEPS:  # only then: folders explored with the default stay reusable
-        settings["calibrate_steps"] = list(calibrate_steps)
     build = _Builder(model, variant, calib_set, eval_loader, out, settings, force, input_size, progress)
     results = _build_candidates(build, wanted, int8, quant_images, min_agreement, progress)
-    timed = [r for r in results if r["status"] == "ok"]
-    timing_start = time.perf_counter()
+    timed, timing_start = [r for r in results if r["status"] == "ok"], time.perf_counter()
     latency = compare_latency({r["name"]: out / "candidates" / r["name"] / ONNX_FILE for r in timed},
                               batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s, max_time_s=max_time_s,
                               seed=seed, progress=progress)
@@ -222,6 +221,11 @@ def explore(
     report = ExploreReport(model=name, metric=metric, settings=settings, candidates=results,
                            latency=latency.to_dict(), seconds=time.perf_counter() - start,
                            latency_seconds=time.perf_counter() - timing_start)
+    return _written(report, out)
+
+
+def _written(report: ExploreReport, out: Path) -> ExploreReport:
+    """``report`` written to ``out``/explore.json and its chart to ``out``/explore.png."""
     with atomic_file(out / "explore.json", force=True) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     report.plot(out / "explore.png")
