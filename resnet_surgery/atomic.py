@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .errors import SurgeryError
 
+__all__ = ["STALE_SECONDS", "atomic_dir", "atomic_file", "check_writable", "output_errors", "remove_stale_temps",
+           "staging_dir", "temp_prefix"]
+
 # A temporary name left by a process that died is removed by the next writer of the same output; one
 # without a process id (older versions) once it is this old.
 STALE_SECONDS = 3600
@@ -51,6 +54,27 @@ def output_errors(path: Path) -> Iterator[None]:
 def temp_prefix(path: Path) -> str:
     """Temporary names beside ``path`` carry this process's id, so a later run can tell stale ones."""
     return f".{path.name}.{os.getpid()}."
+
+
+@contextlib.contextmanager
+def staging_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a private work folder beside ``path``, removed on exit; named so that a later writer of ``path``
+    removes it if this process is killed.
+
+    Args:
+        path: the output the staged files are for; its parent folder is created if missing.
+
+    Returns:
+        A context manager yielding the empty work folder.
+    """
+    path = Path(path)
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".export", dir=path.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def remove_stale_temps(path: Path) -> None:

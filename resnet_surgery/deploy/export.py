@@ -18,26 +18,27 @@ import dataclasses
 import io
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..atomic import atomic_file, check_writable, temp_prefix
+from ..atomic import atomic_file, check_writable, staging_dir
 from ..engine.inspect import count_macs
+from ..engine.probe import output_tensors
 from ..errors import SurgeryError, first_line
 from ..utils import eval_mode, model_device
 from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
 from .onnxfile import opset as opset_of
+from .runtime import onnx_session
 
-__all__ = ["MACS_METADATA_KEY", "ExportError", "ParityError", "ParityReport", "export_onnx", "onnx_input_shape",
-           "onnx_metadata"]
+__all__ = ["MACS_METADATA_KEY", "ExportError", "ExportOptions", "OnnxModule", "ParityCheck", "ParityError",
+           "ParityReport", "check_opset", "export_onnx", "onnx_input_shape", "onnx_metadata",
+           "supported_opsets"]
 
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 _MAX_INLINE_BYTES = int(1.9 * 2**30)
@@ -151,6 +152,21 @@ def export_onnx(
 
     Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
     disagrees with PyTorch; in both cases nothing is left at ``path``.
+
+    Args:
+        model: the model; one image tensor in, a tensor (or tensors in lists, tuples, dicts) out.
+        path: the .onnx file to write.
+        input_size: (channels, height, width) of one image.
+        dynamic_batch: leave the batch axis dynamic (else fixed to 1).
+        opset: ONNX opset (None: the exporter's default).
+        atol: parity's absolute tolerance.
+        rtol: parity's tolerance relative to the largest |output|.
+        parity_batch: the second batch size checked when the batch axis is dynamic.
+        force: overwrite ``path`` if it exists.
+        seed: seed of the random parity inputs.
+
+    Returns:
+        The parity report.
     """
     check_opset(opset)
     if atol < 0 or rtol < 0:
@@ -185,12 +201,12 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
     """Export into a private folder, check and verify there, and only then move the file into place."""
     with (
         atomic_file(path, options.force) as tmp,
-        tempfile.TemporaryDirectory(prefix=temp_prefix(path), suffix=".export", dir=path.parent) as work,
+        staging_dir(path) as work,
     ):
         # Stage under the final file name so any external-data reference already names the final file.
-        staged = Path(work) / path.name
+        staged = work / path.name
         exporter, reason, macs = _export_checked(model, staged, options)
-        extra = sorted(p.name for p in Path(work).iterdir() if p != staged)
+        extra = sorted(p.name for p in work.iterdir() if p != staged)
         report = ParityReport(
             path=str(path),
             exporter=exporter,
@@ -209,7 +225,7 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
         # Weights over 2 GB travel beside the .onnx; move them first so the file never points at nothing.
         for name in extra:
             check_writable(path.parent / name, options.force)
-            os.replace(Path(work) / name, path.parent / name)
+            os.replace(work / name, path.parent / name)
         os.replace(staged, tmp)
     return report
 
@@ -247,7 +263,11 @@ def _raise_unless_passed(report: ParityReport) -> None:
 
 
 def check_opset(opset: int | None) -> None:
-    """Refuse an opset the exporters cannot write before any work starts."""
+    """Refuse an opset the exporters cannot write before any work starts.
+
+    Args:
+        opset: the opset asked for; None (the exporter's default) always passes.
+    """
     low, high = supported_opsets()
     if opset is not None and not low <= opset <= high:
         raise SurgeryError(f"opset {opset} is not supported: choose one from {low} to {high}, or leave it out "
@@ -255,7 +275,11 @@ def check_opset(opset: int | None) -> None:
 
 
 def supported_opsets() -> tuple[int, int]:
-    """(lowest, highest) opset both torch's exporters and the installed onnx package can write."""
+    """The opsets both torch's exporters and the installed onnx package can write.
+
+    Returns:
+        (lowest, highest).
+    """
     from torch.onnx import _constants
 
     return _constants.ONNX_MIN_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
@@ -327,14 +351,14 @@ def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
 
 
 def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> list[ParityCheck]:
-    session = _session(staged)
+    session = onnx_session(staged, name="the exported file", error=ExportError)
     device = model_device(model)
     generator = torch.Generator().manual_seed(options.seed)
     checks = []
     for batch in options.parity_batches:
         x = torch.randn(batch, *options.input_size, generator=generator)
         with torch.no_grad():
-            expected = _flatten_outputs(model(x.to(device)))
+            expected = [t.detach().float().cpu().numpy().astype(np.float64) for t in output_tensors(model(x.to(device)))]
         got = _run_onnx(session, x.numpy())
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
             raise ExportError(
@@ -364,26 +388,18 @@ def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> li
     return checks
 
 
-def _session(path) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(e, 300)}") from e
-
-
 class OnnxModule(nn.Module):
     """An ONNX file run in onnxruntime (CPU) behind a torch module's forward: images in, first output out,
-    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model."""
+    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model.
+
+    Args:
+        path: the .onnx file.
+        threads: onnxruntime intra-op threads (None: every core).
+    """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise SurgeryError(f"onnxruntime cannot load {path}: {first_line(e, 300)}") from e
+        self.session = onnx_session(path, threads=threads)
         self.input = self.session.get_inputs()[0]
         # A static batch axis takes the images that many at a time.
         self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
@@ -400,16 +416,8 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(np.concatenate(out))
 
 
-def _run_onnx(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
+def _run_onnx(session, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
-
-
-def _flatten_outputs(out) -> list[np.ndarray]:
-    """The model's output tensors in the order the exporters flatten them (tuples, lists, dict values)."""
-    if isinstance(out, torch.Tensor):
-        return [out.detach().float().cpu().numpy().astype(np.float64)]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
-    return [a for item in items for a in _flatten_outputs(item)]
 
 
 def _state_bytes(model: nn.Module) -> int:
