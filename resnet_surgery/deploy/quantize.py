@@ -26,8 +26,9 @@ from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import as_dataset, disjoint_subsets, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.calibrate import evaluate
-from .export import OnnxModule, ParityError, ParityReport, export_onnx
+from .export import OnnxModule, ParityError, export_onnx
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
+from .parity import ParityReport
 
 METHODS = ("minmax", "entropy", "percentile")
 # uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:
@@ -67,6 +68,7 @@ class QuantReport:
 
     @property
     def passed(self) -> bool:
+        """Whether the agreement reaches ``min_agreement``."""
         return self.agreement >= self.min_agreement
 
     def to_dict(self) -> dict:
@@ -100,12 +102,14 @@ class _Reader(CalibrationDataReader):
         self.rewind()
 
     def get_next(self) -> dict | None:
+        """The next batch's feed, None after the last."""
         batch = next(self.batches, None)
         if batch is None:
             return None
         return {self.input_name: split_batch(batch)[0].float().numpy()}
 
     def rewind(self) -> None:
+        """Start over at the first batch."""
         self.batches = iter(tqdm(self.loader, desc="int8 calibration", disable=not self.progress, leave=False))
 
 
@@ -169,15 +173,8 @@ def quantize_onnx(
     Returns:
         The int8 report.
     """
-    if method not in METHODS:
-        raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    if activations not in ACTIVATIONS:
-        raise SurgeryError(f"unknown activation type {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
-    proto = load_onnx_header(fp32_onnx)
-    if out.resolve() == fp32_onnx.resolve():
-        raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
-    check_writable(out, force)
+    proto = _check_request(fp32_onnx, out, method, activations, force)
     input_name, shape, dtype = input_info(proto, fp32_onnx)
     if dtype != np.float32:
         raise SurgeryError(f"{fp32_onnx} takes {dtype} input; quantize a float32 model")
@@ -188,27 +185,43 @@ def quantize_onnx(
     _check_images(loaders[0], shape)
 
     start = time.perf_counter()
-    with (
-        atomic_file(out, force) as tmp,
-        staging_dir(out) as work,
-    ):
+    with atomic_file(out, force) as tmp, staging_dir(out) as work:
         staged = work / out.name
         _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
                          min_agreement, seconds, progress)
-        if not report.passed:
-            raise QuantizationError(
-                f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
-                f"below the minimum {min_agreement:g}%; nothing written to {out} (calibrate on more, representative "
-                "images, try --method entropy or percentile, or lower --min-agreement)",
-                report,
-            )
+        _raise_unless_agrees(report)
         macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
         summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
         set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
         os.replace(staged, tmp)
     return report
+
+
+def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, force: bool):
+    """Refuse an unknown method or activation type, a missing or non-ONNX input and an unwritable ``out`` before
+    any work; return the input's parsed header."""
+    if method not in METHODS:
+        raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise SurgeryError(f"unknown activation type {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    proto = load_onnx_header(fp32_onnx)
+    if out.resolve() == fp32_onnx.resolve():
+        raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
+    check_writable(out, force)
+    return proto
+
+
+def _raise_unless_agrees(report: QuantReport) -> None:
+    if report.passed:
+        return
+    raise QuantizationError(
+        f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
+        f"below the minimum {report.min_agreement:g}%; nothing written to {report.path} (calibrate on more, "
+        "representative images, try --method entropy or percentile, or lower --min-agreement)",
+        report,
+    )
 
 
 def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(3, 224, 224),
