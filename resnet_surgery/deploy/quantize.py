@@ -192,9 +192,7 @@ def quantize_onnx(
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
                          min_agreement, seconds, progress)
         _raise_unless_agrees(report)
-        macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
-        summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
-        set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
+        _stamp(staged, proto, report)
         os.replace(staged, tmp)
     return report
 
@@ -211,6 +209,13 @@ def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, fo
         raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
     check_writable(out, force)
     return proto
+
+
+def _stamp(staged: Path, proto, report: QuantReport) -> None:
+    """Store in the int8 file the fp32 file's MACs and how it was quantized."""
+    macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
+    set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
 
 
 def _raise_unless_agrees(report: QuantReport) -> None:
