@@ -1,10 +1,12 @@
 """resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
 
 from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
-from .deploy.export import ExportError, OnnxModule, ParityError, ParityReport, export_onnx
-from .deploy.latency import LatencyReport, RatioCI, compare_latency, ratio_ci
+from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
+from .deploy.latency import LatencyReport, compare_latency
 from .deploy.onnxfile import onnx_input_shape
+from .deploy.parity import ParityReport
 from .deploy.quantize import QuantizationError, QuantReport, quantize_onnx
+from .deploy.stats import RatioCI, ratio_ci
 from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
 from .engine.inspect import Report, count_macs, inspect
 from .engine.layers import Subsample

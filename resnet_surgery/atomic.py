@@ -13,13 +13,24 @@ from pathlib import Path
 
 from .errors import SurgeryError
 
+__all__ = ["STALE_SECONDS", "atomic_dir", "atomic_file", "check_writable", "output_errors", "remove_stale_temps",
+           "staging_dir", "temp_prefix"]
+
 # A temporary name left by a process that died is removed by the next writer of the same output; one
 # without a process id (older versions) once it is this old.
 STALE_SECONDS = 3600
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse an output that exists (unless ``force``) or cannot be written, before any work starts."""
+    """Refuse an output that exists (unless ``force``) or cannot be written, before any work starts.
+
+    Args:
+        path: the output file or folder.
+        force: whether an existing output may be replaced.
+
+    Returns:
+        ``path`` as a Path; nothing is created.
+    """
     given, path = os.fspath(path), Path(path)
     if path.name in ("", ".", "..") or path.resolve() in (Path.cwd(), *Path.cwd().parents):
         raise SurgeryError(f"--out {given!r} is the current folder or one above it; name a new folder to write")
@@ -41,7 +52,14 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
 
 @contextlib.contextmanager
 def output_errors(path: Path) -> Iterator[None]:
-    """Turn an OSError while writing ``path`` into one line naming the output, not a temporary name."""
+    """Turn an OSError while writing ``path`` into one line naming the output, not a temporary name.
+
+    Args:
+        path: the output being written.
+
+    Returns:
+        A context manager.
+    """
     try:
         yield
     except OSError as e:
@@ -49,12 +67,44 @@ def output_errors(path: Path) -> Iterator[None]:
 
 
 def temp_prefix(path: Path) -> str:
-    """Temporary names beside ``path`` carry this process's id, so a later run can tell stale ones."""
+    """Temporary names beside ``path`` carry this process's id, so a later run can tell stale ones.
+
+    Args:
+        path: the output.
+
+    Returns:
+        The prefix of its temporary names.
+    """
     return f".{path.name}.{os.getpid()}."
 
 
+@contextlib.contextmanager
+def staging_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a private work folder beside ``path``, removed on exit; named so that a later writer of ``path``
+    removes it if this process is killed.
+
+    Args:
+        path: the output the staged files are for; its parent folder is created if missing.
+
+    Returns:
+        A context manager yielding the empty work folder.
+    """
+    path = Path(path)
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".export", dir=path.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def remove_stale_temps(path: Path) -> None:
-    """Remove temporary files and folders of ``path`` whose writer process no longer runs (killed runs)."""
+    """Remove temporary files and folders of ``path`` whose writer process no longer runs (killed runs).
+
+    Args:
+        path: the output whose temporary names to look for beside it.
+    """
     # .NAME.<pid>.<8 random characters>.tmp|.export (tempfile's names), or the same without a pid (older versions).
     pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}\.(?:tmp|export)")
     for candidate in path.parent.iterdir():
@@ -104,7 +154,15 @@ def _appeared(path: Path) -> SurgeryError:
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path``, on error it is removed.
 
-    Without ``force`` an output that appeared meanwhile (another writer) is never replaced."""
+    Without ``force`` an output that appeared meanwhile (another writer) is never replaced.
+
+    Args:
+        path: the output folder.
+        force: whether an existing folder may be replaced.
+
+    Returns:
+        A context manager yielding the temporary folder.
+    """
     path = check_writable(path, force)
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +203,15 @@ def _replace_dir(tmp: Path, path: Path, force: bool) -> None:
 def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file name beside ``path``; on success it is renamed onto ``path``.
 
-    Without ``force`` a file that appeared meanwhile (another writer) is never replaced."""
+    Without ``force`` a file that appeared meanwhile (another writer) is never replaced.
+
+    Args:
+        path: the output file.
+        force: whether an existing file may be replaced.
+
+    Returns:
+        A context manager yielding the temporary file name.
+    """
     path = check_writable(path, force)
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from resnet_surgery import Source, history, load_model
-from resnet_surgery.cli.app import build_preprocessing
+from resnet_surgery.cli.options import build_preprocessing
 from resnet_surgery.data import (
     CIFAR10_CLASSES,
     as_loader,

@@ -11,14 +11,8 @@ from torch import nn
 from resnet_surgery import SurgeryError
 from resnet_surgery.cli import main
 from resnet_surgery.deploy.export import export_onnx
-from resnet_surgery.deploy.latency import (
-    LatencyReport,
-    StoppingRule,
-    compare_latency,
-    ratio_ci,
-    result_rows,
-    summarize,
-)
+from resnet_surgery.deploy.latency import LatencyReport, StoppingRule, compare_latency
+from resnet_surgery.deploy.stats import ratio_ci, result_rows, summarize
 
 FAST = {"min_time_s": 0.05, "min_rounds": 5, "warmup": 1, "peak_matmul_n": 128, "progress": False}
 
@@ -199,9 +193,9 @@ def test_given_macs_override_the_file_and_busy_machine_warns(onnx_models, monkey
 
 
 def test_wide_interval_warns(onnx_models, monkeypatch):
-    import resnet_surgery.deploy.latency as latency
+    import resnet_surgery.deploy.stats as stats
 
-    monkeypatch.setattr(latency, "CI_WARN", 0.0)
+    monkeypatch.setattr(stats, "CI_WARN", 0.0)
     report = compare_latency({"a": onnx_models["small"], "b": onnx_models["big"]}, **FAST)
     assert any("95% interval of b / a at batch 1" in w for w in report.warnings)
 

@@ -18,26 +18,27 @@ import dataclasses
 import io
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..atomic import atomic_file, check_writable, temp_prefix
+from ..atomic import atomic_file, check_writable, staging_dir
 from ..engine.inspect import count_macs
+from ..engine.probe import output_tensors
 from ..errors import SurgeryError, first_line
 from ..utils import eval_mode, model_device
 from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
 from .onnxfile import opset as opset_of
+from .parity import ParityCheck, ParityReport
+from .runtime import onnx_session
 
-__all__ = ["MACS_METADATA_KEY", "ExportError", "ParityError", "ParityReport", "export_onnx", "onnx_input_shape",
-           "onnx_metadata"]
+__all__ = ["MACS_METADATA_KEY", "ExportError", "ExportOptions", "OnnxModule", "ParityError", "check_opset", "export_onnx", "onnx_input_shape", "onnx_metadata",
+           "supported_opsets"]
 
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 _MAX_INLINE_BYTES = int(1.9 * 2**30)
@@ -53,85 +54,6 @@ class ParityError(SurgeryError):
     def __init__(self, message: str, report: ParityReport):
         super().__init__(message)
         self.report = report
-
-
-@dataclasses.dataclass
-class ParityCheck:
-    """onnxruntime against PyTorch on one random batch."""
-
-    batch: int
-    max_abs_diff: float
-    max_abs_logit: float
-    max_rel_diff: float  # max_abs_diff / max_abs_logit
-    tolerance: float  # atol + rtol * max_abs_logit
-    top1_agree: int
-    passed: bool
-    # One relative difference per output (a feature pyramid's levels), each held to its own tolerance.
-    output_rel_diffs: list[float] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class ParityReport:
-    """What was exported, by which exporter, and how closely onnxruntime matches PyTorch."""
-
-    path: str
-    exporter: str  # "dynamo" or "torchscript" (the fallback)
-    opset: int
-    input_shape: list  # ONNX input shape; the batch axis is a name when dynamic
-    dynamic_batch: bool
-    file_bytes: int
-    external_data: list[str]  # weight files beside the .onnx (only for models over 2 GB)
-    atol: float
-    rtol: float
-    checks: list[ParityCheck]
-    macs: int | None = None  # per image, convolutions and matmuls (torch.utils.flop_counter)
-    fallback_reason: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
-
-    @property
-    def max_abs_diff(self) -> float:
-        return max(c.max_abs_diff for c in self.checks)
-
-    @property
-    def max_rel_diff(self) -> float:
-        return max(c.max_rel_diff for c in self.checks)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(passed=self.passed, max_abs_diff=self.max_abs_diff, max_rel_diff=self.max_rel_diff)
-        return d
-
-    def __str__(self) -> str:
-        batch = "dynamic batch" if self.dynamic_batch else "static batch"
-        lines = [
-            f"ONNX export: {self.path} ({_human_bytes(self.file_bytes)}, opset {self.opset}, "
-            f"{self.exporter} exporter, {batch}, input {self.input_shape})",
-        ]
-        if self.fallback_reason:
-            lines.append(
-                f"  the dynamo exporter failed ({self.fallback_reason}); used the TorchScript exporter"
-            )
-        lines.append(
-            f"{'batch':>5}  {'max |diff|':>10}  {'max |logit|':>11}  {'rel diff':>9}  {'tolerance':>9}  "
-            f"{'top-1 agree':>11}  result"
-        )
-        for c in self.checks:
-            lines.append(
-                f"{c.batch:>5}  {c.max_abs_diff:>10.2e}  {c.max_abs_logit:>11.3g}  {c.max_rel_diff:>9.2e}  "
-                f"{c.tolerance:>9.2e}  {f'{c.top1_agree}/{c.batch}':>11}  {'pass' if c.passed else 'FAIL'}"
-            )
-        for c in self.checks:
-            if len(c.output_rel_diffs) > 1:  # a feature pyramid: each level passes on its own scale
-                lines.append(f"  batch {c.batch}, rel diff per output: "
-                             + ", ".join(f"{d:.2e}" for d in c.output_rel_diffs))
-        verdict = "PASS" if self.passed else "FAIL"
-        lines.append(
-            f"parity: {verdict} (max |onnx - torch| <= atol {self.atol:g} + rtol {self.rtol:g} x max |logit|)"
-        )
-        return "\n".join(lines)
 
 
 def export_onnx(
@@ -151,6 +73,21 @@ def export_onnx(
 
     Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
     disagrees with PyTorch; in both cases nothing is left at ``path``.
+
+    Args:
+        model: the model; one image tensor in, a tensor (or tensors in lists, tuples, dicts) out.
+        path: the .onnx file to write.
+        input_size: (channels, height, width) of one image.
+        dynamic_batch: leave the batch axis dynamic (else fixed to 1).
+        opset: ONNX opset (None: the exporter's default).
+        atol: parity's absolute tolerance.
+        rtol: parity's tolerance relative to the largest |output|.
+        parity_batch: the second batch size checked when the batch axis is dynamic.
+        force: overwrite ``path`` if it exists.
+        seed: seed of the random parity inputs.
+
+    Returns:
+        The parity report.
     """
     check_opset(opset)
     if atol < 0 or rtol < 0:
@@ -177,6 +114,7 @@ class ExportOptions:
 
     @property
     def parity_batches(self) -> list[int]:
+        """The batch sizes parity is checked at."""
         # A second batch size proves the dynamic batch axis.
         return [1, self.parity_batch] if self.dynamic_batch and self.parity_batch != 1 else [1]
 
@@ -185,12 +123,12 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
     """Export into a private folder, check and verify there, and only then move the file into place."""
     with (
         atomic_file(path, options.force) as tmp,
-        tempfile.TemporaryDirectory(prefix=temp_prefix(path), suffix=".export", dir=path.parent) as work,
+        staging_dir(path) as work,
     ):
         # Stage under the final file name so any external-data reference already names the final file.
-        staged = Path(work) / path.name
+        staged = work / path.name
         exporter, reason, macs = _export_checked(model, staged, options)
-        extra = sorted(p.name for p in Path(work).iterdir() if p != staged)
+        extra = sorted(p.name for p in work.iterdir() if p != staged)
         report = ParityReport(
             path=str(path),
             exporter=exporter,
@@ -209,7 +147,7 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
         # Weights over 2 GB travel beside the .onnx; move them first so the file never points at nothing.
         for name in extra:
             check_writable(path.parent / name, options.force)
-            os.replace(Path(work) / name, path.parent / name)
+            os.replace(work / name, path.parent / name)
         os.replace(staged, tmp)
     return report
 
@@ -247,7 +185,11 @@ def _raise_unless_passed(report: ParityReport) -> None:
 
 
 def check_opset(opset: int | None) -> None:
-    """Refuse an opset the exporters cannot write before any work starts."""
+    """Refuse an opset the exporters cannot write before any work starts.
+
+    Args:
+        opset: the opset asked for; None (the exporter's default) always passes.
+    """
     low, high = supported_opsets()
     if opset is not None and not low <= opset <= high:
         raise SurgeryError(f"opset {opset} is not supported: choose one from {low} to {high}, or leave it out "
@@ -255,7 +197,11 @@ def check_opset(opset: int | None) -> None:
 
 
 def supported_opsets() -> tuple[int, int]:
-    """(lowest, highest) opset both torch's exporters and the installed onnx package can write."""
+    """The opsets both torch's exporters and the installed onnx package can write.
+
+    Returns:
+        (lowest, highest).
+    """
     from torch.onnx import _constants
 
     return _constants.ONNX_MIN_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
@@ -327,14 +273,14 @@ def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
 
 
 def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> list[ParityCheck]:
-    session = _session(staged)
+    session = onnx_session(staged, name="the exported file", error=ExportError)
     device = model_device(model)
     generator = torch.Generator().manual_seed(options.seed)
     checks = []
     for batch in options.parity_batches:
         x = torch.randn(batch, *options.input_size, generator=generator)
         with torch.no_grad():
-            expected = _flatten_outputs(model(x.to(device)))
+            expected = [t.detach().float().cpu().numpy().astype(np.float64) for t in output_tensors(model(x.to(device)))]
         got = _run_onnx(session, x.numpy())
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
             raise ExportError(
@@ -364,31 +310,31 @@ def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> li
     return checks
 
 
-def _session(path) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"onnxruntime cannot load the exported file: {first_line(e, 300)}") from e
-
-
 class OnnxModule(nn.Module):
     """An ONNX file run in onnxruntime (CPU) behind a torch module's forward: images in, first output out,
-    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model."""
+    so `evaluate` and `predict` score an exported (or int8) file exactly as they score a PyTorch model.
+
+    Args:
+        path: the .onnx file.
+        threads: onnxruntime intra-op threads (None: every core).
+    """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise SurgeryError(f"onnxruntime cannot load {path}: {first_line(e, 300)}") from e
+        self.session = onnx_session(path, threads=threads)
         self.input = self.session.get_inputs()[0]
         # A static batch axis takes the images that many at a time.
         self.batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the file on ``x``.
+
+        Args:
+            x: a batch of images.
+
+        Returns:
+            The file's first output, as a CPU tensor.
+        """
         x = x.detach().float().cpu().numpy()
         step = self.batch or len(x)
         if len(x) % step:
@@ -400,26 +346,10 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(np.concatenate(out))
 
 
-def _run_onnx(session: ort.InferenceSession, x: np.ndarray) -> list[np.ndarray]:
+def _run_onnx(session, x: np.ndarray) -> list[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x})
-
-
-def _flatten_outputs(out) -> list[np.ndarray]:
-    """The model's output tensors in the order the exporters flatten them (tuples, lists, dict values)."""
-    if isinstance(out, torch.Tensor):
-        return [out.detach().float().cpu().numpy().astype(np.float64)]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
-    return [a for item in items for a in _flatten_outputs(item)]
 
 
 def _state_bytes(model: nn.Module) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"

@@ -6,24 +6,21 @@ The method is ``METHOD`` below; every report quotes it.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
-from onnx import TensorProto, helper
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_file
 from ..errors import SurgeryError
+from .machine import load_warnings, machine_info, measure_peak_gflops, usable_cores
 from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
+from .plot import plot_latency
+from .runtime import onnx_session, runner
+from .stats import RatioCI, ratio_ci, result_rows
 
-CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
-BUSY_LOAD = 0.5  # warn when the load average exceeds this fraction of the cores
+__all__ = ["METHOD", "LatencyReport", "StoppingRule", "compare_latency"]
 # A constant, not parsed from the docstring: `python -OO` strips docstrings.
 METHOD = """\
 - One onnxruntime ``InferenceSession`` per model, all with the same ``SessionOptions``: graph
@@ -55,98 +52,6 @@ METHOD = """\
 """.strip()
 
 
-# --- statistics: pure functions on arrays of timings -------------------------------------------------
-
-
-@dataclasses.dataclass
-class RatioCI:
-    """A ratio of medians and its bootstrap confidence interval."""
-
-    ratio: float
-    low: float
-    high: float
-    confidence: float = 0.95
-
-    @property
-    def half_width(self) -> float:
-        """Half the interval's width relative to the ratio (0.03 means +-3%)."""
-        return (self.high - self.low) / 2 / self.ratio
-
-    def covers(self, value: float) -> bool:
-        return self.low <= value <= self.high
-
-
-def ratio_ci(
-    a,
-    b,
-    *,
-    paired: bool = True,
-    confidence: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> RatioCI:
-    """median(a) / median(b) with a percentile bootstrap interval.
-
-    ``paired``: a[i] and b[i] come from the same round, so resample round indices and keep pairs together;
-    otherwise resample each array on its own.
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("ratio_ci needs at least one timing in each array")
-    if paired and a.shape != b.shape:
-        raise ValueError(f"paired timings must have the same length, got {a.size} and {b.size}")
-    rng = np.random.default_rng(seed)
-    ia = rng.integers(0, a.size, size=(n_resamples, a.size))
-    ib = ia if paired else rng.integers(0, b.size, size=(n_resamples, b.size))
-    ratios = np.median(a[ia], axis=1) / np.median(b[ib], axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(ratios, [tail, 100 - tail])
-    return RatioCI(float(np.median(a) / np.median(b)), float(low), float(high), confidence)
-
-
-def summarize(times_s, batch: int) -> dict:
-    """Latency percentiles (ms) and throughput of one model at one batch size."""
-    t = np.asarray(times_s, dtype=np.float64)
-    p50, p90, p99 = np.percentile(t, [50, 90, 99])
-    return {
-        "n": int(t.size),
-        "p50_ms": p50 * 1e3,
-        "p90_ms": p90 * 1e3,
-        "p99_ms": p99 * 1e3,
-        "mean_ms": float(t.mean()) * 1e3,
-        "std_ms": float(t.std(ddof=1)) * 1e3 if t.size > 1 else 0.0,
-        "min_ms": float(t.min()) * 1e3,
-        "images_per_s": batch / p50,
-    }
-
-
-def measure_peak_gflops(threads: int, *, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
-    """This machine's attainable float32 GFLOP/s: the best of ``reps`` n x n products in onnxruntime.
-
-    A one-node MatMul model in a session configured like the timed ones, so the peak comes from the
-    same kernels (MLAS on CPU), threads and provider as the models it is compared with.
-    """
-    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("B", TensorProto.FLOAT, [n, n])
-    c = helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "peak", [a, b], [c])
-    # IR version 8 / opset 17: old enough for every onnxruntime this package supports.
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    session = _make_session(model.SerializeToString(), threads, device)
-    rng = np.random.default_rng(0)
-    x = {
-        "A": rng.standard_normal((n, n), dtype=np.float32),
-        "B": rng.standard_normal((n, n), dtype=np.float32),
-    }
-    run = _runner(session, x, device)
-    best = float("inf")
-    for _ in range(reps + 1):  # the first product warms up the thread pool
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 # --- the report --------------------------------------------------------------------------------------
 
 
@@ -167,10 +72,25 @@ class LatencyReport:
     method: str = METHOD
 
     def ratio(self, model: str, baseline: str, batch: int, **kwargs) -> RatioCI:
-        """Paired ratio of medians between any two models of this run (e.g. pruned v1 against v1)."""
+        """Paired ratio of medians between any two models of this run (e.g. pruned v1 against v1).
+
+        Args:
+            model: the model compared.
+            baseline: the model it is compared with.
+            batch: the batch size.
+            **kwargs: passed to `ratio_ci`.
+
+        Returns:
+            The ratio and its interval.
+        """
         return ratio_ci(self.timings_s[model][batch], self.timings_s[baseline][batch], **kwargs)
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data (batch sizes as string keys in ``timings_s``).
+
+        Returns:
+            A dict.
+        """
         d = dataclasses.asdict(self)
         d["timings_s"] = {m: {str(b): t for b, t in per.items()} for m, per in self.timings_s.items()}
         return d
@@ -219,47 +139,19 @@ class LatencyReport:
         )
 
     def plot(self, path: str | os.PathLike, *, force: bool = True) -> Path:
-        """Write a PNG of the latency distributions: one box per model, one panel per batch size."""
-        import matplotlib
+        """Write a PNG of the latency distributions: one box per model, one panel per batch size.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Args:
+            path: the PNG to write.
+            force: overwrite ``path`` if it exists.
 
-        names = list(self.models)
-        fig, axes = plt.subplots(
-            1,
-            len(self.batch_sizes),
-            figsize=(max(4.5, 1.6 * len(names)) * len(self.batch_sizes), 4.5),
-            squeeze=False,
-        )
-        for ax, batch in zip(axes[0], self.batch_sizes):
-            data = [np.asarray(self.timings_s[n][batch]) * 1e3 for n in names]
-            # Whiskers at p1/p99 and no fliers: a few scheduler hiccups would otherwise squash the boxes.
-            ax.boxplot(data, tick_labels=names, showfliers=False, whis=(1, 99))
-            for i, d in enumerate(data, start=1):
-                ax.annotate(
-                    f"{np.median(d):.3g}",
-                    (i, np.median(d)),
-                    xytext=(24, 0),
-                    textcoords="offset points",
-                    fontsize=8,
-                    va="center",
-                )
-            ax.set_title(f"batch {batch}")
-            ax.set_ylabel("latency per run (ms)")
-            ax.tick_params(axis="x", labelrotation=20)
-            ax.grid(axis="y", alpha=0.3)
+        Returns:
+            ``path``.
+        """
         m = self.machine
-        fig.suptitle(
-            f"onnxruntime {m['onnxruntime']} {m['provider']}, {self.settings['threads']} threads, {m['cpu']}"
-            " (box: quartiles and median; whiskers: p1-p99)",
-            fontsize=9,
-        )
-        fig.tight_layout()
-        with atomic_file(path, force) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        return Path(path)
+        title = (f"onnxruntime {m['onnxruntime']} {m['provider']}, {self.settings['threads']} threads, {m['cpu']}"
+                 " (box: quartiles and median; whiskers: p1-p99)")
+        return plot_latency(self.timings_s, self.batch_sizes, title, path, force=force)
 
 
 # --- the measurement ---------------------------------------------------------------------------------
@@ -283,11 +175,26 @@ def compare_latency(
 ) -> LatencyReport:
     """Time ONNX models in interleaved rounds and compare each with the first (method: ``METHOD``).
 
-    ``min_time_s`` / ``max_time_s`` (default 3 x min_time_s) are per batch size, for all models together.
-    ``macs``: multiply-accumulates per image by model name; missing ones are read from the file's metadata.
+    Args:
+        models: name -> .onnx file, in order; the first is the baseline.
+        batch_sizes: batch sizes to time.
+        threads: intra-op threads (None: every usable core).
+        min_time_s: seconds of timing per batch size (all models together), at least.
+        max_time_s: seconds per batch size at most (default 3 x min_time_s).
+        min_rounds: interleaved rounds, at least.
+        warmup: discarded runs per model and batch size.
+        ci_target: stop once every ratio's 95% interval is within +- this.
+        macs: multiply-accumulates per image by model name; missing ones are read from the file's metadata.
+        seed: seed of the inputs, the order of the rounds and the bootstrap.
+        device: "cpu" or "cuda".
+        peak_matmul_n: side of the matrices that measure the machine's peak.
+        progress: show progress bars.
+
+    Returns:
+        The report.
     """
     batch_sizes = _check_request(models, batch_sizes, device, threads)
-    threads = int(threads) if threads else _usable_cores()
+    threads = int(threads) if threads else usable_cores()
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          min_rounds, warmup, ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
@@ -295,7 +202,7 @@ def compare_latency(
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}
 
     load_before = list(os.getloadavg())
-    sessions = {name: _make_session(p, threads, device) for name, p in paths.items()}
+    sessions = {name: onnx_session(p, threads=threads, timing=True, device=device) for name, p in paths.items()}
     peak = measure_peak_gflops(threads, n=peak_matmul_n, device=device)
     timings = _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules, device, progress)
     # Measured again after the timing: the better of the two is less disturbed by other processes.
@@ -303,9 +210,17 @@ def compare_latency(
     load_after = list(os.getloadavg())
 
     results, warns = result_rows(timings, batch_sizes, macs, peak, seed, quantized)
-    warns += _load_warnings(load_before, load_after)
+    warns += load_warnings(load_before, load_after)
     provider = next(iter(sessions.values())).get_providers()[0]
-    settings = {
+    return LatencyReport(models={name: str(p) for name, p in paths.items()}, batch_sizes=batch_sizes,
+                         machine=machine_info(provider), settings=_settings(threads, device, rules, shape),
+                         results=results, timings_s=timings, peak_gflops=peak, load_before=load_before,
+                         load_after=load_after, warnings=warns)
+
+
+def _settings(threads: int, device: str, rules: StoppingRule, shape: list) -> dict:
+    """The settings a report quotes: the sessions' (as runtime.onnx_session(timing=True) makes them), the rule's."""
+    return {
         "threads": threads,
         "inter_op_threads": 1,
         "graph_optimization": "ORT_ENABLE_ALL",
@@ -315,18 +230,6 @@ def compare_latency(
         "bootstrap": "paired percentile, 2000 resamples, 95%",
         "input_shape": ["batch", *shape[1:]],
     }
-    return LatencyReport(
-        models={name: str(p) for name, p in paths.items()},
-        batch_sizes=batch_sizes,
-        machine=_machine_info(provider),
-        settings=settings,
-        results=results,
-        timings_s=timings,
-        peak_gflops=peak,
-        load_before=load_before,
-        load_after=load_after,
-        warnings=warns,
-    )
 
 
 def _check_request(models: dict, batch_sizes, device: str, threads=None) -> list[int]:
@@ -357,7 +260,16 @@ class StoppingRule:
     seed: int = 0
 
     def done(self, times: dict[str, list[float]], elapsed: float, next_check: int) -> tuple[bool, int, float | None]:
-        """(stop now, round count of the next interval check, widest half-width if it was checked)."""
+        """Whether to stop after the rounds so far.
+
+        Args:
+            times: model -> seconds per run, one per round; the first model is the baseline.
+            elapsed: seconds since the rounds began.
+            next_check: the round count at which the interval is checked next.
+
+        Returns:
+            (stop now, round count of the next interval check, widest half-width if it was checked).
+        """
         names = list(times)
         rounds = len(times[names[0]])
         if rounds < self.min_rounds or elapsed < self.min_time_s:
@@ -378,7 +290,7 @@ def _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules: Stopp
     timings: dict[str, dict[int, list[float]]] = {name: {} for name in sessions}
     for batch in batch_sizes:
         x = rng.standard_normal((batch, *shape[1:])).astype(dtype)
-        runners = {name: _runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
+        runners = {name: runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
         for name, t in _time_rounds(runners, rules, rng, desc=f"batch {batch}", progress=progress).items():
             timings[name][batch] = t
     return timings
@@ -406,91 +318,6 @@ def _time_rounds(runners, rules: StoppingRule, rng, *, desc: str, progress: bool
                 bar.set_postfix(ci=f"+-{100 * width:.1f}%")
             if stop:
                 return times
-
-
-def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None, seed: int, quantized=frozenset()):
-    """One row per (batch, model): summary, ratio against the first model, compute; and interval warnings.
-    ``quantized`` models get no '% peak': the float32 matmul peak does not bound int8 arithmetic."""
-    names = list(timings)
-    results, warns = [], []
-    for batch in batch_sizes:
-        for name in names:
-            row = {"model": name, "batch": batch, **summarize(timings[name][batch], batch)}
-            row.update(ratio=1.0, ratio_low=1.0, ratio_high=1.0)
-            if name != names[0]:
-                ci = ratio_ci(timings[name][batch], timings[names[0]][batch], seed=seed)
-                row.update(ratio=ci.ratio, ratio_low=ci.low, ratio_high=ci.high)
-                if ci.half_width > CI_WARN:
-                    warns.append(
-                        f"the 95% interval of {name} / {names[0]} at batch {batch} is +-{100 * ci.half_width:.1f}% "
-                        f"(wider than +-{100 * CI_WARN:.0f}%); use a longer --min-time or a quieter machine"
-                    )
-            gflops = 2 * macs[name] * batch / (row["p50_ms"] / 1e3) / 1e9 if macs[name] else None
-            fraction = gflops / peak if gflops and peak and name not in quantized else None
-            row.update(macs=macs[name], gflops=gflops, peak_fraction=fraction)
-            results.append(row)
-    if any(r["peak_fraction"] and r["peak_fraction"] > 1 for r in results):
-        warns.append(
-            "a model ran faster than the measured matmul peak: the peak measurement was disturbed (busy "
-            "machine) or too small (raise peak_matmul_n); read '% peak' as approximate"
-        )
-    return results, warns
-
-
-def _load_warnings(load_before: list[float], load_after: list[float]) -> list[str]:
-    cores = os.cpu_count() or 1
-    return [
-        f"the machine was busy {when} the run (1-minute load average {load[0]:.2f} on {cores} cores); "
-        "timings may be noisy and slower than on an idle machine"
-        for when, load in (("before", load_before), ("after", load_after))
-        if load[0] > BUSY_LOAD * cores
-    ]
-
-
-def _make_session(model: Path | bytes, threads: int, device: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Without this, each idle session's threads spin on the cores the timed session needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SurgeryError(
-                "--device cuda needs onnxruntime-gpu with the CUDA execution provider; this onnxruntime has "
-                f"{ort.get_available_providers()} (pip install onnxruntime-gpu, or use --device cpu)"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(
-            model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers
-        )
-    except Exception as e:
-        raise SurgeryError(
-            f"onnxruntime cannot load {model if isinstance(model, Path) else 'the model'}: {str(e).strip().splitlines()[0][:300]}"
-        ) from e
-
-
-def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device: str):
-    """A no-argument callable that runs the model once on ``feed``."""
-    if device == "cpu":
-        return lambda: session.run(None, feed)
-    # IO binding keeps inputs and outputs on the GPU, so only the model's own work is timed.
-    binding = session.io_binding()
-    for name, value in feed.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-    for out in session.get_outputs():
-        binding.bind_output(out.name, "cuda")
-
-    def run():
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-
-    return run
 
 
 def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
@@ -527,35 +354,3 @@ def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
 
 def _shape_text(shape, dtype) -> str:
     return "[" + ", ".join(str(d) for d in shape) + f"] {np.dtype(dtype).name}"
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _machine_info(provider: str) -> dict:
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "provider": provider,
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }

@@ -10,11 +10,21 @@ import onnx
 
 from ..errors import SurgeryError, first_line
 
+__all__ = ["MACS_METADATA_KEY", "input_info", "is_quantized", "load_onnx_header", "metadata", "onnx_input_shape",
+           "onnx_metadata", "opset", "set_metadata", "stored_macs"]
+
 MACS_METADATA_KEY = "resnet_surgery.macs"
 
 
 def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file without its external weights; SurgeryError when it is missing or not ONNX."""
+    """Parse an ONNX file without its external weights; SurgeryError when it is missing or not ONNX.
+
+    Args:
+        path: the .onnx file.
+
+    Returns:
+        The model proto (graph and metadata, no external weights).
+    """
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"no such ONNX file: {path}")
@@ -28,7 +38,15 @@ def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
-    """(name, shape, numpy dtype) of the model's one graph input that is not an initializer."""
+    """The model's one graph input that is not an initializer; SurgeryError when there are several.
+
+    Args:
+        proto: the parsed file.
+        path: the file, for the error message.
+
+    Returns:
+        (name, shape, numpy dtype).
+    """
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -39,33 +57,74 @@ def input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
 
 
 def onnx_input_shape(path: str | os.PathLike) -> list:
-    """The shape of an ONNX model's single input: ints, or the axis name (None if unnamed) when dynamic."""
+    """The shape of an ONNX model's single input.
+
+    Args:
+        path: the .onnx file.
+
+    Returns:
+        ints, or the axis name (None if unnamed) where an axis is dynamic.
+    """
     return input_info(load_onnx_header(path), path)[1]
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The file's metadata_props (export_onnx stores the model's MACs there)."""
+    """The file's metadata_props (export_onnx stores the model's MACs there).
+
+    Args:
+        path: the .onnx file.
+
+    Returns:
+        key -> value.
+    """
     return metadata(load_onnx_header(path))
 
 
 def metadata(proto: onnx.ModelProto) -> dict[str, str]:
+    """The metadata_props of a parsed file.
+
+    Args:
+        proto: the parsed file.
+
+    Returns:
+        key -> value.
+    """
     return {p.key: p.value for p in proto.metadata_props}
 
 
 def stored_macs(proto: onnx.ModelProto) -> int | None:
-    """The MACs per image that export_onnx stored in the file, if any."""
+    """The MACs per image that export_onnx stored in the file, if any.
+
+    Args:
+        proto: the parsed file.
+
+    Returns:
+        The MACs, or None.
+    """
     value = metadata(proto).get(MACS_METADATA_KEY, "")
     return int(value) if value.isdigit() else None
 
 
 def is_quantized(proto: onnx.ModelProto) -> bool:
-    """Whether the graph computes in int8 (QDQ pairs or QLinear/Integer operators)."""
+    """Whether the graph computes in int8 (QDQ pairs or QLinear/Integer operators).
+
+    Args:
+        proto: the parsed file.
+
+    Returns:
+        True for an int8 graph.
+    """
     return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") or n.op_type.startswith("QLinear")
                or n.op_type.endswith("Integer") for n in proto.graph.node)
 
 
 def set_metadata(path: Path, values: dict[str, str]) -> None:
-    """Add or replace metadata_props; external weights stay where they are (only the graph is rewritten)."""
+    """Add or replace metadata_props; external weights stay where they are (only the graph is rewritten).
+
+    Args:
+        path: the .onnx file, rewritten in place.
+        values: key -> value to set.
+    """
     proto = onnx.load(str(path), load_external_data=False)
     existing = {p.key: p for p in proto.metadata_props}
     for key, value in values.items():
@@ -75,6 +134,13 @@ def set_metadata(path: Path, values: dict[str, str]) -> None:
 
 
 def opset(path: str | os.PathLike) -> int:
-    """The default-domain opset the file was written for."""
+    """The default-domain opset the file was written for.
+
+    Args:
+        path: the .onnx file.
+
+    Returns:
+        The opset version.
+    """
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))

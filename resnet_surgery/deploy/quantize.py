@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +22,22 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..atomic import atomic_file, check_writable, temp_prefix
+from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import as_dataset, disjoint_subsets, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
-from .export import OnnxModule, ParityError
+from .export import OnnxModule, ParityError, export_onnx
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
+from .parity import ParityReport
 
 METHODS = ("minmax", "entropy", "percentile")
 # uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:
 # ResNet-50 here ran at 0.33x fp32 with U8S8 against 0.88x with S8S8 activations (batch 1).
 ACTIVATIONS = ("uint8", "int8")
 QUANT_METADATA_KEY = "resnet_surgery.quantization"
+
+__all__ = ["ACTIVATIONS", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "export_int8",
+           "quantize_onnx"]
 
 
 class QuantizationError(ParityError):
@@ -64,9 +68,15 @@ class QuantReport:
 
     @property
     def passed(self) -> bool:
+        """Whether the agreement reaches ``min_agreement``."""
         return self.agreement >= self.min_agreement
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data.
+
+        Returns:
+            Its fields and ``passed``.
+        """
         return {**dataclasses.asdict(self), "passed": self.passed}
 
     def __str__(self) -> str:
@@ -92,12 +102,14 @@ class _Reader(CalibrationDataReader):
         self.rewind()
 
     def get_next(self) -> dict | None:
+        """The next batch's feed, None after the last."""
         batch = next(self.batches, None)
         if batch is None:
             return None
         return {self.input_name: split_batch(batch)[0].float().numpy()}
 
     def rewind(self) -> None:
+        """Start over at the first batch."""
         self.batches = iter(tqdm(self.loader, desc="int8 calibration", disable=not self.progress, leave=False))
 
 
@@ -137,18 +149,32 @@ def quantize_onnx(
     ``transform`` or ``preset`` like every other input of the project) gives ``num_images`` calibration images.
     Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
     ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when
-    the agreement is below ``min_agreement`` percent. ``activations="uint8"`` (U8S8) is the fast form on x86;
-    "int8" (S8S8) is there for runtimes that want signed activations.
+    the agreement is below ``min_agreement`` percent.
+
+    Args:
+        fp32_onnx: the float32 .onnx file.
+        out: the int8 .onnx file to write.
+        calibration_data: images to calibrate on (and to hold parity images out of, without ``parity_data``).
+        per_channel: one weight scale per output channel (else per tensor).
+        method: "minmax", "entropy" or "percentile": how activation ranges are calibrated.
+        activations: "uint8" (U8S8, the fast form on x86) or "int8" (S8S8, for runtimes that want signed
+            activations).
+        num_images: calibration images (a fixed random subset).
+        parity_data: images for parity, if not held out of ``calibration_data``.
+        parity_images: parity images.
+        min_agreement: percent of parity images on which int8 and fp32 must pick the same class.
+        batch_size: images per calibration and parity batch (a static batch axis takes its own).
+        preset: the preprocessing of image folders without ``transform``.
+        transform: the preprocessing of image folders.
+        force: overwrite ``out`` if it exists.
+        seed: seed of the image subsets.
+        progress: show progress bars.
+
+    Returns:
+        The int8 report.
     """
-    if method not in METHODS:
-        raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
-    if activations not in ACTIVATIONS:
-        raise SurgeryError(f"unknown activation type {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
-    proto = load_onnx_header(fp32_onnx)
-    if out.resolve() == fp32_onnx.resolve():
-        raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
-    check_writable(out, force)
+    proto = _check_request(fp32_onnx, out, method, activations, force)
     input_name, shape, dtype = input_info(proto, fp32_onnx)
     if dtype != np.float32:
         raise SurgeryError(f"{fp32_onnx} takes {dtype} input; quantize a float32 model")
@@ -157,29 +183,85 @@ def quantize_onnx(
     batch = shape[0] if isinstance(shape[0], int) else batch_size
     loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
     _check_images(loaders[0], shape)
-
     start = time.perf_counter()
-    with (
-        atomic_file(out, force) as tmp,
-        tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent) as work,
-    ):
-        staged = Path(work) / out.name
+    with atomic_file(out, force) as tmp, staging_dir(out) as work:
+        staged = work / out.name
         _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
                          min_agreement, seconds, progress)
-        if not report.passed:
-            raise QuantizationError(
-                f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
-                f"below the minimum {min_agreement:g}%; nothing written to {out} (calibrate on more, representative "
-                "images, try --method entropy or percentile, or lower --min-agreement)",
-                report,
-            )
-        macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
-        summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
-        set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
+        _raise_unless_agrees(report)
+        _stamp(staged, proto, report)
         os.replace(staged, tmp)
     return report
+
+
+def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, force: bool):
+    """Refuse an unknown method or activation type, a missing or non-ONNX input and an unwritable ``out`` before
+    any work; return the input's parsed header."""
+    if method not in METHODS:
+        raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise SurgeryError(f"unknown activation type {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    proto = load_onnx_header(fp32_onnx)
+    if out.resolve() == fp32_onnx.resolve():
+        raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
+    check_writable(out, force)
+    return proto
+
+
+def _stamp(staged: Path, proto, report: QuantReport) -> None:
+    """Store in the int8 file the fp32 file's MACs and how it was quantized."""
+    macs = {k: v for k, v in metadata(proto).items() if k == MACS_METADATA_KEY}
+    summary = {k: v for k, v in report.to_dict().items() if k not in ("path", "fp32_path")}
+    set_metadata(staged, {**macs, QUANT_METADATA_KEY: json.dumps(summary)})
+
+
+def _raise_unless_agrees(report: QuantReport) -> None:
+    if report.passed:
+        return
+    raise QuantizationError(
+        f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
+        f"below the minimum {report.min_agreement:g}%; nothing written to {report.path} (calibrate on more, "
+        "representative images, try --method entropy or percentile, or lower --min-agreement)",
+        report,
+    )
+
+
+def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(3, 224, 224),
+                dynamic_batch: bool = True, opset: int | None = None, atol: float = 1e-4, rtol: float = 1e-3,
+                force: bool = False, on_fp32: Callable[[ParityReport], None] | None = None,
+                **quantize) -> tuple[ParityReport, QuantReport]:
+    """Export ``model`` to a verified fp32 ONNX file, then quantize that to int8 at ``out``.
+
+    The fp32 file is staged beside ``out`` (under a name a later run removes if this one is killed) and
+    removed at the end: only the int8 file is kept. ParityError (fp32) or QuantizationError (int8) carry
+    their report; nothing is written then.
+
+    Args:
+        model: the model, as `export_onnx` takes it.
+        out: the int8 .onnx file to write.
+        calibration_data: images to calibrate on, as `quantize_onnx` takes them.
+        input_size: (channels, height, width) of one image.
+        dynamic_batch: leave the batch axis dynamic (else fixed to 1).
+        opset: ONNX opset (None: the exporter's default).
+        atol: fp32 parity's absolute tolerance.
+        rtol: fp32 parity's relative tolerance.
+        force: overwrite ``out`` if it exists.
+        on_fp32: called with the fp32 report once the fp32 file passed, before quantizing.
+        **quantize: `quantize_onnx`'s keyword arguments (method, per_channel, min_agreement, transform, ...).
+
+    Returns:
+        (the fp32 parity report, the int8 report).
+    """
+    out = check_writable(out, force)
+    with staging_dir(out) as work:
+        fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, dynamic_batch=dynamic_batch,
+                                  opset=opset, atol=atol, rtol=rtol, force=force)
+        if on_fp32 is not None:
+            on_fp32(fp32_report)
+        int8_report = quantize_onnx(work / "fp32.onnx", out, calibration_data, force=force, **quantize)
+    return fp32_report, int8_report
 
 
 def _split(calibration_data, parity_data, num_images, parity_images, preset, transform, seed):

@@ -45,12 +45,14 @@ def conv3x3_from(conv: nn.Conv2d, stride: int) -> nn.Conv2d:
 
 
 def avgpool_shortcut(stride: int) -> nn.AvgPool2d:
+    """ResNet-D's shortcut pool: AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)."""
     # ceil_mode keeps the output size equal to the strided conv's at odd sizes; count_include_pad=False
     # averages only real pixels at the ragged edge.
     return nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
 
 
 def off_centre_is_zero(conv: nn.Conv2d) -> bool:
+    """Whether every tap of ``conv`` but the centre one is zero (a 1x1 conv stored as a larger kernel)."""
     kh, kw = conv.kernel_size
     w = conv.weight.detach().clone()
     w[:, :, kh // 2, kw // 2] = 0

@@ -2,19 +2,75 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, check_writable
 from ..data import model_transform
+from ..deploy.export import export_onnx
+from ..deploy.latency import LatencyReport, compare_latency
 from ..engine.inspect import count_macs
 from ..engine.probe import max_difference
+from ..engine.recipe import Recipe
 from ..engine.rewrite import convert
 from ..history import history
+from ..recovery.calibrate import calibrate
+from ..recovery.finetune import finetune
 from ..store import load_model, save
 from ..utils import report_dict
+
+__all__ = ["Conversion", "RecoverySettings", "convert_model", "run_pipeline"]
+
+
+@dataclasses.dataclass
+class Conversion:
+    """A loaded model, its conversion and what the conversion did to its MACs and outputs."""
+
+    original: nn.Module
+    converted: nn.Module
+    macs_before: int  # per image; of the trunk for a detection model (what the conversion rewrote)
+    macs_after: int
+    probe: tuple[float, float] | None  # (max |difference|, max |output|) on a probe input, when probed
+
+    @property
+    def recipe(self) -> Recipe:
+        """The converted model's recipe (its notices, rewrites, variants)."""
+        return history(self.converted).recipe
+
+
+def convert_model(model: str, weights: str = "none", *, to=None, shortcut=None, exact: bool = False,
+                  prune_dead: bool = False, input_size: int = 224, probe: bool | None = None) -> Conversion:
+    """Load ``model`` and convert it, without warnings: the notices are in ``.recipe.notices`` for the caller.
+
+    Args:
+        model: a model name or a folder written by `save`.
+        weights: its weights (a torchvision enum name, none, or a weights file).
+        to: the target variant.
+        shortcut: the target projection shortcut.
+        exact: only function-preserving rewrites.
+        prune_dead: remove computation on positions nobody reads.
+        input_size: the square input size of shapes, MACs and the probe.
+        probe: compare the two models on a probe input; None: when the conversion is exact and rewrote something.
+
+    Returns:
+        The conversion.
+    """
+    size = (3, input_size, input_size)
+    original = load_model(model, weights)
+    converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size,
+                        warn=False)
+    recipe = history(converted).recipe
+    part = recipe.trunk  # a detection model: its trunk is what changed, and what to measure
+    before, after = (count_macs(m.get_submodule(part) if part else m, size) for m in (original, converted))
+    if probe is None:
+        probe = recipe.exact and bool(recipe.rewrites)
+    difference = max_difference(original, converted, size) if probe else None
+    return Conversion(original, converted, before, after, difference)
 
 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
@@ -22,89 +78,132 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
                  preset=None, num_images=2048, iterations=None, epochs=1, finetune_images=None, objective="logits",
                  finetune_steps=None, augment="auto", batch_sizes=(1,), threads=None, min_time_s=5.0, progress=True,
                  echo=print) -> dict:
-    """Convert ``model`` and prove what that did; everything lands in ``out`` atomically.
+    """Convert ``model`` and prove what that did; everything lands in ``out`` atomically: converted/ (a folder
+    ``resnet_surgery.load`` reads), original.onnx, converted.onnx (both parity-checked against PyTorch),
+    latency.json, latency.png and report.json. An exact conversion has nothing to recover: calibration and
+    fine-tuning are skipped with a note.
 
-    Calibration uses `calibrate`'s default steps (BatchNorm, then block reconstruction of ``iterations`` steps
-    per block, default `calibrate`'s); fine-tuning takes
-    ``objective``, ``finetune_steps`` (instead of ``epochs``) and ``augment`` as `finetune` does. An exact
-    conversion has nothing to recover: both steps are skipped with a note.
-    ``out`` gets: converted/ (a folder ``resnet_surgery.load`` reads), original.onnx, converted.onnx
-    (both parity-checked against PyTorch), latency.json, latency.png and report.json. ``preset`` None:
-    images are prepared as the model's weights were published (``data.model_transform``), else "imagenet".
+    Args:
+        model, weights, to, shortcut, exact, prune_dead, input_size: as `convert_model`.
+        out: the output folder.
+        force: overwrite ``out`` if it exists.
+        calibrate_data: images for `calibrate` (its default steps), or None.
+        finetune_data: images for `finetune`, or None.
+        preset: preprocessing of those images; None: as the model's weights were published
+            (``data.model_transform``), else "imagenet".
+        num_images, iterations: calibration images and reconstruction steps per block (None: `calibrate`'s).
+        epochs, finetune_images, objective, finetune_steps, augment: as `finetune` takes them.
+        batch_sizes, threads, min_time_s: as `compare_latency` takes them.
+        progress: show progress bars.
+        echo: prints the notes.
+
+    Returns:
+        The report (also written as report.json), with "out" and the printable "latency_table".
     """
-    from ..deploy.export import export_onnx
-    from ..deploy.latency import compare_latency
-
     check_writable(out, force)
-    size = (3, input_size, input_size)
-    steps = ["load", "convert"] + (["calibrate"] if calibrate_data else []) + (["finetune"] if finetune_data else [])
-    steps += ["export original", "export converted", "latency"]
-    bar = tqdm(steps, desc="run", disable=not progress, leave=False)
+    steps = ["convert"] + (["calibrate"] if calibrate_data else []) + (["finetune"] if finetune_data else [])
+    bar = tqdm(steps + ["export original", "export converted", "latency"], desc="run", disable=not progress,
+               leave=False)
     result: dict = {"model": model, "weights": weights}
-
-    def step(name):
-        bar.set_description(name)
-        bar.update(0)
-
     with atomic_dir(out, force) as tmp:
-        step("load")
-        original = load_model(model, weights)
+        _step(bar, "convert")
+        conversion = convert_model(model, weights, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead,
+                                   input_size=input_size)
+        result.update(_conversion_result(conversion, echo))
         bar.update()
-        step("convert")
-        converted = convert(original, to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, input_size=size,
-                            warn=False)  # the notices are echoed below
-        recipe = history(converted).recipe
-        for note in recipe.notices:
-            echo(f"note: {note}")
-        result["macs"] = {"original": count_macs(original, size), "converted": count_macs(converted, size)}
-        result["variants"] = [str(recipe.variant_before), str(recipe.variant_after)]
-        result["exact"] = recipe.exact
-        if recipe.exact and recipe.rewrites:
-            result["max_abs_diff"] = max_difference(original, converted, size)[0]
-        bar.update()
-        if recipe.exact and (calibrate_data or finetune_data):
-            echo("note: the conversion is exact, so there is nothing to calibrate or fine-tune; skipped")
-            bar.update(bool(calibrate_data) + bool(finetune_data))
-            calibrate_data = finetune_data = None
-        transform = model_transform(original) if preset is None else None
-        preset = preset or "imagenet"
-        if calibrate_data:
-            from ..recovery.calibrate import calibrate
-
-            step("calibrate")
-            converted = calibrate(converted, original, calibrate_data, num_images=num_images, preset=preset,
-                                  transform=transform, progress=progress,
-                                  **({} if iterations is None else {"iterations": iterations}))
-            result["calibration"] = report_dict(history(converted).calibration)
-            bar.update()
-        if finetune_data:
-            from ..recovery.finetune import finetune
-
-            step("finetune")
-            converted = finetune(converted, original, finetune_data, objective=objective, epochs=epochs,
-                                 steps=finetune_steps, augment=augment, preset=preset, transform=transform,
-                                 num_images=finetune_images, checkpoint=tmp / "finetune.ckpt", progress=progress)
-            result["finetune"] = report_dict(history(converted).finetune)
-            # The checkpoint only matters to a run that may be resumed; this one finished.
-            (tmp / "finetune.ckpt").unlink(missing_ok=True)
-            bar.update()
+        recovery = RecoverySettings(calibrate_data, finetune_data, preset, num_images, iterations, epochs,
+                                    finetune_images, objective, finetune_steps, augment)
+        converted = _recover(conversion, recovery, tmp, result, bar, progress, echo)
         save(converted, tmp / "converted", summary=json.dumps(result, indent=2, default=str))
-        parity = {}
-        for name, m in (("original", original), ("converted", converted)):
-            step(f"export {name}")
-            parity[name] = export_onnx(m, tmp / f"{name}.onnx", input_size=size).to_dict()
-            bar.update()
-        result["parity"] = parity
-        step("latency")
-        latency = compare_latency({"original": tmp / "original.onnx", "converted": tmp / "converted.onnx"},
-                                  batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
-                                  macs=result["macs"], progress=progress)
-        bar.update()
-        bar.close()
-        (tmp / "latency.json").write_text(json.dumps(latency.to_dict(), indent=2, default=str) + "\n")
-        latency.plot(tmp / "latency.png")
-        result["latency"] = latency.to_dict()
-        (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        size = (3, input_size, input_size)
+        latency = _export_and_time(conversion.original, converted, tmp, result, bar, size,
+                                   dict(batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
+                                        progress=progress))
     result["out"] = str(out)
     result["latency_table"] = str(latency)
     return result
+
+
+@dataclasses.dataclass
+class RecoverySettings:
+    """What `run_pipeline` recovers the converted model with (see its arguments)."""
+
+    calibrate_data: object = None
+    finetune_data: object = None
+    preset: str | None = None
+    num_images: int = 2048
+    iterations: int | None = None
+    epochs: int = 1
+    finetune_images: int | None = None
+    objective: str = "logits"
+    finetune_steps: int | None = None
+    augment: str = "auto"
+
+
+def _step(bar, name: str) -> None:
+    bar.set_description(name)
+    bar.update(0)
+
+
+def _conversion_result(conversion: Conversion, echo) -> dict:
+    """The report's figures of the conversion; its notices echoed."""
+    recipe = conversion.recipe
+    for note in recipe.notices:
+        echo(f"note: {note}")
+    result = {"macs": {"original": conversion.macs_before, "converted": conversion.macs_after},
+              "variants": [str(recipe.variant_before), str(recipe.variant_after)], "exact": recipe.exact}
+    if conversion.probe is not None:
+        result["max_abs_diff"] = conversion.probe[0]
+    return result
+
+
+def _recover(conversion: Conversion, settings: RecoverySettings, tmp: Path, result: dict, bar, progress: bool,
+             echo) -> nn.Module:
+    """Calibrate and fine-tune the converted model as ``settings`` ask (nothing for an exact conversion)."""
+    original, converted = conversion.original, conversion.converted
+    calibrate_data, finetune_data = settings.calibrate_data, settings.finetune_data
+    if conversion.recipe.exact and (calibrate_data or finetune_data):
+        echo("note: the conversion is exact, so there is nothing to calibrate or fine-tune; skipped")
+        bar.update(bool(calibrate_data) + bool(finetune_data))
+        return converted
+    transform = model_transform(original) if settings.preset is None else None
+    preset = settings.preset or "imagenet"
+    if calibrate_data:
+        _step(bar, "calibrate")
+        iterations = {} if settings.iterations is None else {"iterations": settings.iterations}
+        converted = calibrate(converted, original, calibrate_data, num_images=settings.num_images, preset=preset,
+                              transform=transform, progress=progress, **iterations)
+        result["calibration"] = report_dict(history(converted).calibration)
+        bar.update()
+    if finetune_data:
+        _step(bar, "finetune")
+        converted = finetune(converted, original, finetune_data, objective=settings.objective,
+                             epochs=settings.epochs, steps=settings.finetune_steps, augment=settings.augment,
+                             preset=preset, transform=transform, num_images=settings.finetune_images,
+                             checkpoint=tmp / "finetune.ckpt", progress=progress)
+        result["finetune"] = report_dict(history(converted).finetune)
+        # The checkpoint only matters to a run that may be resumed; this one finished.
+        (tmp / "finetune.ckpt").unlink(missing_ok=True)
+        bar.update()
+    return converted
+
+
+def _export_and_time(original: nn.Module, converted: nn.Module, tmp: Path, result: dict, bar, size,
+                     timing: dict) -> LatencyReport:
+    """Export both models with parity, time them, and write latency.json, latency.png and report.json."""
+    parity = {}
+    for name, m in (("original", original), ("converted", converted)):
+        _step(bar, f"export {name}")
+        parity[name] = export_onnx(m, tmp / f"{name}.onnx", input_size=size).to_dict()
+        bar.update()
+    result["parity"] = parity
+    _step(bar, "latency")
+    latency = compare_latency({"original": tmp / "original.onnx", "converted": tmp / "converted.onnx"},
+                              macs=result["macs"], **timing)
+    bar.update()
+    bar.close()
+    (tmp / "latency.json").write_text(json.dumps(latency.to_dict(), indent=2, default=str) + "\n")
+    latency.plot(tmp / "latency.png")
+    result["latency"] = latency.to_dict()
+    (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return latency

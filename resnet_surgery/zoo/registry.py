@@ -11,14 +11,14 @@ import torchvision
 from torch import nn
 
 from ..errors import SurgeryError, first_line
-from ..history import Source, record
+from ..history import Source, history, record
 from ..utils import freeze_batchnorms
 from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, load_state_into, read_state_dict
 
 __all__ = [
     "DETECTION_MODELS", "FAMILIES", "FROZEN_BN_MODELS", "SEGMENTATION_MODELS", "TORCHVISION_MODELS",
-    "build_torchvision", "load_named", "load_timm", "load_torchvision", "load_zoo",
+    "DETECTION_CLASSES", "build_torchvision", "classifier_only", "exportable_part", "load_named", "load_timm", "load_torchvision", "load_zoo",
 ]
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -145,3 +145,47 @@ def load_named(spec: str, weights: str = "none") -> nn.Module:
     kind, build = found
     model = build(spec, weights).eval()
     return record(model, source=Source(spec, kind, weights))
+
+
+# The classes of torchvision's detection models: a list of images in, boxes per image out.
+DETECTION_CLASSES = (torchvision.models.detection.generalized_rcnn.GeneralizedRCNN,
+                     torchvision.models.detection.RetinaNet, torchvision.models.detection.FCOS)
+
+
+def exportable_part(model: nn.Module, part: str | None = None) -> nn.Module:
+    """What `export_onnx` can take of ``model``: the submodule ``part``, or the model itself; a whole torchvision
+    detection model (a list of images in, boxes per image out) is refused, naming ``part="backbone"``.
+
+    Args:
+        model: the loaded model.
+        part: a submodule name, e.g. "backbone" (a detection model's ResNet with its feature pyramid).
+
+    Returns:
+        The module to export.
+    """
+    if part:
+        try:
+            return model.get_submodule(part)
+        except AttributeError:
+            children = ", ".join(name for name, _ in model.named_children())
+            raise SurgeryError(f"{type(model).__name__} has no submodule {part!r}; its parts are: {children}") from None
+    if isinstance(model, DETECTION_CLASSES):
+        raise SurgeryError(f"{type(model).__name__} takes a list of images and returns boxes per image, which this "
+                           "export (one image tensor in, verified tensors out) does not cover: export its trunk with "
+                           "--part backbone (the ResNet and its feature pyramid)")
+    return model
+
+
+def classifier_only(model: nn.Module) -> nn.Module | None:
+    """``model`` when it is a classifier, None for a detection or segmentation model: the weights' transforms
+    of those keep each image's own size (no batch), and the trunk they calibrate on takes a normalised batch
+    (the imagenet preset's mean/std, as torchvision's detection transform uses).
+
+    Args:
+        model: a loaded model (its recorded source names it).
+
+    Returns:
+        ``model``, or None.
+    """
+    source = history(model).source
+    return None if source is not None and source.model in DETECTION_MODELS + SEGMENTATION_MODELS else model

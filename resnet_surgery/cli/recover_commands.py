@@ -1,0 +1,175 @@
+"""Commands that measure and recover accuracy: evaluate, calibrate, finetune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..atomic import check_writable
+from ..errors import SurgeryError
+from ..history import history
+from ..recovery.calibrate import calibrate
+from ..recovery.evaluate import evaluate
+from ..recovery.finetune import finetune
+from ..store import load, load_model, save
+from ..zoo.registry import classifier_only
+from .options import (
+    build_preprocessing,
+    image_loader,
+    is_rank0,
+    original_options,
+    preprocessing_options,
+    print_json,
+    skip_bad_images_option,
+    skipped_line,
+    user_errors,
+    weights_option,
+    with_options,
+)
+
+__all__ = ["calibrate_command", "evaluate_command", "finetune_command", "load_original"]
+
+
+def load_original(spec, weights, converted):
+    """--original (default: the source model recorded in the converted folder's recipe, with its weights).
+
+    Args:
+        spec: --original, or None.
+        weights: --weights, or None.
+        converted: the converted model, whose recipe names its source.
+
+    Returns:
+        The loaded original model.
+    """
+    source = history(converted).recipe.source
+    if spec is None:
+        if not source.loadable:
+            raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
+        spec = source.model
+    if weights is None:
+        weights = (source.weights or "none") if spec == source.model else "none"
+    return load_model(spec, weights)
+
+
+@click.command("evaluate")
+@click.argument("model_or_dir")
+@weights_option
+@click.option("--reference", help="compare with this model or converted folder (top-1 agreement, KL)")
+@click.option("--reference-weights", default="none", show_default=True, help="weights of --reference")
+@with_options(preprocessing_options)
+@click.option("--num-images", type=click.IntRange(1), help="evaluate a fixed random subset of this many images")
+@skip_bad_images_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@user_errors
+def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
+                     batch_size, num_images, skip_bad_images, as_json):
+    """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
+    model = load_model(model_or_dir, weights)
+    ref = load_model(reference, reference_weights) if reference else None
+    transform = build_preprocessing(preset, size, resize, mean, std, model)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
+    report = evaluate(model, loader, reference=ref, progress=not as_json)
+    if as_json:
+        print_json({**report.to_dict(), "skipped_images": loader.skipped_images})
+    else:
+        click.echo(f"{skipped_line(loader)}{model_or_dir}: {report}")
+
+
+@click.command("calibrate")
+@click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
+@with_options(original_options)
+@with_options(preprocessing_options)
+@click.option("--num-images", default=2048, show_default=True, type=click.IntRange(1),
+              help="unlabelled calibration images (a fixed random subset of --data)")
+@click.option("--steps", default="bn,reconstruct", show_default=True,
+              help="calibration steps in order, comma-separated: bn, reconstruct, transfer")
+@click.option("--iterations", default=500, show_default=True, type=click.IntRange(1),
+              help="optimizer steps per rewritten block (reconstruct)")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="peak Adam learning rate (reconstruct)")
+@click.option("--block-only", is_flag=True,
+              help="reconstruct each rewritten block alone, not jointly with the block before it")
+@click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")
+@click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the mini-batches")
+@skip_bad_images_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@user_errors
+def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
+                      num_images, steps, iterations, lr, block_only, ridge, seed, skip_bad_images, out, force, as_json):
+    """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
+    block reconstruction (each rewritten block trained to reproduce the original block's output). A detection
+    model is calibrated on its trunk (images normalised with the imagenet preset, --size sets their size) and,
+    like a segmentation model, scored by the relative error of its outputs."""
+    check_writable(out, force)
+    converted = load(converted_dir)
+    source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, classifier_only(source))
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json, seed=seed)
+    model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
+                      iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, seed=seed,
+                      progress=not as_json)
+    report = history(model).calibration
+    save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
+    if as_json:
+        print_json({"out": out, **report.to_dict(), "skipped_images": loader.skipped_images})
+    else:
+        click.echo(f"{skipped_line(loader)}{report}\nwritten: {out}/")
+
+
+@click.command("finetune")
+@click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
+@with_options(original_options)
+@with_options(preprocessing_options)
+@click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
+              help="logits: distillation; features: match the original's feature map before global pooling (MiR), "
+                   "classifier frozen; both: the sum")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--steps", type=click.IntRange(1), help="optimizer steps instead of --epochs (as many passes as they need)")
+@click.option("--augment", type=click.Choice(["auto", "none", "cifar", "imagenet"]), default="auto", show_default=True,
+              help="per-image augmentation; auto: for features/both, cifar up to 64x64 images, else imagenet; "
+                   "none for logits")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate [default: sgd 0.01, adamw 3e-4]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]),
+              help="[default: sgd for --objective logits, adamw for features/both]")
+@click.option("--freeze", type=click.Choice(["none", "rewritten"]), default="none", show_default=True,
+              help="rewritten: train only the blocks the conversion rewrote")
+@click.option("--temperature", default=4.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--alpha", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="weight of distillation against cross-entropy (when --data has labels)")
+@click.option("--num-images", type=click.IntRange(1), help="train on a fixed random subset of this many images")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (about 2x faster on CPUs with AVX-512 BF16)")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint beside --out (<out>.checkpoint.pt)")
+@click.option("--force", is_flag=True, help="overwrite --out and start over from a stale checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+@user_errors
+def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, objective,
+                     epochs, steps, augment, lr, optimizer, freeze, temperature, alpha, num_images, bf16, out, resume,
+                     force, as_json):
+    """Fine-tune a converted folder to reproduce the original (its logits, or its features before global pooling);
+    a checkpoint after each pass over the data.
+
+    Runs unchanged on several processes: torchrun --nproc_per_node N $(which resnet-surgery) finetune ...
+    """
+    check_writable(out, force)
+    checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
+    converted = load(converted_dir)
+    source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
+    model = finetune(converted, source, data, objective=objective, epochs=epochs, steps=steps,
+                     augment=augment, lr=lr, optimizer=optimizer, temperature=temperature,
+                     alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
+                     num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
+                     progress=not as_json)
+    if not is_rank0():
+        return
+    report = history(model).finetune
+    save(model, out, force=force, summary=f"fine-tuned {converted_dir} on {data}\n{report}")
+    checkpoint.unlink(missing_ok=True)  # the finished folder replaces it
+    print_json({"out": out, **report.to_dict()}) if as_json else click.echo(f"{report}\nwritten: {out}/")
+
+
+# --- the whole pipeline: run --------------------------------------------------------------------
