@@ -7,18 +7,14 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SurgeryError
 
-__all__ = ["STALE_SECONDS", "atomic_dir", "atomic_file", "check_writable", "output_errors", "remove_stale_temps",
+__all__ = ["atomic_dir", "atomic_file", "check_writable", "output_errors", "remove_stale_temps",
            "staging_dir", "temp_prefix"]
 
-# A temporary name left by a process that died is removed by the next writer of the same output; one
-# without a process id (older versions) once it is this old.
-STALE_SECONDS = 3600
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
@@ -105,8 +101,8 @@ def remove_stale_temps(path: Path) -> None:
     Args:
         path: the output whose temporary names to look for beside it.
     """
-    # .NAME.<pid>.<8 random characters>.tmp|.export (tempfile's names), or the same without a pid (older versions).
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:(\d+)\.)?[a-z0-9_]{8}\.(?:tmp|export)")
+    # .NAME.<pid>.<8 random characters>.tmp|.export: tempfile's names with the writer's process id
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]{8}\.(?:tmp|export)")
     for candidate in path.parent.iterdir():
         match = pattern.fullmatch(candidate.name)
         if not match or not _stale(candidate, match.group(1)):
@@ -114,10 +110,8 @@ def remove_stale_temps(path: Path) -> None:
         shutil.rmtree(candidate, ignore_errors=True) if candidate.is_dir() else candidate.unlink(missing_ok=True)
 
 
-def _stale(candidate: Path, pid: str | None) -> bool:
+def _stale(candidate: Path, pid: str) -> bool:
     try:
-        if pid is None:
-            return time.time() - candidate.lstat().st_mtime > STALE_SECONDS
         os.kill(int(pid), 0)
     except (ProcessLookupError, FileNotFoundError) as e:
         return isinstance(e, ProcessLookupError)  # a dead writer's; or already gone

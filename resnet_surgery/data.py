@@ -32,7 +32,8 @@ _DONE = ".complete"
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_SPLITS", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "IMAGE_SUFFIXES", "PRESETS", "BadImageError", "DataSpec", "ImageFiles", "as_dataset", "as_loader",
-    "build_transform", "cache_root", "cifar10_tensors", "disjoint_subsets", "extract_cifar10", "image_folder",
+    "build_transform", "cache_root", "cifar10_tensors", "disjoint_subsets", "extract_cifar10", "held_out_split",
+    "image_folder",
     "model_transform", "normalize_uint8", "preset_transform", "read_image", "split_batch", "transform_size",
     "without_bad_images",
 ]
@@ -406,3 +407,32 @@ def disjoint_subsets(dataset: Dataset, sizes: Sequence[int | None], seed: int = 
         subsets.append(Subset(dataset, sorted(order[start:stop])))
         start = stop
     return subsets
+
+
+def held_out_split(data, held_out_data=None, *, keep: int | None, hold: int | None, preset: str = "imagenet",
+                   transform=None, seed: int = 0, too_few: str = "the data has one image") -> tuple[Dataset, Dataset]:
+    """Images to work on and disjoint held-out images to check the work on, both seeded.
+
+    Args:
+        data: the images to work on (anything ``as_dataset`` takes).
+        held_out_data: separate held-out images; None holds part of ``data`` out.
+        keep: how many images to work on (None: all that are left).
+        hold: how many held-out images (None: all of ``held_out_data``; with it None, it must be a number).
+        preset: the preprocessing preset of a path.
+        transform: the preprocessing of a path's images (None: the preset's).
+        seed: seed of the subsets.
+        too_few: the error when ``data`` alone has fewer than two images.
+
+    Returns:
+        (images to work on, held-out images).
+    """
+    dataset = as_dataset(data, preset=preset, transform=transform)
+    if held_out_data is not None:
+        held = as_dataset(held_out_data, preset=preset, transform=transform)
+        kept = dataset if keep is None else disjoint_subsets(dataset, [keep], seed)[0]
+        return kept, held if hold is None else disjoint_subsets(held, [hold], seed)[0]
+    if len(dataset) < 2:
+        raise SurgeryError(too_few)
+    # Hold images out first, so a small folder still leaves both sides some.
+    held, kept = disjoint_subsets(dataset, [min(hold, len(dataset) // 2), keep], seed)
+    return kept, held

@@ -384,9 +384,11 @@ def test_nan_weights_fail_verification(tmp_path):
 def test_stale_temporaries_of_the_same_output_are_removed(tmp_path):
     dead = dead_pid()
     stale = [tmp_path / f".out.{dead}.abc12345.tmp", tmp_path / f".model.onnx.{dead}.x1x1x1x1.tmp",
-             tmp_path / f".model.onnx.{dead}.x2x2x2x2.export", tmp_path / ".out.legacy_1.tmp"]
-    # A live writer's, another output's (even one whose name starts the same), and a user's own folder stay.
+             tmp_path / f".model.onnx.{dead}.x2x2x2x2.export"]
+    # A live writer's, another output's (even one whose name starts the same), one without a writer's process
+    # id and a user's own folder stay.
     alive = [tmp_path / f".out.{os.getpid()}.running1.tmp", tmp_path / f".other.{dead}.abcabcab.tmp",
+             tmp_path / ".out.legacy_1.tmp",
              tmp_path / f".out.onnx.{dead}.abcabcab.tmp", tmp_path / ".out.my notes.tmp"]
     for p in stale + alive:
         p.mkdir()

@@ -9,11 +9,11 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from util import CaffeResNet
 
 import resnet_surgery as rs
 from resnet_surgery.engine.layers import avgpool_shortcut
 from resnet_surgery.engine.reads import axis_counts, read_counts
-from tests.util import CaffeResNet
 
 SIZE = (3, 64, 64)
 EVEN = np.array([True, False] * 3)  # rows and columns 0, 2, 4 of a 6x6 patch
@@ -158,3 +158,21 @@ def test_plot_sites_of_one_model(tmp_path):
     path = rs.plot_sites(rs.site_reads(model, rs.inspect(model, (3, 32, 32))), tmp_path / "one.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_inspect_grid_and_plot(tmp_path):
+    from click.testing import CliRunner
+
+    from resnet_surgery.cli import main
+
+    png = tmp_path / "sites.png"
+    args = ["inspect", "cifar10-resnet-v1", "--input-size", "32", "--grid", "--plot", str(png),
+            "--compare", "cifar10-resnet-v1.5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "stride 2 on layer2.0.conv1 = stride 2 on layer1." in result.output
+    assert "x o x o x o" in result.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = CliRunner().invoke(main, args)  # an existing --plot is kept without --force
+    assert again.exit_code == 2 and "--force" in again.output
+    alone = CliRunner().invoke(main, ["inspect", "cifar10-resnet-v1", "--compare", "cifar10-resnet-v1.5"])
+    assert alone.exit_code == 2 and "--compare goes with --plot" in alone.output

@@ -52,12 +52,34 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @model_argument
 @weights_option
 @size_option
+@click.option("--grid", is_flag=True, help="also print what each downsampling conv reads (x: read, o: never read)")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of what each downsampling conv reads")
+@click.option("--compare", multiple=True, metavar="MODEL",
+              help="with --plot: another model (a name, built with random weights, or a folder) in a column beside it")
+@click.option("--force", is_flag=True, help="overwrite --plot if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @user_errors
-def inspect_command(model, weights, input_size, as_json):
+def inspect_command(model, weights, input_size, grid, plot, compare, force, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
-    report = inspect(load_model(model, weights), (3, input_size, input_size))
-    print_json(report.to_dict()) if as_json else click.echo(str(report))
+    if compare and not plot:
+        raise click.UsageError("--compare goes with --plot PATH")
+    if plot:
+        check_writable(plot, force)
+    size = (3, input_size, input_size)
+    loaded = load_model(model, weights)
+    report = inspect(loaded, size)
+    text = report.grid(loaded) if grid else None
+    if plot:
+        report.plot(plot, loaded, compare=[load_model(m) for m in compare], force=force)
+    if as_json:
+        print_json({**report.to_dict(), **({"grid": text} if grid else {}), **({"plot": plot} if plot else {})})
+        return
+    click.echo(str(report))
+    if grid:
+        click.echo("\nwhat each downsampling conv reads (top-left patch of its input; x: read, o: never read):\n"
+                   + text)
+    if plot:
+        click.echo(f"plot written: {plot}")
 
 
 @click.command("convert")

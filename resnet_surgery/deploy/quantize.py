@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..atomic import atomic_file, check_writable, staging_dir
-from ..data import as_dataset, disjoint_subsets, split_batch
+from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
 from .export import OnnxModule, ParityError, export_onnx
@@ -178,7 +178,7 @@ def quantize_onnx(
     input_name, shape, dtype = input_info(proto, fp32_onnx)
     if dtype != np.float32:
         raise SurgeryError(f"{fp32_onnx} takes {dtype} input; quantize a float32 model")
-    calibration, parity = _split(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
+    calibration, parity = _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
     # A static batch axis takes exactly that many images per run.
     batch = shape[0] if isinstance(shape[0], int) else batch_size
     loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
@@ -264,21 +264,14 @@ def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(
     return fp32_report, int8_report
 
 
-def _split(calibration_data, parity_data, num_images, parity_images, preset, transform, seed):
+def _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed):
     """(calibration images, parity images): disjoint seeded subsets."""
     if num_images < 1 or parity_images < 1:
         raise SurgeryError("num_images and parity_images must be positive")
-    dataset = as_dataset(calibration_data, preset=preset, transform=transform)
-    if parity_data is not None:
-        calibration, = disjoint_subsets(dataset, [num_images], seed)
-        parity, = disjoint_subsets(as_dataset(parity_data, preset=preset, transform=transform), [parity_images], seed)
-        return calibration, parity
-    if len(dataset) < 2:
-        raise SurgeryError("the calibration data has one image; int8 parity needs held-out images beside the "
+    return held_out_split(
+        calibration_data, parity_data, keep=num_images, hold=parity_images, preset=preset, transform=transform,
+        seed=seed, too_few="the calibration data has one image; int8 parity needs held-out images beside the "
                            "calibration images: pass more images (or parity_data)")
-    # Hold out parity images first, so a small folder still leaves both sides some images.
-    parity, calibration = disjoint_subsets(dataset, [min(parity_images, len(dataset) // 2), num_images], seed)
-    return calibration, parity
 
 
 def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str) -> None:

@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..errors import SurgeryError, TraceError
+from ..errors import SurgeryError, TraceError, first_line
 from ..vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 from .layers import Subsample
 
@@ -66,7 +66,7 @@ def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     except Exception as e:
         name, cls = tracer.failed_in or ("", type(model).__name__)
         where = f"module '{name}' ({cls})" if name else f"the forward of {cls}"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 500)
         raise TraceError(
             f"torch.fx cannot trace {where}: {reason}. Mark it as a leaf with leaf_modules=[{cls}] "
             f"(its insides are then not analysed), or make its forward free of data-dependent control flow"

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, atomic_file, check_writable
-from ..data import as_dataset, disjoint_subsets, split_batch
+from ..data import held_out_split, split_batch
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
 from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
@@ -194,7 +194,7 @@ def explore(
     input_size = image_size(input_size)
     variant = model_variant(_classifier_trunk(model).blocks)
     out = check_explore_out(out)
-    calib_set, eval_set = _split(data, eval_data, eval_images, preset, transform, seed)
+    calib_set, eval_set = _images(data, eval_data, eval_images, preset, transform, seed)
     eval_loader = DataLoader(eval_set, batch_size=batch_size)
     labelled = _has_labels(eval_loader)
     if eval_data is not None and not labelled:
@@ -276,18 +276,12 @@ def check_explore_out(out: str | os.PathLike) -> Path:
     return check_writable(out, force=True)  # an earlier explore's folder is resumed, not refused
 
 
-def _split(data, eval_data, eval_images, preset, transform, seed):
-    """(calibration set, held-out evaluation set), disjoint."""
-    dataset = as_dataset(data, preset=preset, transform=transform)
-    if eval_data is not None:
-        held_out = as_dataset(eval_data, preset=preset, transform=transform)
-        return dataset, held_out if eval_images is None else disjoint_subsets(held_out, [eval_images], seed)[0]
-    if len(dataset) < 2:
-        raise SurgeryError("the data has one image; explore holds some out for evaluation: pass more images or "
-                           "--eval-data")
-    count = min(eval_images or 1000, len(dataset) // 2)
-    held_out, calibration = disjoint_subsets(dataset, [count, None], seed)
-    return calibration, held_out
+def _images(data, eval_data, eval_images, preset, transform, seed):
+    """(calibration images, held-out evaluation images), disjoint; 1000 held out of ``data`` by default."""
+    return held_out_split(
+        data, eval_data, keep=None, hold=eval_images if eval_data is not None else eval_images or 1000, preset=preset,
+        transform=transform, seed=seed, too_few="the data has one image; explore holds some out for evaluation: "
+                                                "pass more images or --eval-data")
 
 
 def _has_labels(loader: DataLoader) -> bool:

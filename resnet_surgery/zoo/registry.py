@@ -88,7 +88,7 @@ def load_timm(name: str, weights: str = "none") -> nn.Module:
     try:
         model = timm.create_model(name, pretrained=weights.upper() == "DEFAULT")
     except RuntimeError as e:
-        raise SurgeryError(f"timm cannot create {name!r}: {str(e).splitlines()[0]}") from None
+        raise SurgeryError(f"timm cannot create {name!r}: {first_line(e, 300)}") from None
     except OSError as e:
         raise SurgeryError(f"cannot download timm weights for {name} ({e}); pass --weights PATH") from None
     if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
