@@ -6,7 +6,7 @@
 For torchvision resnet50 and resnet18 (random init: latency does not depend on the weights): the original
 v1.5, convert(to="v1"), convert(to="d") and convert(v1, prune_dead=True), each exported with
 resnet_surgery.export_onnx (parity verified) at 224 x 224 and timed together in interleaved rounds by
-resnet_surgery.compare_latency (method: resnet_surgery/latency.py). Comparisons: v1 / v1.5, d / v1.5 and
+resnet_surgery.compare_latency (method: resnet_surgery/deploy/latency.py). Comparisons: v1 / v1.5, d / v1.5 and
 pruned v1 / v1, each a ratio of median latencies with a 95% paired bootstrap interval, beside the ratio of
 MACs (resnet_surgery.inspect). Variants the engine leaves unchanged (resnet18's BasicBlocks have no 1x1
 conv to take the stride, so its v1 is its v1.5 and nothing is dead) are reported as such, not timed.

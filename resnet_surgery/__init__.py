@@ -5,7 +5,7 @@ from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
 from .deploy.latency import LatencyReport, compare_latency
 from .deploy.onnxfile import onnx_input_shape
 from .deploy.parity import ParityReport
-from .deploy.quantize import QuantizationError, QuantReport, quantize_onnx
+from .deploy.quantize import QuantizationError, QuantReport, export_int8, quantize_onnx
 from .deploy.stats import RatioCI, ratio_ci
 from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
 from .engine.inspect import Report, count_macs, inspect
@@ -33,7 +33,7 @@ __all__ = [
     "ParityError", "ParityReport", "QuantReport", "QuantizationError", "RatioCI", "Recipe", "Report", "Rewrite",
     "Shortcut", "SiteReads", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Trunk", "Variant", "apply_recipe",
     "as_loader", "calibrate", "cifar10_tensors", "cifar_resnet", "compare_latency", "convert", "count_macs",
-    "evaluate", "explore", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "grid_text", "history", "inspect", "load",
+    "evaluate", "explore", "export_int8", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "grid_text", "history", "inspect", "load",
     "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "pareto_front",
     "plot_sites", "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "site_reads", "split_batch", "trace",
     "transplant",
