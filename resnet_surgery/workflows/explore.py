@@ -46,6 +46,7 @@ from ..recovery.evaluate import evaluate, predict
 from ..recovery.finetune import finetune
 from ..store import load_into, save
 from ..utils import image_size, report_dict, table
+from .explore_plot import plot_explore
 
 __all__ = [
     "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore",
@@ -106,40 +107,16 @@ class ExploreReport:
         return "\n".join(lines)
 
     def plot(self, path: str | os.PathLike, *, force: bool = True) -> Path:
-        """A PNG per batch size: latency ratio (x) against accuracy (y), each point labelled, the front drawn."""
-        import matplotlib
+        """A PNG per batch size: latency ratio (x) against accuracy (y), points numbered with a key, the front drawn.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Args:
+            path: the PNG to write.
+            force: replace an existing file.
 
-        batches = self.latency["batch_sizes"] if self.latency else []
-        fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(6.5 * max(1, len(batches)), 5), squeeze=False)
-        label = "top-1 (%)" if self.metric == "top1" else "top-1 agreement with the original (%)"
-        for ax, b in zip(axes[0], batches):
-            points = [(c, c["latency"][str(b)], c["eval"][self.metric]) for c in self.timed()]
-            for c, lat, acc in points:
-                ax.errorbar(lat["ratio"], acc, xerr=[[lat["ratio"] - lat["ratio_low"]], [lat["ratio_high"] - lat["ratio"]]],
-                            fmt="s" if c["precision"] == "int8" else "o", color="C1" if c["pareto"][str(b)] else "C0",
-                            capsize=2)
-                ax.annotate(c["name"], (lat["ratio"], acc), xytext=(5, 4), textcoords="offset points", fontsize=8)
-            front = sorted((lat["ratio"], acc) for c, lat, acc in points if c["pareto"][str(b)])
-            if front:
-                ax.step(*zip(*front), where="post", color="C1", alpha=0.6, label="Pareto front")
-                ax.legend(loc="lower right", fontsize=8)
-            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel("median latency / original's (lower is faster; 95% CI)")
-            ax.set_ylabel(label)
-            ax.set_title(f"batch {b}")
-            ax.grid(alpha=0.3)
-        m = (self.latency or {}).get("machine", {})
-        fig.suptitle(f"{self.model}: circles fp32, squares int8; onnxruntime {m.get('onnxruntime', '')}, "
-                     f"{(self.latency or {}).get('settings', {}).get('threads', '')} threads, {m.get('cpu', '')}",
-                     fontsize=9)
-        fig.tight_layout()
-        with atomic_file(path, force) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        return Path(path)
+        Returns:
+            The path written.
+        """
+        return plot_explore(self, path, force=force)
 
 
 def _num(value, scale: float, fmt: str) -> str:
