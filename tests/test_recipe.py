@@ -67,6 +67,12 @@ def test_recipe_round_trips_typed(folder):
     assert recipe.source == Source("cifar10-resnet-v1.5", "zoo", "DEFAULT")
     assert Recipe.from_json(recipe.to_json()) == recipe
     assert [c.options.to for c in recipe.conversions] == [Variant.V1, None]
+    # Code written against the dict recipe still reads it.
+    r = recipe["history"][0]["rewrites"][0]
+    assert r["block"] == r.block and r.get("norms") == r.norms and r["op"] == "stride_to_1x1"
+    assert r.get("input") is None and "input" not in r and "block" in r
+    with pytest.raises(KeyError):
+        r["no_such_field"]
 
 
 def damaged(folder, tmp_path, edit):

@@ -27,8 +27,20 @@ FORMAT_VERSION = 1
 RECIPE_FORMAT = f"resnet-surgery/{FORMAT_VERSION}"
 
 
-class _Json:
-    """JSON in and out for the recipe's dataclasses."""
+class _ByKey:
+    """``recipe["rewrites"]``, ``r["block"]``, ``r.get("norms")``: read access for code written against dicts."""
+
+    def __getitem__(self, key: str):
+        if key not in _field_names(self):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        value = getattr(self, key) if key in _field_names(self) else None
+        return default if value is None else value
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
 
     def to_json(self) -> dict:
         """Plain JSON types; optional fields that are unset are left out."""
@@ -44,7 +56,7 @@ class _Json:
 
 
 @dataclasses.dataclass
-class Options(_Json):
+class Options(_ByKey):
     """The arguments of one ``convert`` call."""
 
     to: Variant | None
@@ -55,7 +67,7 @@ class Options(_Json):
 
 
 @dataclasses.dataclass
-class Rewrite(_Json):
+class Rewrite(_ByKey):
     """One rewrite of one block: whether it preserves the function, and what it touched."""
 
     block: str
@@ -73,7 +85,7 @@ class Rewrite(_Json):
 
 
 @dataclasses.dataclass
-class Conversion(_Json):
+class Conversion(_ByKey):
     """An earlier ``convert`` call of a model converted more than once (replayed first on load)."""
 
     options: Options
@@ -81,7 +93,7 @@ class Conversion(_Json):
 
 
 @dataclasses.dataclass
-class Recipe(_Json):
+class Recipe(_ByKey):
     """Everything needed to rebuild a converted model from its source, and what the conversion did."""
 
     format: str
