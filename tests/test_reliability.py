@@ -108,10 +108,12 @@ def test_explore_never_uses_a_name_from_its_files_as_a_path(tmp_path, finished_e
     rerun(tmp_path, finished_explore, lambda cands, victim: edit_result(cands / "d", name=name))
 
 
-@pytest.mark.parametrize("text", ["{not json", "[]", '{"name": "d"}', "[" * 100000])
+@pytest.mark.parametrize("text", ["{not json", "[]", "EVAL_LIST", "[" * 100000])
 def test_explore_rebuilds_a_damaged_result(tmp_path, finished_explore, text, monkeypatch):
     def damage(cands, victim):
-        (cands / "d" / "result.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+        if text == "EVAL_LIST":  # the right settings, the wrong shape
+            return edit_result(cands / "d", eval=[])
+        (cands / "d" / "result.json").write_text(text)
     calls = []
     real = explore_module.export_onnx
     monkeypatch.setattr(explore_module, "export_onnx", lambda m, path, **k: calls.append(path) or real(m, path, **k))
@@ -233,7 +235,8 @@ def api_calls(tmp_path):
         "explore name": (lambda: rs.explore("resnet18", labelled(), out=tmp_path / "ex"), TypeError, "model takes"),
         "save name": (lambda: rs.save("resnet18", tmp_path / "s"), TypeError, "model takes"),
         "max_difference": (lambda: rs.max_difference(model, "x"), TypeError, "b takes"),
-        "input_size float": (lambda: rs.convert(model, "v1", input_size=32.0), TypeError, "input_size takes"),
+        "input_size float": (lambda: rs.export_onnx(model, tmp_path / "c.onnx", input_size=32.0), TypeError,
+                             "input_size takes"),
     }
 
 
