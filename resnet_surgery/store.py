@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -19,11 +20,11 @@ from .engine.recipe import Recipe
 from .engine.rewrite import convert
 from .errors import SurgeryError
 from .history import history, record
-from .utils import private_copy
+from .utils import check_model, private_copy
 from .zoo.registry import load_named
 from .zoo.weights import load_state_into, read_state_dict
 
-__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "load", "load_into", "load_model", "read_recipe", "save"]
+__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -32,7 +33,7 @@ SUMMARY_FILE = "summary.txt"
 
 def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
     """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically."""
-    recipe = history(model).recipe
+    recipe = history(check_model(model)).recipe
     if recipe is None:
         raise SurgeryError("this model has no recipe: save the result of resnet_surgery.convert()")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -58,6 +59,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 
 def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) -> nn.Module:
     """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites."""
+    check_model(model)
     if isinstance(recipe, dict):
         recipe = Recipe.from_json(recipe)
     elif not isinstance(recipe, Recipe):
@@ -91,7 +93,22 @@ def load(folder: str | os.PathLike) -> nn.Module:
     if not recipe.source.loadable:
         raise SurgeryError(f"{folder} was converted from a custom model ({recipe.source.model}): build that model, "
                            "then resnet_surgery.apply_recipe(model, recipe) and load model.safetensors")
+    check_offline(recipe.source.model, folder)
     return load_into(load_named(recipe.source.model, "none"), folder)
+
+
+def check_offline(name: str, folder: str | os.PathLike) -> None:
+    """Refuse a recipe's source that would be fetched from the network (a timm hub or local-dir name): loading a
+    folder never downloads, and its recipe.json is a file anyone may have edited.
+
+    Args:
+        name: the recipe's source model.
+        folder: the folder, for the message.
+    """
+    timm_name = name.removeprefix("timm:") if name.startswith("timm:") else None
+    if timm_name is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+", timm_name):
+        raise SurgeryError(f"{folder}'s recipe names the source {name!r}, which timm would fetch (hub or path); loading "
+                           f"a folder never downloads: if you trust it, load_into(load_model({name!r}), folder)")
 
 
 def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
@@ -104,6 +121,7 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     Returns:
         The converted model with the folder's weights, in eval mode.
     """
+    check_model(model)
     recipe = read_recipe(folder)
     if not any(c.options.to or c.options.shortcut or c.options.prune_dead for c in recipe.conversions):
         model = private_copy(model)  # nothing to replay, so apply_recipe would return the caller's model itself

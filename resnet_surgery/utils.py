@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata
+import os
 from collections.abc import Iterator
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device", "private_copy",
+    "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device", "private_copy",
     "report_dict", "table",
 ]
 
@@ -84,6 +85,39 @@ def image_size(input_size) -> tuple[int, int, int]:
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
         raise TypeError(f"input_size takes an int N or (C, H, W) of positive ints, got {input_size!r}")
     return tuple(input_size)
+
+
+def check_argument(value, name: str, types, takes: str, hint: str = ""):
+    """One clear error for a public function's argument of the wrong type, instead of an AttributeError deep inside.
+
+    Args:
+        value: the argument as given.
+        name: the argument's name.
+        types: the type (or tuple of types) it must be.
+        takes: what it takes, in words.
+        hint: what to do instead, appended to the error.
+
+    Returns:
+        ``value``; a TypeError naming the argument, what it takes and what it got otherwise.
+    """
+    if not isinstance(value, types):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise TypeError(f"{name} takes {takes}, got {type(value).__name__} {shown}{hint}")
+    return value
+
+
+def check_model(value, name: str = "model") -> nn.Module:
+    """``value`` when it is a torch module; a TypeError naming ``name`` otherwise (a name or path says how to load it).
+
+    Args:
+        value: the argument as given.
+        name: the argument's name.
+
+    Returns:
+        ``value``.
+    """
+    load = f"; load it first: resnet_surgery.load_model({str(value)!r})" if isinstance(value, (str, os.PathLike)) else ""
+    return check_argument(value, name, nn.Module, "a torch nn.Module", load)
 
 
 def freeze_batchnorms(module: nn.Module) -> nn.Module:

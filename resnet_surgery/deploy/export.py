@@ -31,7 +31,7 @@ from ..atomic import atomic_file, check_writable, staging_dir
 from ..engine.inspect import count_macs
 from ..engine.probe import output_tensors
 from ..errors import SurgeryError, first_line
-from ..utils import eval_mode, model_device
+from ..utils import check_model, eval_mode, image_size, model_device
 from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata
 from .onnxfile import opset as opset_of
 from .parity import ParityCheck, ParityReport
@@ -89,11 +89,12 @@ def export_onnx(
     Returns:
         The parity report.
     """
+    check_model(model)
     check_opset(opset)
     if atol < 0 or rtol < 0:
         raise SurgeryError(f"parity tolerances must be >= 0, got atol {atol} and rtol {rtol}")
     path = check_writable(path, force)
-    options = ExportOptions(tuple(int(s) for s in input_size), dynamic_batch, opset, atol, rtol, parity_batch, force,
+    options = ExportOptions(image_size(input_size), dynamic_batch, opset, atol, rtol, parity_batch, force,
                             seed)
     with eval_mode(model):
         return _export_verified(model, path, options)

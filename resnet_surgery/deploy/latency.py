@@ -14,13 +14,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import SurgeryError
+from ..utils import check_argument
 from .machine import load_warnings, machine_info, measure_peak_gflops, usable_cores
 from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
 from .plot import plot_latency
 from .runtime import onnx_session, runner
 from .stats import RatioCI, ratio_ci, result_rows
 
-__all__ = ["METHOD", "LatencyReport", "StoppingRule", "compare_latency"]
+__all__ = ["METHOD", "LatencyReport", "StoppingRule", "check_batch_sizes", "compare_latency"]
 # A constant, not parsed from the docstring: `python -OO` strips docstrings.
 METHOD = """\
 - One onnxruntime ``InferenceSession`` per model, all with the same ``SessionOptions``: graph
@@ -235,13 +236,28 @@ def _settings(threads: int, device: str, rules: StoppingRule, shape: list) -> di
 def _check_request(models: dict, batch_sizes, device: str, threads=None) -> list[int]:
     """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device or a
     thread count below 1."""
+    check_argument(models, "models", dict, "a dict {name: .onnx path}, the first being the baseline")
     if not models:
         raise SurgeryError("no models to compare; pass at least one .onnx file")
+    if device not in ("cpu", "cuda"):
+        raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
+    return check_batch_sizes(batch_sizes, threads)
+
+
+def check_batch_sizes(batch_sizes, threads=None) -> list[int]:
+    """The batch sizes as ints, after refusing bad ones or a thread count below 1 (explore checks them before
+    it builds anything).
+
+    Args:
+        batch_sizes: the batch sizes to time.
+        threads: intra-op threads, or None.
+
+    Returns:
+        The batch sizes as a list of ints.
+    """
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
         raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if device not in ("cpu", "cuda"):
-        raise SurgeryError(f"unknown device {device!r}; use cpu or cuda")
     if threads is not None and int(threads) < 1:
         raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     return batch_sizes

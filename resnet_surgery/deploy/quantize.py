@@ -11,6 +11,7 @@ labels). Below ``min_agreement`` the int8 file is not kept.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import time
@@ -26,6 +27,7 @@ from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
+from ..utils import check_model, image_size
 from .export import OnnxModule, ParityError, export_onnx
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 from .parity import ParityReport
@@ -36,7 +38,7 @@ METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("uint8", "int8")
 QUANT_METADATA_KEY = "resnet_surgery.quantization"
 
-__all__ = ["ACTIVATIONS", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "export_int8",
+__all__ = ["ACTIVATIONS", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "check_int8_images", "export_int8",
            "quantize_onnx"]
 
 
@@ -254,7 +256,9 @@ def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(
     Returns:
         (the fp32 parity report, the int8 report).
     """
+    check_model(model)
     out = check_writable(out, force)
+    check_int8_images(calibration_data, input_size, quantize)  # before the fp32 export, not after it
     with staging_dir(out) as work:
         fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, dynamic_batch=dynamic_batch,
                                   opset=opset, atol=atol, rtol=rtol, force=force)
@@ -262,6 +266,22 @@ def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(
             on_fp32(fp32_report)
         int8_report = quantize_onnx(work / "fp32.onnx", out, calibration_data, force=force, **quantize)
     return fp32_report, int8_report
+
+
+def check_int8_images(calibration_data, input_size, quantize: dict) -> None:
+    """The calibration and parity images `quantize_onnx` will take, split and sized as it will, checked up front.
+
+    Args:
+        calibration_data: the calibration images.
+        input_size: the size the model is exported at.
+        quantize: `quantize_onnx`'s keyword arguments (its defaults for the missing ones).
+    """
+    args = inspect.signature(quantize_onnx).bind(None, None, calibration_data, **quantize)
+    args.apply_defaults()
+    a = args.arguments
+    calibration, _ = _images(calibration_data, a["parity_data"], a["num_images"], a["parity_images"], a["preset"],
+                             a["transform"], a["seed"])
+    _check_images(DataLoader(calibration, batch_size=1), [1, *image_size(input_size)])
 
 
 def _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed):

@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..history import history
-from ..utils import eval_mode, model_device, table
+from ..utils import check_model, eval_mode, image_size, model_device, table
 from ..vocab import Layout
 from .blocks import dilated_note, find_trunk, model_variant
 from .prune import dead_sites
@@ -161,6 +161,8 @@ def module_macs(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, dict[s
     """Multiply-accumulates for one image, in total and per module name, by torch's own flop counter
     (convolutions and matrix products, functional ones included); run in eval mode without gradients,
     so measuring never changes the model (BatchNorm statistics, train/eval flags)."""
+    check_model(model)
+    input_size = image_size(input_size)
     counter = FlopCounterMode(display=False)
     with eval_mode(model), torch.no_grad(), counter:
         model(torch.zeros(1, *input_size, device=model_device(model)))
@@ -177,7 +179,8 @@ def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
 
 def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> Report:
     """Find the residual blocks of ``model`` and report variant, MACs, positions read and dead compute."""
-    trunk = find_trunk(model, leaf_modules)
+    input_size = image_size(input_size)
+    trunk = find_trunk(check_model(model), leaf_modules)
     gm, blocks, body, path = trunk.gm, trunk.blocks, trunk.module, trunk.path
     modules = dict(gm.named_modules())
     with eval_mode(body), torch.no_grad():

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..history import history
-from ..utils import eval_mode, model_device
+from ..utils import check_model, eval_mode, image_size, model_device
 
 __all__ = ["max_difference", "output_tensors"]
 
@@ -18,6 +18,8 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     two trunks are compared: the rest of the model is not rewritten.
 
     A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
+    check_model(a, "a"), check_model(b, "b")
+    input_size = image_size(input_size)
     recipe = history(b).recipe
     if recipe is not None and recipe.trunk:
         a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import NotExactError, SurgeryError, first_line
 from ..history import history, record
-from ..utils import eval_mode, image_size, model_device, private_copy
+from ..utils import check_model, eval_mode, image_size, model_device, private_copy
 from ..vocab import PROJECTIONS, TARGET_SHORTCUTS, TARGET_VARIANTS, Layout, Op, Shortcut, Variant
 from .blocks import Block, Trunk, dilated_note, find_blocks, find_trunk, model_variant, trace
 from .layers import avgpool_shortcut, conv1x1_from, conv3x3_from, off_centre_is_zero
@@ -257,6 +257,7 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
         The new model, of the same class; ``history(result).recipe`` records every rewrite with its exactness
         and touched modules.
     """
+    check_model(model)
     if to is not None and to not in TARGET_VARIANTS:
         raise SurgeryError(f"unknown variant {to!r}: choose one of {', '.join(TARGET_VARIANTS)}")
     if shortcut is not None and shortcut not in TARGET_SHORTCUTS:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..history import history, record
-from ..utils import image_size, model_device, private_copy
+from ..utils import check_model, image_size, model_device, private_copy
 from ..vocab import Layout, Shortcut
 from .blocks import Block, find_blocks, find_trunk, model_variant, trace
 from .probe import max_difference
@@ -230,6 +230,7 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
         on a probe input. Any mismatch (block count, a shape, a kernel, stride or bias) is one SurgeryError
         naming both modules.
     """
+    check_model(source, "source"), check_model(target, "target")
     input_size = image_size(input_size)
     sgm, sblocks = _classifier_blocks(source, leaf_modules, "source")
     tgm, tblocks = _classifier_blocks(target, leaf_modules, "target")

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..data import DataSpec, split_batch
 from ..engine.probe import output_tensors
+from ..engine.rewrite import SurgeryNotice
 from ..errors import SurgeryError
-from ..utils import eval_mode, model_device
+from ..utils import check_model, eval_mode, model_device
 from .batches import Batches
 
-__all__ = ["EvalReport", "Scores", "evaluate", "gives_logits", "output_error", "predict", "score"]
+__all__ = ["EvalReport", "Scores", "check_label_classes", "dataset_classes", "evaluate", "gives_logits", "output_error", "predict", "score"]
 
 
 @dataclasses.dataclass
@@ -78,6 +81,9 @@ class Scores:
         self.n += len(logits)
         if labels is not None:
             labels = labels.to(logits.device)
+            if labels.numel() and int(labels.max()) >= logits.shape[1]:
+                raise SurgeryError(f"a label is {int(labels.max())} but the model has {logits.shape[1]} classes "
+                                   f"(0..{logits.shape[1] - 1}): evaluate on data labelled for this model")
             k = min(5, logits.shape[1])
             self.top5_possible = logits.shape[1] > 5
             top = logits.topk(k, dim=1).indices
@@ -176,10 +182,13 @@ def evaluate(
     Returns:
         EvalReport: accuracy with labels, agreement and KL with a reference.
     """
+    check_model(model)
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     progress=progress)
+    loader = spec.loader()
+    check_label_classes(model, loader.dataset, "the data")
     start = time.perf_counter()
-    scores = score(model, reference, Batches(spec.loader(), cache=False), "evaluate", spec.progress)
+    scores = score(model, reference, Batches(loader, cache=False), "evaluate", spec.progress)
     if scores.n == 0:
         raise SurgeryError("the data yielded no images; pass a non-empty dataset")
     return scores.report(time.perf_counter() - start)
@@ -201,6 +210,7 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imag
     Returns:
         Tensor: the logits, N x classes.
     """
+    check_model(model)
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     progress=progress)
     device = model_device(model)
@@ -259,3 +269,45 @@ def gives_logits(model: nn.Module, batches) -> bool:
     with eval_mode(model), torch.no_grad():
         out = model(first[0][:1].to(model_device(model)))
     return isinstance(out, torch.Tensor) and out.dim() == 2
+
+
+def dataset_classes(data) -> int | None:
+    """How many classes the labels of ``data`` can take, when the dataset says so (an ImageFolder's class folders).
+
+    Args:
+        data: a Dataset or DataLoader, possibly a Subset of one.
+
+    Returns:
+        The number of classes, or None when the dataset does not list them.
+    """
+    while isinstance(data, (DataLoader, Subset)):
+        data = data.dataset
+    classes = getattr(data, "classes", None)
+    return len(classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def check_label_classes(model: nn.Module, data, what: str) -> None:
+    """Labels against the model's classes, before any work: more class folders than classes is refused (labels
+    the model can never predict); fewer is a warning, since ImageFolder numbers folders 0..k-1, which is right
+    only when they are the model's first k classes (a legitimate subset, e.g. the first classes of ImageNet).
+
+    Args:
+        model: the model (a module with parameters; one image of ``data`` is run to count its outputs).
+        data: the labelled Dataset or DataLoader.
+        what: how the error names the data.
+    """
+    folders = dataset_classes(data)
+    if folders is None or next(model.parameters(), None) is None:
+        return  # nothing to compare: no class list, or an ONNX file whose caller checked the labels
+    item = (data.dataset if isinstance(data, DataLoader) else data)[0]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    with eval_mode(model), torch.no_grad():
+        out = model(image[None].to(model_device(model)))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] == folders:
+        return
+    classes = out.shape[1]
+    if folders > classes:
+        raise SurgeryError(f"{what} have {folders} class folders but the model has {classes} classes: labels "
+                           f"{classes}..{folders - 1} can never be predicted; pass data labelled for this model")
+    warnings.warn(f"{what} have {folders} class folders but the model has {classes} classes: top-1 is right only "
+                  f"if the folders, in sorted order, are the model's first {folders} classes", SurgeryNotice, stacklevel=2)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_dir, atomic_file, check_writable
+from ..atomic import atomic_dir, atomic_file
 from ..data import held_out_split, split_batch
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
@@ -45,7 +45,15 @@ from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps
 from ..recovery.evaluate import evaluate, predict
 from ..recovery.finetune import finetune
 from ..store import load_into, save
-from ..utils import image_size, report_dict, table
+from ..utils import check_model, image_size, report_dict, table
+from .explore_inputs import (
+    ONNX_FILE,
+    RESULT_FILE,
+    check_explore_out,
+    check_explore_request,
+    reusable_result,
+    saved_model,
+)
 from .explore_plot import plot_explore
 
 __all__ = [
@@ -54,8 +62,6 @@ __all__ = [
 ]
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
-RESULT_FILE = "result.json"
-ONNX_FILE = "model.onnx"
 
 
 @dataclasses.dataclass
@@ -162,14 +168,13 @@ def explore(
     fine-tuning and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
     of it, default all); without it ``eval_images`` (default 1000, at most half) of ``data`` are held out.
     ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
-    ``calibrate_steps`` are `calibrate`'s steps (("bn",) is the cheap one, when only latency matters).
-    ``force`` rebuilds finished candidates instead of reusing them.
+    ``calibrate_steps`` are `calibrate`'s steps (("bn",) is the cheap one). ``force`` rebuilds finished candidates.
     """
     start = time.perf_counter()
     check_steps(calibrate_steps)  # before any work, not at the first candidate
     wanted = _wanted(variants)
     input_size = image_size(input_size)
-    variant = model_variant(_classifier_trunk(model).blocks)
+    variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
     calib_set, eval_set = _images(data, eval_data, eval_images, preset, transform, seed)
     eval_loader = DataLoader(eval_set, batch_size=batch_size)
@@ -187,6 +192,7 @@ def explore(
         # only when not the default: folders explored with the default stay reusable
         **({"calibrate_steps": list(calibrate_steps)} if tuple(calibrate_steps) != DEFAULT_STEPS else {}),
     }
+    check_explore_request(model, calib_set, eval_set, input_size, {**settings, "batch_sizes": batch_sizes, "threads": threads})
     build = _Builder(model, variant, calib_set, eval_loader, out, settings, force, input_size, progress)
     results = _build_candidates(build, wanted, int8, quant_images, min_agreement, progress)
     timed, timing_start = [r for r in results if r["status"] == "ok"], time.perf_counter()
@@ -243,16 +249,6 @@ def _wanted(variants) -> list[str]:
     return ["original", *[v for v in VARIANTS if v in variants]]
 
 
-def check_explore_out(out: str | os.PathLike) -> Path:
-    """A new folder that can be written, or one an earlier explore wrote (to resume); never someone else's
-    folder. Checked before any work starts."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "candidates").is_dir())):
-        raise SurgeryError(f"{out} exists and is not an explore folder; pass a new --out (or an earlier explore's "
-                           "to resume it)")
-    return check_writable(out, force=True)  # an earlier explore's folder is resumed, not refused
-
-
 def _images(data, eval_data, eval_images, preset, transform, seed):
     """(calibration images, held-out evaluation images), disjoint; 1000 held out of ``data`` by default."""
     return held_out_split(
@@ -306,11 +302,8 @@ class _Builder:
         return self._reference
 
     def finished(self, name: str) -> dict | None:
-        path = self.out / name / RESULT_FILE
-        if self.force or not path.is_file():
-            return None
-        result = json.loads(path.read_text())
-        return result if result.get("settings") == self.settings else None
+        """The candidate's result when its folder can be reused; None (rebuild) when forced, missing or damaged."""
+        return None if self.force else reusable_result(self.out, name, self.settings)
 
     def fp32(self, name: str) -> dict:
         done = self.finished(name)
@@ -385,9 +378,12 @@ class _Builder:
         """The recovered model of candidate ``name``: from this run, else rebuilt from its finished folder."""
         if name in self.models:
             return self.models[name]
-        folder = self.out / name / "model"
-        if self.finished(name) and folder.is_dir():
-            return load_into(self.original, folder)
+        folder = saved_model(self.out, name)
+        if self.finished(name) and folder is not None:
+            try:
+                return load_into(self.original, folder)
+            except SurgeryError:
+                pass  # a damaged folder: rebuilt below, as a missing one is
         model, _ = self.make(name)
         return model
 
