@@ -32,7 +32,8 @@ class Source:
 
     model: str
     kind: str  # torchvision | timm | zoo | custom
-    weights: str | None = None
+    weights: str | None = None  # a name (DEFAULT, none...) or a weights file's absolute path
+    weights_sha256: str | None = None  # a weights file's content, so a changed or moved file is refused
 
     @property
     def loadable(self) -> bool:

@@ -19,12 +19,13 @@ from .atomic import atomic_dir
 from .engine.recipe import Recipe
 from .engine.rewrite import convert
 from .errors import SurgeryError
-from .history import history, record
+from .history import Source, history, record
 from .utils import check_model, private_copy
 from .zoo.registry import load_named
-from .zoo.weights import load_state_into, read_state_dict
+from .zoo.weights import file_sha256, load_state_into, read_state_dict
 
-__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model", "read_recipe", "save"]
+__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model",
+           "load_source", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -136,3 +137,30 @@ def load_model(spec: str | os.PathLike, weights: str = "none") -> nn.Module:
     if Path(spec).is_dir():
         return load(spec)
     return load_named(str(spec), weights)
+
+
+def load_source(source: Source, what: str = "the source") -> nn.Module:
+    """A recorded source built again, with its weights: refused in one line when it cannot be the same model
+    (a custom class, random weights, or a weights file that is gone or no longer has the recorded sha256).
+
+    Args:
+        source: e.g. ``recipe.function_source``.
+        what: how the error names it.
+
+    Returns:
+        The model, as ``load_model`` builds it.
+    """
+    if not source.loadable:
+        raise SurgeryError(f"{what} is {source.model}, a custom model that cannot be built by name; pass it "
+                           "yourself (--original MODEL --weights W)")
+    weights = source.weights or "none"
+    if weights.lower() == "none":
+        raise SurgeryError(f"{what} is {source.model} with random weights, which cannot be built again; pass it "
+                           "yourself (--original MODEL --weights W)")
+    if source.weights_sha256 is not None:
+        if not Path(weights).is_file():
+            raise SurgeryError(f"the weights file of {what} ({weights}) is gone; pass --original MODEL --weights W")
+        if file_sha256(weights) != source.weights_sha256:
+            raise SurgeryError(f"the weights file of {what} ({weights}) changed since it was recorded (sha256 "
+                               f"{source.weights_sha256[:12]}...); pass --original MODEL --weights W")
+    return load_named(source.model, weights)

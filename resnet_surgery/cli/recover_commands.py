@@ -12,7 +12,7 @@ from ..history import history
 from ..recovery.calibrate import calibrate
 from ..recovery.evaluate import evaluate
 from ..recovery.finetune import finetune
-from ..store import load, load_model, save
+from ..store import load, load_model, load_source, save
 from ..zoo.registry import classifier_only
 from .options import (
     build_preprocessing,
@@ -42,14 +42,18 @@ def load_original(spec, weights, converted):
     Returns:
         The loaded original model.
     """
-    source = history(converted).recipe.source
+    recipe = history(converted).recipe
+    source = recipe.function_source  # a transplant's source: its weights are what the model computes
     if spec is None:
         if not source.loadable:
-            raise SurgeryError("the converted folder does not name a loadable source model; pass --original MODEL")
+            raise SurgeryError(f"the converted folder's function comes from {source.model}, which cannot be built "
+                               "by name; pass --original MODEL (and --weights)")
         spec = source.model
-    if weights is None:
-        weights = (source.weights or "none") if spec == source.model else "none"
-    return load_model(spec, weights)
+    if weights is None and spec == source.model:
+        if recipe.transplant is not None or source.weights_sha256 is not None:
+            return load_source(source, "the original (recorded in the recipe)")
+        weights = source.weights or "none"
+    return load_model(spec, weights or "none")
 
 
 @click.command("evaluate")

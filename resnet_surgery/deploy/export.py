@@ -169,6 +169,7 @@ def _export_checked(model: nn.Module, staged: Path, options: ExportOptions) -> t
 def _raise_unless_passed(report: ParityReport) -> None:
     if report.passed:
         return
+    _raise_if_not_finite(report)
     # A difference, not a ratio: the tolerance may be 0 (--atol 0 --rtol 0).
     worst = max((c for c in report.checks if not c.passed), key=lambda c: c.max_abs_diff - c.tolerance)
     if worst.max_abs_diff <= worst.tolerance and len(worst.output_rel_diffs) > 1:  # one small output failed
@@ -183,6 +184,20 @@ def _raise_unless_passed(report: ParityReport) -> None:
         "difference is acceptable)",
         report,
     )
+
+
+def _raise_if_not_finite(report: ParityReport) -> None:
+    """A NaN or infinity is no tolerance question: say whose outputs hold it."""
+    for c in report.checks:
+        if not np.isfinite(c.max_abs_logit):
+            whose = "the model's own (PyTorch) outputs hold"
+        elif not np.isfinite(c.max_abs_diff):
+            whose = "onnxruntime's outputs hold"
+        else:
+            continue
+        raise ParityError(f"ONNX parity failed: at batch {c.batch} {whose} NaN or infinity; nothing written to "
+                          f"{report.path} (no tolerance makes that pass: export a model whose outputs are finite)",
+                          report)
 
 
 def check_opset(opset: int | None) -> None:

@@ -5,7 +5,9 @@ activations whose ranges come from calibration images run through the fp32 model
 ``quant_pre_process`` (shape inference and graph optimisation). Parity cannot be exact for int8, so it is
 statistical: on held-out images that calibration never saw, the int8 file's top-1 agreement with the fp32
 file and the mean KL(fp32 || int8) of their softmax outputs (and both top-1 accuracies when the images have
-labels). Below ``min_agreement`` the int8 file is not kept.
+labels) for a classifier (one N x classes output); for any other file (segmentation maps, a feature pyramid) the
+relative error ||int8 - fp32|| / ||fp32|| of each output, averaged over the images. Below ``min_agreement``, above
+``max_output_error``, or with a NaN or infinity in any output, the int8 file is not kept.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -36,9 +39,12 @@ METHODS = ("minmax", "entropy", "percentile")
 # uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:
 # ResNet-50 here ran at 0.33x fp32 with U8S8 against 0.88x with S8S8 activations (batch 1).
 ACTIVATIONS = ("uint8", "int8")
+# The bound on each non-classifier output's relative error: int8 ResNet trunks land at a few percent.
+MAX_OUTPUT_ERROR = 0.1
 QUANT_METADATA_KEY = "resnet_surgery.quantization"
 
-__all__ = ["ACTIVATIONS", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "check_int8_images", "export_int8",
+__all__ = ["ACTIVATIONS", "MAX_OUTPUT_ERROR", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError",
+           "check_int8_images", "export_int8",
            "quantize_onnx"]
 
 
@@ -59,18 +65,27 @@ class QuantReport:
     activations: str  # "uint8" (U8S8, the fast one on x86) or "int8" (S8S8); weights are always int8
     calibration_images: int
     parity_images: int  # held-out images, disjoint from the calibration images
-    agreement: float  # percent of parity images where int8 and fp32 pick the same class
-    kl: float  # mean KL(fp32 || int8) of the softmax outputs, nats
+    agreement: float | None  # classifiers: percent of parity images where int8 and fp32 pick the same class
+    kl: float | None  # classifiers: mean KL(fp32 || int8) of the softmax outputs, nats
     top1_fp32: float | None  # percent, when the parity images have labels
     top1_int8: float | None
     min_agreement: float
     fp32_bytes: int
     int8_bytes: int
     seconds: float
+    # Other outputs: per output, the mean over images of ||int8 - fp32|| / ||fp32|| (None for a classifier).
+    output_errors: list[float] | None = None
+    max_output_error: float = MAX_OUTPUT_ERROR
+    finite: bool = True  # no NaN or infinity in any output of either file
 
     @property
     def passed(self) -> bool:
-        """Whether the agreement reaches ``min_agreement``."""
+        """Whether every output is finite and the agreement reaches ``min_agreement`` (classifiers) or every
+        output's relative error stays within ``max_output_error`` (other outputs)."""
+        if not self.finite:
+            return False
+        if self.output_errors is not None:
+            return max(self.output_errors) <= self.max_output_error
         return self.agreement >= self.min_agreement
 
     def to_dict(self) -> dict:
@@ -82,18 +97,27 @@ class QuantReport:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
     def __str__(self) -> str:
-        top1 = ""
-        if self.top1_int8 is not None:
-            top1 = f", top-1 {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% int8"
         return "\n".join([
             f"int8: {self.path} ({self.int8_bytes / 1e6:.1f} MB, fp32 {self.fp32_bytes / 1e6:.1f} MB), onnxruntime static "
             f"{self.quant_format}, {'per-channel' if self.per_channel else 'per-tensor'} int8 weights, {self.activations} "
             f"activations, {self.method} "
             f"calibration on {self.calibration_images} images ({self.seconds:.1f} s)",
-            f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
-            f"KL {self.kl:.4f}{top1}",
-            f"int8 parity: {'PASS' if self.passed else 'FAIL'} (agreement >= {self.min_agreement:g}%)",
+            *self._parity_lines(),
         ])
+
+    def _parity_lines(self) -> list[str]:
+        verdict = "PASS" if self.passed else "FAIL"
+        finite = "" if self.finite else " (NaN or infinity in the outputs)"
+        if self.output_errors is not None:
+            errors = ", ".join(f"{e:.2e}" for e in self.output_errors)
+            return [f"parity on {self.parity_images} held-out images: ||int8 - fp32|| / ||fp32|| per output {errors}",
+                    f"int8 parity: {verdict}{finite} (every output's relative error <= {self.max_output_error:g})"]
+        top1 = ""
+        if self.top1_int8 is not None:
+            top1 = f", top-1 {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% int8"
+        return [f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
+                f"KL {self.kl:.4f}{top1}",
+                f"int8 parity: {verdict}{finite} (agreement >= {self.min_agreement:g}%)"]
 
 
 class _Reader(CalibrationDataReader):
@@ -115,8 +139,9 @@ class _Reader(CalibrationDataReader):
         self.batches = iter(tqdm(self.loader, desc="int8 calibration", disable=not self.progress, leave=False))
 
 
-def _check_images(loader: DataLoader, shape: list) -> None:
-    """Fail in one line when the images do not have the shape the file takes (e.g. a wrong --preset)."""
+def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path) -> None:
+    """Fail in one line when the images do not have the shape the file takes (e.g. a wrong --preset), or the
+    fp32 file's outputs on them are not finite (no int8 file can follow a NaN)."""
     images = split_batch(next(iter(loader)))[0]
     fixed = [(i, s) for i, s in enumerate(shape) if i > 0 and isinstance(s, int)]
     if images.dim() != len(shape) or any(images.shape[i] != s for i, s in fixed):
@@ -124,6 +149,11 @@ def _check_images(loader: DataLoader, shape: list) -> None:
             f"the calibration images are {list(images.shape[1:])} but the model takes {shape[1:]}; preprocess them "
             "to the model's input size (--preset, --size)"
         )
+    session = OnnxModule(fp32_onnx).session
+    outputs = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})
+    if not all(np.isfinite(y).all() for y in outputs):
+        raise SurgeryError(f"{fp32_onnx} gives NaN or infinity on the calibration images: there is nothing to "
+                           "quantize; export a model whose outputs are finite")
 
 
 def quantize_onnx(
@@ -138,6 +168,7 @@ def quantize_onnx(
     parity_data=None,
     parity_images: int = 512,
     min_agreement: float = 98.0,
+    max_output_error: float = MAX_OUTPUT_ERROR,
     batch_size: int = 32,
     preset: str = "imagenet",
     transform=None,
@@ -150,8 +181,9 @@ def quantize_onnx(
     ``calibration_data`` (an ImageFolder or flat folder, a Dataset or a DataLoader; preprocessed with
     ``transform`` or ``preset`` like every other input of the project) gives ``num_images`` calibration images.
     Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
-    ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when
-    the agreement is below ``min_agreement`` percent.
+    ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when a
+    classifier's agreement is below ``min_agreement`` percent, another output's error above ``max_output_error``,
+    or an output of either file holds a NaN or an infinity.
 
     Args:
         fp32_onnx: the float32 .onnx file.
@@ -164,7 +196,8 @@ def quantize_onnx(
         num_images: calibration images (a fixed random subset).
         parity_data: images for parity, if not held out of ``calibration_data``.
         parity_images: parity images.
-        min_agreement: percent of parity images on which int8 and fp32 must pick the same class.
+        min_agreement: percent of parity images on which int8 and fp32 must pick the same class (classifiers).
+        max_output_error: the largest mean ||int8 - fp32|| / ||fp32|| allowed per output (other files).
         batch_size: images per calibration and parity batch (a static batch axis takes its own).
         preset: the preprocessing of image folders without ``transform``.
         transform: the preprocessing of image folders.
@@ -176,22 +209,19 @@ def quantize_onnx(
         The int8 report.
     """
     fp32_onnx, out = Path(fp32_onnx), Path(out)
-    proto = _check_request(fp32_onnx, out, method, activations, force)
-    input_name, shape, dtype = input_info(proto, fp32_onnx)
-    if dtype != np.float32:
-        raise SurgeryError(f"{fp32_onnx} takes {dtype} input; quantize a float32 model")
+    proto, (input_name, shape, _) = _check_request(fp32_onnx, out, method, activations, force)
     calibration, parity = _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
     # A static batch axis takes exactly that many images per run.
     batch = shape[0] if isinstance(shape[0], int) else batch_size
     loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
-    _check_images(loaders[0], shape)
+    _check_images(loaders[0], shape, fp32_onnx)
     start = time.perf_counter()
     with atomic_file(out, force) as tmp, staging_dir(out) as work:
         staged = work / out.name
         _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
-                         min_agreement, seconds, progress)
+                         (min_agreement, max_output_error), seconds, progress)
         _raise_unless_agrees(report)
         _stamp(staged, proto, report)
         os.replace(staged, tmp)
@@ -199,8 +229,8 @@ def quantize_onnx(
 
 
 def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, force: bool):
-    """Refuse an unknown method or activation type, a missing or non-ONNX input and an unwritable ``out`` before
-    any work; return the input's parsed header."""
+    """Refuse an unknown method or activation type, a missing, non-ONNX or non-float32 input and an unwritable
+    ``out`` before any work; return the input's parsed header and its (name, shape, dtype)."""
     if method not in METHODS:
         raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
     if activations not in ACTIVATIONS:
@@ -209,7 +239,10 @@ def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, fo
     if out.resolve() == fp32_onnx.resolve():
         raise SurgeryError(f"--out {out} is the fp32 input itself; write the int8 file under another name")
     check_writable(out, force)
-    return proto
+    info = input_info(proto, fp32_onnx)
+    if info[2] != np.float32:
+        raise SurgeryError(f"{fp32_onnx} takes {info[2]} input; quantize a float32 model")
+    return proto, info
 
 
 def _stamp(staged: Path, proto, report: QuantReport) -> None:
@@ -222,6 +255,17 @@ def _stamp(staged: Path, proto, report: QuantReport) -> None:
 def _raise_unless_agrees(report: QuantReport) -> None:
     if report.passed:
         return
+    if not report.finite:
+        raise QuantizationError(
+            f"the int8 or fp32 file gives NaN or infinity on the {report.parity_images} held-out images; nothing "
+            f"written to {report.path} (check that the fp32 model's outputs are finite)", report)
+    if report.output_errors is not None:
+        i = max(range(len(report.output_errors)), key=report.output_errors.__getitem__)
+        raise QuantizationError(
+            f"int8 output {i} differs from fp32 by {report.output_errors[i]:.3g} of its norm on "
+            f"{report.parity_images} held-out images, above the bound {report.max_output_error:g}; nothing written "
+            f"to {report.path} (calibrate on more, representative images, or try --method entropy or percentile)",
+            report)
     raise QuantizationError(
         f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
         f"below the minimum {report.min_agreement:g}%; nothing written to {report.path} (calibrate on more, "
@@ -260,8 +304,12 @@ def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(
     out = check_writable(out, force)
     check_int8_images(calibration_data, input_size, quantize)  # before the fp32 export, not after it
     with staging_dir(out) as work:
-        fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, dynamic_batch=dynamic_batch,
-                                  opset=opset, atol=atol, rtol=rtol, force=force)
+        try:
+            fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, dynamic_batch=dynamic_batch,
+                                      opset=opset, atol=atol, rtol=rtol, force=force)
+        except ParityError as e:  # the fp32 file is a staged intermediate: name the file the user asked for
+            e.report.path = str(out)
+            raise ParityError(str(e).replace(str(work / "fp32.onnx"), str(out)), e.report) from None
         if on_fp32 is not None:
             on_fp32(fp32_report)
         int8_report = quantize_onnx(work / "fp32.onnx", out, calibration_data, force=force, **quantize)
@@ -316,11 +364,48 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
         raise SurgeryError(f"onnxruntime could not quantize {fp32_onnx}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
-def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, calibration_images, min_agreement,
+def _is_classifier(session) -> bool:
+    """One output of rank 2 (N x classes): top-1 agreement means something only then."""
+    outputs = session.get_outputs()
+    return len(outputs) == 1 and len(outputs[0].shape) == 2
+
+
+def _output_errors(fp32, int8, loader, progress) -> tuple[list[float], int]:
+    """Per output, the mean over images of ||int8 - fp32|| / ||fp32|| (NaN when either holds a NaN), and the
+    images seen."""
+    totals, n = None, 0
+    for batch in tqdm(loader, desc="int8 parity", disable=not progress, leave=False):
+        x = {fp32.get_inputs()[0].name: split_batch(batch)[0].float().numpy()}
+        refs, ys = fp32.run(None, x), int8.run(None, x)
+        per_output = []
+        for y, r in zip(ys, refs):
+            r64, d = r.reshape(len(r), -1).astype(np.float64), (y.astype(np.float64) - r).reshape(len(r), -1)
+            per_output.append(float((np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(r64, axis=1), 1e-12)).sum()))
+        totals = per_output if totals is None else [t + e for t, e in zip(totals, per_output)]
+        n += len(refs[0])
+    if not n:
+        raise SurgeryError("the parity data yielded no images")
+    return [t / n for t in totals], n
+
+
+def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, calibration_images, bounds,
             seconds, progress) -> QuantReport:
     fp32, int8 = OnnxModule(fp32_onnx), OnnxModule(staged)
+    if not _is_classifier(fp32.session):
+        errors, images = _output_errors(fp32.session, int8.session, loader, progress)
+        return _report(fp32_onnx, staged, out, method, per_channel, activations, calibration_images, bounds, seconds,
+                       images=images, output_errors=errors, finite=all(math.isfinite(e) for e in errors))
     scores = evaluate(int8, loader, reference=fp32, progress=progress)
     top1_fp32 = evaluate(fp32, loader, progress=progress).top1 if scores.top1 is not None else None
+    # KL is NaN (or infinite) whenever either file's logits hold a NaN or an infinity
+    return _report(fp32_onnx, staged, out, method, per_channel, activations, calibration_images, bounds, seconds,
+                   images=scores.num_images, agreement=scores.agreement, kl=scores.kl, top1_fp32=top1_fp32,
+                   top1_int8=scores.top1, finite=math.isfinite(scores.kl))
+
+
+def _report(fp32_onnx, staged, out, method, per_channel, activations, calibration_images, bounds, seconds, *,
+            images, agreement=None, kl=None, top1_fp32=None, top1_int8=None, output_errors=None,
+            finite=True) -> QuantReport:
     return QuantReport(
         path=str(out),
         fp32_path=str(fp32_onnx),
@@ -329,13 +414,16 @@ def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, ca
         quant_format="QDQ",
         activations=activations,
         calibration_images=calibration_images,
-        parity_images=scores.num_images,
-        agreement=scores.agreement,
-        kl=scores.kl,
+        parity_images=images,
+        agreement=agreement,
+        kl=kl,
         top1_fp32=top1_fp32,
-        top1_int8=scores.top1,
-        min_agreement=min_agreement,
+        top1_int8=top1_int8,
+        min_agreement=bounds[0],
         fp32_bytes=fp32_onnx.stat().st_size,
         int8_bytes=staged.stat().st_size,
         seconds=seconds,
+        output_errors=output_errors,
+        max_output_error=bounds[1],
+        finite=finite,
     )

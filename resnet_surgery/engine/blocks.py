@@ -217,7 +217,8 @@ def _mark_dilated(blocks: list[Block], modules: dict[str, nn.Module]) -> None:
     for b in blocks:
         if b.stride > 1 or b.shortcut_type not in PROJECTIONS:
             continue
-        following = [c for c in blocks if b.add in _trunk(c.input)[:3]]
+        # only stride-1 blocks of its own stage: the next stage's exact-dilated stride block is not one of them
+        following = [c for c in blocks if c.stride == 1 and b.add in _trunk(c.input)[:3]]
         if _kxk_dilation(b, modules) > 1 or any(_kxk_dilation(c, modules) > 1 for c in following):
             b.layout = Layout.DILATED
 

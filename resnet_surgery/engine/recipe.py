@@ -112,6 +112,19 @@ class Recipe(_ByKey):
     trunk: str | None = None  # the rewritten submodule of a model fx cannot trace whole (a detection backbone)
 
     @property
+    def function_source(self) -> Source:
+        """Where the model's function came from: a transplant's source (its weights are what it computes), else
+        the source it was converted from; kind "custom" when that cannot be built again by name."""
+        if self.transplant is None:
+            return self.source
+        given = self.transplant.get("source")
+        given = given if isinstance(given, dict) else {}
+        kind = given.get("kind") if given.get("kind") in SOURCE_KINDS else "custom"
+        text = {k: given.get(k) if isinstance(given.get(k), str) else None for k in ("model", "weights",
+                                                                                    "weights_sha256")}
+        return Source(text["model"] or "an unnamed model", kind, text["weights"], text["weights_sha256"])
+
+    @property
     def conversions(self) -> list[Conversion]:
         """Every convert call in order, this one last."""
         return [*self.history, Conversion(self.options, self.rewrites)]
@@ -237,6 +250,8 @@ def new_recipe(model: nn.Module, options: Options, before: Variant, after: Varia
     """
     prior = history(model).recipe
     source = prior.source if prior else history(model).source or Source(type(model).__name__, "custom")
+    # a transplanted model's function stays its transplant source's, whatever conversions follow
     return Recipe(format=RECIPE_FORMAT, source=source, history=prior.conversions if prior else [], options=options,
                   variant_before=before, variant_after=after, exact=all(r.exact for r in rewrites),
-                  rewrites=rewrites, notices=notices, versions=library_versions())
+                  rewrites=rewrites, notices=notices, versions=library_versions(),
+                  transplant=prior.transplant if prior else None)

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SurgeryError
-from ..history import history, record
+from ..history import Source, history, record
 from ..utils import check_model, image_size, model_device, private_copy
 from ..vocab import Layout, Shortcut
 from .blocks import Block, find_blocks, find_trunk, model_variant, trace
@@ -97,6 +97,11 @@ def _check_covered(model: nn.Module, secs: list[Section], which: str) -> None:
 # --- matching the two layouts ----------------------------------------------------------------------------
 
 
+def _stride_on(block: Block) -> str:
+    # a block with no layout (stride 1, not a dilated stage) must not fail inside the error message
+    return block.layout.stride_on if block.layout is not None else "no conv (stride 1)"
+
+
 def _conversion(src: list[Block], tgt: list[Block]) -> tuple[str | None, bool, str | None, list[str], str]:
     """What ``convert`` call puts the target's blocks in the source's stride placement and shortcut form:
     (to, exact, shortcut, the target blocks it changes, the new form in words)."""
@@ -109,8 +114,8 @@ def _conversion(src: list[Block], tgt: list[Block]) -> tuple[str | None, bool, s
                                f"{t.stride}: they are not the same network")
         if s.layout != t.layout:
             if s.layout not in CONVERT_TO or t.layout in (None, Layout.OTHER, Layout.NOT_APPLICABLE):
-                raise SurgeryError(f"block {i + 1}: source {s.name} has its stride on the {s.layout.stride_on}, "
-                                   f"target {t.name} on the {t.layout.stride_on}: no conversion maps one to the other")
+                raise SurgeryError(f"block {i + 1}: source {s.name} has its stride on the {_stride_on(s)}, "
+                                   f"target {t.name} on the {_stride_on(t)}: no conversion maps one to the other")
             name, ex = CONVERT_TO[s.layout]
             to.add(name)
             exact |= ex
@@ -342,7 +347,14 @@ def _shown(section: Section) -> str:
 
 
 def _describe(model: nn.Module) -> dict:
-    source = history(model).source
+    """Where the source's function came from, so calibrate and finetune can rebuild it as their teacher."""
+    found = history(model)
+    source = found.source
+    if found.recipe is not None:
+        # a converted model computes its source's function only while every step kept it exactly
+        kept = found.recipe.exact and found.recipe.calibration is None and found.recipe.finetune is None
+        source = found.recipe.function_source if kept else Source(f"a converted {type(model).__name__}", "custom")
     if source is not None:
-        return {"model": source.model, "kind": source.kind, "weights": source.weights}
+        return {"model": source.model, "kind": source.kind, "weights": source.weights,
+                **({"weights_sha256": source.weights_sha256} if source.weights_sha256 else {})}
     return {"model": type(model).__name__, "kind": "custom"}

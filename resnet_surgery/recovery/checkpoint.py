@@ -17,7 +17,7 @@ from ..errors import SurgeryError, first_line
 from ..history import history
 from ..zoo.weights import torch_load
 
-__all__ = ["load_checkpoint", "run_identity", "save_checkpoint"]
+__all__ = ["load_checkpoint", "run_identity", "save_checkpoint", "state_digest"]
 
 
 def _model_fingerprint(model: nn.Module) -> str:
@@ -32,6 +32,24 @@ def _model_fingerprint(model: nn.Module) -> str:
     rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
     text = json.dumps({"modules": geometry, "rewrites": rewrites})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def state_digest(model: nn.Module) -> str:
+    """A hash of every tensor of ``model``'s state_dict (names, dtypes, shapes and values), e.g. the teacher's,
+    so a checkpoint does not resume towards another teacher.
+
+    Args:
+        model: the module.
+
+    Returns:
+        The first 16 hex digits of the sha256.
+    """
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _data_identity(data) -> str:
@@ -64,8 +82,9 @@ def _check_identity(path: Path, saved: dict | None, identity: dict | None) -> No
                            "start fresh with --force (force=True)")
     for key, value in identity.items():
         if saved.get(key) != value:
-            what = "a different model (its modules, conv geometry or rewrites differ)" if key == "model" else (
-                f"{key} {saved.get(key)!r}, not {value!r}")
+            what = {"model": "a different model (its modules, conv geometry or rewrites differ)",
+                    "teacher": "a different teacher (the original's weights differ)"}.get(
+                key, f"{key} {saved.get(key)!r}, not {value!r}")
             raise SurgeryError(f"{path} belongs to another run: {what}; resume with the same model, data and "
                                "options, or start fresh with --force (force=True)")
 
@@ -90,7 +109,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, *, epoch, step, epo
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device, identity=None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device, identity=None, lr=None) -> dict:
     """Load a checkpoint into the student, its optimizer and schedule, once it is shown to belong to this run.
 
     Args:
@@ -101,6 +120,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device
         epochs: passes the run spans; the checkpoint's must match.
         device: where the tensors go.
         identity: the run's `run_identity` (None: not checked).
+        lr: the learning rate to continue with (None: the checkpoint's); a lower one after a divergence scales
+            the rest of the schedule.
 
     Returns:
         dict: the checkpoint (its "epoch" and "step" say where to continue).
@@ -121,5 +142,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device
                            "pass the right checkpoint or start fresh with --force (force=True)") from None
     if state["epochs"] != epochs:
         raise SurgeryError(f"{path} belongs to a run of {state['epochs']} epochs; resume with epochs={state['epochs']}")
+    if lr is not None:
+        _rescale_lr(optimizer, scheduler, lr)
     return state
+
+
+def _rescale_lr(optimizer, scheduler, lr: float) -> None:
+    """Continue the saved schedule at ``lr`` instead of its own peak: every learning rate scales alike."""
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        # the point the cosine had reached, at the new peak (a NaN peak restarts at lr)
+        group["lr"] = group["lr"] * lr / base if base > 0 else lr
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr reports
 

@@ -77,6 +77,9 @@ class Scores:
             labels: the batch's labels, or None.
             ref_logits: the reference's logits on the same images, or None.
         """
+        if logits.dim() != 2:  # argmax over a map would count pixels, not images (agreements over 100%)
+            raise SurgeryError(f"top-1 and agreement need class logits (N x classes) but the model gives "
+                               f"{list(logits.shape)}: score a classifier, or compare other outputs by their error")
         logits = logits.float()
         self.n += len(logits)
         if labels is not None:
@@ -96,7 +99,9 @@ class Scores:
                                    f"{logits.shape[-1]}: compare with a model that has the same classifier")
             ref_logits = ref_logits.float()
             self.compared += len(logits)
-            self.agree += int((logits.argmax(1) == ref_logits.argmax(1)).sum())
+            # a row holding a NaN or infinity agrees with nothing (argmax would pick some class anyway)
+            finite = torch.isfinite(logits).all(1) & torch.isfinite(ref_logits).all(1)
+            self.agree += int(((logits.argmax(1) == ref_logits.argmax(1)) & finite).sum())
             log_p, log_q = F.log_softmax(ref_logits, dim=1), F.log_softmax(logits, dim=1)
             self.kl_sum += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
 

@@ -27,9 +27,10 @@ from ..errors import SurgeryError
 from ..history import record_result
 from ..utils import eval_mode, model_device
 from .calibrate import approximate_rewrites
-from .checkpoint import load_checkpoint, run_identity, save_checkpoint
+from .checkpoint import load_checkpoint, run_identity, save_checkpoint, state_digest
 from .distill import AUGMENTATIONS, Taps, augmenter, global_pool, training_loss
 from .distributed import join_process_group, sync_buffers, train_loader
+from .evaluate import gives_logits
 
 __all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "FinetuneReport", "finetune"]
 
@@ -217,6 +218,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
                     seed=seed, progress=progress)
     # Traced once, before any work: a model without a global pooling module is refused here.
     pool = global_pool(converted) if options.objective != "logits" else (None, [])
+    _refuse_non_classifier(converted, spec)
     rank, world, started_group = join_process_group()
     try:
         run = _setup(converted, original, spec, options, pool=pool, rank=rank, world=world)
@@ -256,6 +258,15 @@ def _checked_options(converted: nn.Module, options: _Options) -> _Options:
     if ckpt is not None:
         check_writable(ckpt, force=True)  # now, not after the first epoch
     return dataclasses.replace(options, optimizer=optimizer, lr=lr)
+
+
+def _refuse_non_classifier(converted: nn.Module, spec: DataSpec) -> None:
+    """Distillation trains on class logits: a detection or segmentation model (boxes, maps) is refused now, from
+    one image in eval mode, not after minutes of work in train mode (which wants targets)."""
+    if not gives_logits(converted, (split_batch(b) for b in spec.loader())):
+        raise SurgeryError(f"finetune distils class logits (one N x classes output) but {type(converted).__name__} "
+                           "gives other outputs (boxes, maps): recover a detection or segmentation model with "
+                           "calibrate, which fits its trunk")
 
 
 def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank: int, world: int) -> _Run:
@@ -299,13 +310,15 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank
 def _resume_and_train(run: _Run, converted: nn.Module, spec: DataSpec, options: _Options) -> FinetuneReport:
     """The run from its start (or its checkpoint) to the end of its budget, timed."""
     o = options
-    identity = run_identity(converted, spec.data, objective=o.objective, optimizer=o.optimizer, lr=o.lr,
-                            freeze=o.freeze, steps=o.steps, augment=o.augment, train_norms=o.train_norms,
+    # lr is left out: resuming at a lower rate after a divergence is what the NaN message advises
+    identity = run_identity(converted, spec.data, teacher=state_digest(run.teacher), objective=o.objective,
+                            optimizer=o.optimizer, freeze=o.freeze, steps=o.steps, augment=o.augment, train_norms=o.train_norms,
                             num_images=spec.num_images, batch_size=spec.batch_size, world_size=run.world,
                             seed=spec.seed, temperature=o.temperature, alpha=o.alpha)
     start_epoch = step = 0
     if o.resume:
-        state = load_checkpoint(o.checkpoint, run.student, run.opt, run.sched, run.epochs, run.device, identity)
+        state = load_checkpoint(o.checkpoint, run.student, run.opt, run.sched, run.epochs, run.device, identity,
+                                lr=o.lr)
         start_epoch, step = state["epoch"], state["step"]
     report = FinetuneReport(run.epochs, start_epoch, 0, 0, run.world, [], [], 0.0, 0.0,
                             str(o.checkpoint) if o.checkpoint else None, objective=o.objective,
@@ -338,6 +351,9 @@ def _train(run: _Run, report: FinetuneReport, options: _Options, *, start_epoch,
                 sync_buffers(run.student, run.world)
                 if not finished:
                     break
+                if not all(torch.isfinite(p).all() for p in run.student.parameters()):  # never checkpoint NaN
+                    raise SurgeryError(_nan_message(math.nan, epoch, step - 1, options.checkpoint,
+                                                    start_epoch + len(report.epoch_losses), "the weights became"))
                 report.epoch_losses.append(loss)
                 if options.checkpoint is not None and run.rank == 0:
                     save_checkpoint(options.checkpoint, run.student, run.opt, run.sched, epoch=epoch + 1, step=step,
@@ -410,8 +426,9 @@ def _finish(student: nn.Module, report: FinetuneReport) -> nn.Module:
     return student
 
 
-def _nan_message(loss: float, epoch: int, step: int, ckpt: Path | None, good_epochs: int) -> str:
-    where = f"the loss became {loss} in epoch {epoch + 1} (step {step + 1}); fine-tuning stopped"
+def _nan_message(loss: float, epoch: int, step: int, ckpt: Path | None, good_epochs: int,
+                 what: str = "the loss became") -> str:
+    where = f"{what} {loss} in epoch {epoch + 1} (step {step + 1}); fine-tuning stopped"
     if ckpt is not None and good_epochs > 0:
         return f"{where}. The last good checkpoint (epoch {good_epochs}) is kept at {ckpt}: lower the learning rate and resume"
     return f"{where} before any epoch finished, so no checkpoint was written: lower the learning rate and retry"

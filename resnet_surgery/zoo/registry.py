@@ -14,7 +14,7 @@ from ..errors import SurgeryError, first_line
 from ..history import Source, history, record
 from ..utils import freeze_batchnorms
 from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
-from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, load_state_into, read_state_dict
+from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, file_sha256, load_state_into, read_state_dict
 
 __all__ = [
     "DETECTION_MODELS", "FAMILIES", "FROZEN_BN_MODELS", "SEGMENTATION_MODELS", "TORCHVISION_MODELS",
@@ -144,6 +144,8 @@ def load_named(spec: str, weights: str = "none") -> nn.Module:
                            "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
     kind, build = found
     model = build(spec, weights).eval()
+    if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:  # a file: recorded so another folder finds the same one
+        return record(model, source=Source(spec, kind, str(Path(weights).resolve()), file_sha256(weights)))
     return record(model, source=Source(spec, kind, weights))
 
 

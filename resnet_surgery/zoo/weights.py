@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import SurgeryError, first_line
 
-__all__ = ["WEIGHT_FILE_SUFFIXES", "check_cached_hash", "load_state_into", "read_state_dict", "torch_load"]
+__all__ = ["WEIGHT_FILE_SUFFIXES", "check_cached_hash", "file_sha256", "load_state_into", "read_state_dict",
+           "torch_load"]
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -99,10 +100,22 @@ def check_cached_hash(path: Path) -> None:
     match = re.search(r"-([0-9a-f]{8,})\.", path.name)
     if not match or not path.is_file():
         return
+    if not file_sha256(path).startswith(match.group(1)):
+        warnings.warn(f"{path} does not match the sha256 prefix in its name ({match.group(1)}): "
+                      "it is not the file torchvision publishes", stacklevel=3)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, read in chunks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    if not digest.hexdigest().startswith(match.group(1)):
-        warnings.warn(f"{path} does not match the sha256 prefix in its name ({match.group(1)}): "
-                      "it is not the file torchvision publishes", stacklevel=3)
+    return digest.hexdigest()
