@@ -153,6 +153,7 @@ def load_source(source: Source, what: str = "the source") -> nn.Module:
     if not source.loadable:
         raise SurgeryError(f"{what} is {source.model}, a custom model that cannot be built by name; pass it "
                            "yourself (--original MODEL --weights W)")
+    check_offline(source.model, what)  # a recorded name is a file's word: never a download
     weights = source.weights or "none"
     if weights.lower() == "none":
         raise SurgeryError(f"{what} is {source.model} with random weights, which cannot be built again; pass it "
