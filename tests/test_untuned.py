@@ -1,0 +1,164 @@
+"""A custom ResNet nobody tuned the tool for: v1 strides, Caffe-style names, functional activations and
+additions, and global pooling written in the ways people write it (issue 20)."""
+
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from resnet_surgery import SurgeryError, convert, history
+from resnet_surgery.engine.pooling import find_global_pool
+from resnet_surgery.recovery.finetune import finetune
+
+SIZE = 16  # input images are SIZE x SIZE: the last map is 4 x 4
+
+
+class Unit(nn.Module):
+    """A bottleneck with its stride on the first 1x1 (v1) and Caffe-style names."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, add: str):
+        super().__init__()
+        self.add = add
+        self.res_branch2a = nn.Conv2d(cin, mid, 1, stride, bias=False)
+        self.bn_branch2a = nn.BatchNorm2d(mid)
+        self.res_branch2b = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
+        self.bn_branch2b = nn.BatchNorm2d(mid)
+        self.res_branch2c = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn_branch2c = nn.BatchNorm2d(cout)
+        self.res_branch1 = nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.bn_branch1 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        y = F.relu(self.bn_branch2a(self.res_branch2a(x)))
+        y = F.relu(self.bn_branch2b(self.res_branch2b(y)))
+        y = self.bn_branch2c(self.res_branch2c(y))
+        s = self.bn_branch1(self.res_branch1(x))
+        if self.add == "torch.add":
+            return F.relu(torch.add(y, s))
+        y += s  # operator.iadd
+        return y.relu()
+
+
+class CaffeNet(nn.Module):
+    """Stem, three units (the last two downsample), a global pool of the kind ``pool`` names, a classifier."""
+
+    def __init__(self, pool: str, add: str = "torch.add"):
+        super().__init__()
+        self.pool = pool
+        self.conv_stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn_stem = nn.BatchNorm2d(8)
+        self.res2a = Unit(8, 4, 16, 1, add)
+        self.res3a = Unit(16, 8, 32, 2, add)
+        self.res4a = Unit(32, 8, 32, 2, add)
+        self.fc10 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn_stem(self.conv_stem(x)))
+        x = self.res4a(self.res3a(self.res2a(x)))
+        if self.pool == "mean":
+            x = x.mean((2, 3))
+        elif self.pool == "adaptive":
+            x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        elif self.pool == "shape-kernel":
+            x = F.avg_pool2d(x, x.shape[-1]).flatten(1)
+        elif self.pool == "fixed-kernel":
+            x = torch.flatten(F.avg_pool2d(x, SIZE // 4), 1)
+        elif self.pool == "keepdim":
+            x = torch.mean(x, dim=[-2, -1], keepdim=True).flatten(1)
+        return self.fc10(x)
+
+
+def untuned_pair(pool: str, add: str = "torch.add"):
+    """The custom v1 teacher (BatchNorm statistics from a few batches) and its approximate v1.5 conversion."""
+    torch.manual_seed(0)
+    teacher = CaffeNet(pool, add)
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    teacher.train()
+    with torch.no_grad():
+        for _ in range(3):
+            teacher(torch.randn(16, 3, SIZE, SIZE))
+    teacher.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = convert(teacher, "v1.5", input_size=(3, SIZE, SIZE))
+    return teacher, student
+
+
+def pre_pool_mse(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> float:
+    """The feature error, the pre-pool maps taken with a forward hook on the last unit (not the code under test)."""
+    maps = {}
+    hooks = [m.res4a.register_forward_hook(lambda _, __, out, key=key: maps.__setitem__(key, out))
+             for key, m in (("s", student), ("t", teacher))]
+    with torch.no_grad():
+        student.eval()(images), teacher.eval()(images)
+    for h in hooks:
+        h.remove()
+    return float(((maps["s"] - maps["t"]) ** 2).mean())
+
+
+@pytest.mark.parametrize("pool, add, form", [
+    ("mean", "torch.add", r"\.mean\(\(2, 3\)\)"),
+    ("adaptive", "iadd", r"adaptive_avg_pool2d\(.*, 1\)"),
+    ("shape-kernel", "torch.add", r"avg_pool2d\(.*, getitem\)"),
+])
+def test_features_objective_finds_the_pool_and_lowers_the_feature_error(pool, add, form):
+    teacher, student = untuned_pair(pool, add)
+    images = torch.randn(64, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    before = pre_pool_mse(student, teacher, images)
+    out = finetune(student, teacher, TensorDataset(images), objective="features", steps=16, batch_size=16, lr=3e-3,
+                   progress=False)
+    report = history(out).finetune
+    assert report.features is not None
+    assert report.features.startswith("input of ") and " at node " in report.features
+    assert re.search(form, report.features), report.features
+    assert "features: input of" in str(report)
+    assert pre_pool_mse(out, teacher, images) < 0.8 * before
+    # The classifier after the pool is frozen; the student's own forward is back (no tap left behind).
+    assert torch.equal(out.fc10.weight, student.fc10.weight)
+    assert "forward" not in out.__dict__ and "forward" not in teacher.__dict__
+
+
+def test_every_pooling_form_is_found_at_the_last_units_output():
+    example = torch.randn(2, 3, SIZE, SIZE)
+    for pool in ("mean", "adaptive", "shape-kernel", "fixed-kernel", "keepdim"):
+        teacher, _ = untuned_pair(pool)
+        found = find_global_pool(teacher, example)
+        last_relu = [n.name for n in torch.fx.symbolic_trace(teacher).graph.nodes if n.name.startswith("relu")][-1]
+        assert found.feature == last_relu, (pool, found)
+        assert found.after == ("fc10",) and found.trunk == ""
+    # A fixed kernel is global only at the size that makes the map 1x1: shapes decide, so without them it is refused.
+    with pytest.raises(SurgeryError, match=r"^no global pooling over the spatial axes found in CaffeNet \(looked for "):
+        find_global_pool(untuned_pair("fixed-kernel")[0])
+
+
+def test_a_global_pool_inside_a_trunk_and_a_module_pool_are_found():
+    teacher, _ = untuned_pair("adaptive")
+
+    class Untraceable(nn.Module):  # data-dependent control flow: fx traces only the trunk inside
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > -1e30 else -self.body(x)
+
+    model = Untraceable(teacher)
+    found = find_global_pool(model)
+    assert found.trunk == "body" and found.after == ("body.fc10",) and "in trunk body" in str(found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert(model, "v1.5", input_size=(3, SIZE, SIZE))
+    images = torch.randn(32, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    out = finetune(converted, model, TensorDataset(images), objective="features", steps=2, batch_size=16,
+                   progress=False)
+    assert history(out).finetune.features.endswith("in trunk body")
+    assert "forward" not in out.body.__dict__ and "forward" not in model.body.__dict__
+    tv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    found = find_global_pool(tv)
+    assert found.node == "_2" and found.feature == "_1" and found.after == ("4",)
