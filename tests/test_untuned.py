@@ -162,3 +162,16 @@ def test_a_global_pool_inside_a_trunk_and_a_module_pool_are_found():
     tv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     found = find_global_pool(tv)
     assert found.node == "_2" and found.feature == "_1" and found.after == ("4",)
+
+
+def test_timm_pools_are_found_traced_through_or_as_a_leaf():
+    timm = pytest.importorskip("timm")
+    from timm.layers import SelectAdaptivePool2d
+
+    # Squeeze-and-excitation pools globally inside every block: the last reduction is the head's.
+    se = timm.create_model("seresnext26d_32x4d", num_classes=10)
+    assert find_global_pool(se).feature == "layer4_1_act3"
+    fast = find_global_pool(timm.create_model("resnet18", num_classes=10, global_pool="fast"))
+    assert fast.form == "layer4_1_act2.mean((2, 3), keepdim=False)" and fast.after == ("fc",)
+    leaf = find_global_pool(timm.create_model("resnet18", num_classes=10), leaf_modules=[SelectAdaptivePool2d])
+    assert leaf.node == "global_pool" and "[SelectAdaptivePool2d]" in leaf.form and leaf.feature == "layer4_1_act2"
