@@ -1,6 +1,7 @@
 """A custom ResNet nobody tuned the tool for: v1 strides, Caffe-style names, functional activations and
 additions, and global pooling written in the ways people write it (issue 20)."""
 
+import copy
 import re
 import warnings
 
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from resnet_surgery import SurgeryError, convert, history
+from resnet_surgery import SurgeryError, calibrate, convert, history
+from resnet_surgery.engine.blocks import find_blocks, pool_module, trace
 from resnet_surgery.engine.pooling import find_global_pool
+from resnet_surgery.engine.prune import prune_dead_compute
 from resnet_surgery.recovery.finetune import finetune
 
 SIZE = 16  # input images are SIZE x SIZE: the last map is 4 x 4
@@ -20,9 +23,9 @@ SIZE = 16  # input images are SIZE x SIZE: the last map is 4 x 4
 class Unit(nn.Module):
     """A bottleneck with its stride on the first 1x1 (v1) and Caffe-style names."""
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int, add: str):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, add: str, act: str = "relu"):
         super().__init__()
-        self.add = add
+        self.add, self.act = add, act
         self.res_branch2a = nn.Conv2d(cin, mid, 1, stride, bias=False)
         self.bn_branch2a = nn.BatchNorm2d(mid)
         self.res_branch2b = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
@@ -40,20 +43,20 @@ class Unit(nn.Module):
         if self.add == "torch.add":
             return F.relu(torch.add(y, s))
         y += s  # operator.iadd
-        return y.relu()
+        return y.relu() if self.act == "relu" else y.clamp_min(0)
 
 
 class CaffeNet(nn.Module):
     """Stem, three units (the last two downsample), a global pool of the kind ``pool`` names, a classifier."""
 
-    def __init__(self, pool: str, add: str = "torch.add"):
+    def __init__(self, pool: str, add: str = "torch.add", act: str = "relu"):
         super().__init__()
         self.pool = pool
         self.conv_stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn_stem = nn.BatchNorm2d(8)
-        self.res2a = Unit(8, 4, 16, 1, add)
-        self.res3a = Unit(16, 8, 32, 2, add)
-        self.res4a = Unit(32, 8, 32, 2, add)
+        self.res2a = Unit(8, 4, 16, 1, add, act)
+        self.res3a = Unit(16, 8, 32, 2, add, act)
+        self.res4a = Unit(32, 8, 32, 2, add, act)
         self.fc10 = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -175,3 +178,76 @@ def test_timm_pools_are_found_traced_through_or_as_a_leaf():
     assert fast.form == "layer4_1_act2.mean((2, 3), keepdim=False)" and fast.after == ("fc",)
     leaf = find_global_pool(timm.create_model("resnet18", num_classes=10), leaf_modules=[SelectAdaptivePool2d])
     assert leaf.node == "global_pool" and "[SelectAdaptivePool2d]" in leaf.form and leaf.feature == "layer4_1_act2"
+
+
+class FunctionalD(nn.Module):
+    """A ResNet-D-like net written with functions: F.max_pool2d stem, F.avg_pool2d on the shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.a = nn.Conv2d(8, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, 2, 1)
+        self.c = nn.Conv2d(8, 16, 1)
+        self.proj = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2, 1)
+        y = self.c(F.relu(self.b(F.relu(self.a(x)))))
+        s = self.proj(F.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False))
+        return F.relu(y + s).mean((2, 3))
+
+
+def test_functional_pools_count_their_stride_and_equal_their_modules():
+    model = FunctionalD()
+    gm = trace(model)
+    (block,) = find_blocks(gm)
+    # The stride is the 3x3's; the functional shortcut pool is seen (not mistaken for a plain 1x1 projection).
+    assert block.stride == 2 and str(block.shortcut_type) == "other"
+    x = torch.randn(2, 8, 7, 7)
+    pools = [n for n in gm.graph.nodes if pool_module(n) is not None]
+    assert [type(pool_module(n)).__name__ for n in pools] == ["MaxPool2d", "AvgPool2d"]
+    assert torch.equal(pool_module(pools[0])(x), F.max_pool2d(x, 3, 2, 1))
+    assert torch.equal(pool_module(pools[1])(x), F.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False))
+    shape_kernel = [n for n in trace(CaffeNet("shape-kernel")).graph.nodes if n.name == "avg_pool2d"]
+    assert pool_module(shape_kernel[0]) is None  # a kernel from the input's shape has no fixed stride
+
+
+def test_prune_dead_pushes_through_functional_and_method_activations():
+    torch.manual_seed(0)
+    model = CaffeNet("mean", add="iadd", act="clamp").eval()
+    pruned, records, _ = prune_dead_compute(copy.deepcopy(model))
+    assert any(r.absorbed for r in records), records  # through y += s and y.clamp_min(0)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x), atol=1e-5)
+
+
+class FlatNet(nn.Module):
+    """Caffe-style and flat: the blocks' layers sit on the model itself, no module per block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.res2a_branch2a, self.res2a_branch2b = nn.Conv2d(8, 4, 1, 2), nn.Conv2d(4, 4, 3, 1, 1)
+        self.res2a_branch2c, self.res2a_branch1 = nn.Conv2d(4, 16, 1), nn.Conv2d(8, 16, 1, 2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        y = self.res2a_branch2c(F.relu(self.res2a_branch2b(F.relu(self.res2a_branch2a(x)))))
+        return self.fc(F.relu(y + self.res2a_branch1(x)).mean((2, 3)))
+
+
+def test_reconstruction_says_up_front_that_it_needs_block_modules():
+    torch.manual_seed(0)
+    teacher = FlatNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = convert(teacher, "v1.5", input_size=(3, SIZE, SIZE))
+    data = TensorDataset(torch.randn(8, 3, SIZE, SIZE))
+    with pytest.raises(SurgeryError, match=r"^block reconstruction needs each residual block to be one module; "
+                                           r"block add is not .*steps=\('bn', 'transfer'\)$"):
+        calibrate(student, teacher, data, steps=("reconstruct",), progress=False)
+    out = finetune(student, teacher, data, objective="features", steps=2, batch_size=4, progress=False)
+    assert history(out).finetune.features == "input of relu_3.mean((2, 3)) at node mean"
