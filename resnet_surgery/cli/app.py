@@ -563,6 +563,8 @@ int8_options = [
     click.option("--per-tensor", is_flag=True, help="--int8: one weight scale per tensor instead of per channel"),
     click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
                  help="--int8: activation type (uint8 with int8 weights is the fast form on x86 CPUs)"),
+    click.option("--full-range-weights", is_flag=True,
+                 help="--int8: 8-bit weights instead of 7 (reduce_range); they may saturate on CPUs without AVX-512 VNNI"),
 ]
 
 
@@ -602,7 +604,8 @@ def export_part(model, part):
 @click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
 @user_errors
 def export_command(model_or_dir, out, opset, static_batch, part, weights, input_size, atol, rtol, int8, calibration_data,
-                   method, calibration_images, parity_images, min_agreement, per_tensor, activations, preset, size,
+                   method, calibration_images, parity_images, min_agreement, per_tensor, activations,
+                   full_range_weights, preset, size,
                    resize, mean, std, batch_size, force, as_json):
     """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
 
@@ -643,7 +646,8 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
         click.echo(f"quantizing to int8, calibrated on {calibration_data} ...", err=True)
         try:
             int8_report = quantize_onnx(fp32_out, out, calibration_data, per_channel=not per_tensor, method=method,
-                                        activations=activations, num_images=calibration_images, parity_images=parity_images,
+                                        activations=activations, reduce_range=not full_range_weights,
+                                        num_images=calibration_images, parity_images=parity_images,
                                         min_agreement=min_agreement, batch_size=batch_size, force=force,
                                         transform=build_preprocessing(preset, size, resize, mean, std, model),
                                         progress=not as_json)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_file
 from ..errors import SurgeryError
+from .cpu import cpu_extensions
 from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
 
 CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
@@ -178,7 +179,8 @@ class LatencyReport:
     def __str__(self) -> str:
         m = self.machine
         lines = [
-            f"Latency in onnxruntime {m['onnxruntime']} ({m['provider']}), {m['cpu']}, "
+            f"Latency in onnxruntime {m['onnxruntime']} ({m['provider']}), {m['cpu']} "
+            f"({' '.join(m.get('cpu_extensions') or ['no AVX2'])}), "
             f"{self.settings['threads']} of {m['cores']} cores, {m['date']}",
             f"load average before {self.load_before[0]:.2f}, after {self.load_after[0]:.2f}; "
             f"peak {self._peak_text()}",
@@ -549,6 +551,7 @@ def _cpu_model() -> str:
 def _machine_info(provider: str) -> dict:
     return {
         "cpu": _cpu_model(),
+        "cpu_extensions": cpu_extensions(),  # AVX2 / AVX-512 / VNNI / BF16 / AMX: what int8 and fp32 kernels use
         "cores": os.cpu_count(),
         "usable_cores": _usable_cores(),
         "platform": platform.platform(),

@@ -1,7 +1,7 @@
 """int8 for the deploy path: onnxruntime's static quantization of an exported fp32 ONNX file, with statistical parity.
 
-Quantization is ``onnxruntime.quantization.quantize_static`` (QDQ format, int8 weights per output channel, uint8
-activations whose ranges come from calibration images run through the fp32 model), after onnxruntime's own
+Quantization is ``onnxruntime.quantization.quantize_static`` (QDQ format, int8 weights per output channel, 7 bits
+of them by default (``reduce_range``: exact on every x86 CPU, see `cpu`), uint8 activations whose ranges come from calibration images run through the fp32 model), after onnxruntime's own
 ``quant_pre_process`` (shape inference and graph optimisation). Parity cannot be exact for int8, so it is
 statistical: on held-out images that calibration never saw, the int8 file's top-1 agreement with the fp32
 file and the mean KL(fp32 || int8) of their softmax outputs (and both top-1 accuracies when the images have
@@ -26,6 +26,7 @@ from ..atomic import atomic_file, check_writable, temp_prefix
 from ..data import as_dataset, disjoint_subsets, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
+from .cpu import cpu_extensions, has_vnni
 from .export import OnnxModule, ParityError
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 
@@ -61,6 +62,8 @@ class QuantReport:
     fp32_bytes: int
     int8_bytes: int
     seconds: float
+    reduce_range: bool = True  # 7-bit weights: no u8 x s8 saturation on CPUs without VNNI (AVX2), same U8S8 speed
+    cpu_extensions: list = dataclasses.field(default_factory=list)  # of the CPU the parity ran on
 
     @property
     def passed(self) -> bool:
@@ -80,8 +83,17 @@ class QuantReport:
             f"calibration on {self.calibration_images} images ({self.seconds:.1f} s)",
             f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
             f"KL {self.kl:.4f}{top1}",
-            f"int8 parity: {'PASS' if self.passed else 'FAIL'} (agreement >= {self.min_agreement:g}%)",
+            f"int8 parity: {'PASS' if self.passed else 'FAIL'} (agreement >= {self.min_agreement:g}%) on a CPU with "
+            f"{' '.join(self.cpu_extensions) or 'no AVX2'}" + _range_note(self.reduce_range, self.cpu_extensions),
         ])
+
+
+def _range_note(reduce_range: bool, extensions: list) -> str:
+    if reduce_range:
+        return "; 7-bit weights (reduce_range): holds on CPUs without VNNI too"
+    if has_vnni(extensions):
+        return "; full 8-bit weights: on a CPU without VNNI (AVX2 only) they may saturate: check parity there"
+    return "; full 8-bit weights"
 
 
 class _Reader(CalibrationDataReader):
@@ -120,6 +132,7 @@ def quantize_onnx(
     per_channel: bool = True,
     method: str = "minmax",
     activations: str = "uint8",
+    reduce_range: bool = True,
     num_images: int = 512,
     parity_data=None,
     parity_images: int = 512,
@@ -138,7 +151,9 @@ def quantize_onnx(
     Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
     ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when
     the agreement is below ``min_agreement`` percent. ``activations="uint8"`` (U8S8) is the fast form on x86;
-    "int8" (S8S8) is there for runtimes that want signed activations.
+    "int8" (S8S8) is there for runtimes that want signed activations. ``reduce_range`` (default) quantizes
+    weights to 7 bits, which CPUs without AVX-512 VNNI (AVX2's 16-bit u8 x s8 sums) need to stay exact; False
+    uses all 8 bits, safe only where the file runs on VNNI/AMX CPUs.
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -164,10 +179,12 @@ def quantize_onnx(
         tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=".export", dir=out.parent) as work,
     ):
         staged = Path(work) / out.name
-        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
+        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations,
+                  reduce_range)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
                          min_agreement, seconds, progress)
+        report.reduce_range = reduce_range
         if not report.passed:
             raise QuantizationError(
                 f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
@@ -199,7 +216,8 @@ def _split(calibration_data, parity_data, num_images, parity_images, preset, tra
     return calibration, parity
 
 
-def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str) -> None:
+def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str,
+              reduce_range: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -213,7 +231,7 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
     try:
         quantize_static(str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method])
     except SurgeryError:
         raise
@@ -243,4 +261,5 @@ def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, ca
         fp32_bytes=fp32_onnx.stat().st_size,
         int8_bytes=staged.stat().st_size,
         seconds=seconds,
+        cpu_extensions=cpu_extensions(),
     )
