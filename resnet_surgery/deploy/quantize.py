@@ -151,9 +151,8 @@ def quantize_onnx(
     Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
     ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when
     the agreement is below ``min_agreement`` percent. ``activations="uint8"`` (U8S8) is the fast form on x86;
-    "int8" (S8S8) is there for runtimes that want signed activations. ``reduce_range`` (default) quantizes
-    weights to 7 bits, which CPUs without AVX-512 VNNI (AVX2's 16-bit u8 x s8 sums) need to stay exact; False
-    uses all 8 bits, safe only where the file runs on VNNI/AMX CPUs.
+    "int8" (S8S8) is for runtimes that want signed activations. ``reduce_range``: 7-bit weights, which CPUs
+    without AVX-512 VNNI need (AVX2 sums u8 x s8 pairs in 16 bits, saturating with 8); False: all 8 bits.
     """
     if method not in METHODS:
         raise SurgeryError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -172,7 +171,6 @@ def quantize_onnx(
     batch = shape[0] if isinstance(shape[0], int) else batch_size
     loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
     _check_images(loaders[0], shape)
-
     start = time.perf_counter()
     with (
         atomic_file(out, force) as tmp,
@@ -183,8 +181,7 @@ def quantize_onnx(
                   reduce_range)
         seconds = time.perf_counter() - start
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
-                         min_agreement, seconds, progress)
-        report.reduce_range = reduce_range
+                         min_agreement, seconds, progress, reduce_range)
         if not report.passed:
             raise QuantizationError(
                 f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
@@ -240,7 +237,7 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
 
 
 def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, calibration_images, min_agreement,
-            seconds, progress) -> QuantReport:
+            seconds, progress, reduce_range) -> QuantReport:
     fp32, int8 = OnnxModule(fp32_onnx), OnnxModule(staged)
     scores = evaluate(int8, loader, reference=fp32, progress=progress)
     top1_fp32 = evaluate(fp32, loader, progress=progress).top1 if scores.top1 is not None else None
@@ -261,5 +258,6 @@ def _parity(fp32_onnx, staged, loader, out, method, per_channel, activations, ca
         fp32_bytes=fp32_onnx.stat().st_size,
         int8_bytes=staged.stat().st_size,
         seconds=seconds,
+        reduce_range=reduce_range,
         cpu_extensions=cpu_extensions(),
     )
