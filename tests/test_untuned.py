@@ -32,14 +32,15 @@ class Unit(nn.Module):
         self.bn_branch2b = nn.BatchNorm2d(mid)
         self.res_branch2c = nn.Conv2d(mid, cout, 1, bias=False)
         self.bn_branch2c = nn.BatchNorm2d(cout)
-        self.res_branch1 = nn.Conv2d(cin, cout, 1, stride, bias=False)
-        self.bn_branch1 = nn.BatchNorm2d(cout)
+        self.project = stride > 1 or cin != cout
+        self.res_branch1 = nn.Conv2d(cin, cout, 1, stride, bias=False) if self.project else None
+        self.bn_branch1 = nn.BatchNorm2d(cout) if self.project else None
 
     def forward(self, x):
         y = F.relu(self.bn_branch2a(self.res_branch2a(x)))
         y = F.relu(self.bn_branch2b(self.res_branch2b(y)))
         y = self.bn_branch2c(self.res_branch2c(y))
-        s = self.bn_branch1(self.res_branch1(x))
+        s = self.bn_branch1(self.res_branch1(x)) if self.project else x
         if self.add == "torch.add":
             return F.relu(torch.add(y, s))
         y += s  # operator.iadd
@@ -251,3 +252,46 @@ def test_reconstruction_says_up_front_that_it_needs_block_modules():
         calibrate(student, teacher, data, steps=("reconstruct",), progress=False)
     out = finetune(student, teacher, data, objective="features", steps=2, batch_size=4, progress=False)
     assert history(out).finetune.features == "input of relu_3.mean((2, 3)) at node mean"
+
+
+class DeepCaffeNet(nn.Module):
+    """The committed CIFAR-10 models' shape (stem 16, stages 16/32/64/128 x 1/2/2/2 bottlenecks, v1 strides),
+    written our way: Caffe-style names (res3b, res_branch2a), functional ReLU, torch.add, F.adaptive_avg_pool2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn_stem = nn.BatchNorm2d(16)
+        self.units, cin = [], 16
+        for stage, (planes, count) in enumerate(zip((16, 32, 64, 128), (1, 2, 2, 2))):
+            for i in range(count):
+                name = f"res{stage + 2}{'abc'[i]}"
+                setattr(self, name, Unit(cin, planes, 4 * planes, 2 if stage and not i else 1, "torch.add"))
+                self.units.append(name)
+                cin = 4 * planes
+        self.fc10 = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn_stem(self.conv_stem(x)))
+        for name in self.units:
+            x = getattr(self, name)(x)
+        return self.fc10(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_trained_custom_resnet_quantizes_with_the_defaults(shared_data, tmp_path):
+    from resnet_surgery import export_onnx, quantize_onnx, transplant
+    from resnet_surgery.data import cifar10_tensors, normalize_uint8
+    from resnet_surgery.zoo.cifar import load_cifar_resnet
+
+    # Trained weights moved into our own class (the zoo gives the weights, not the model).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transplant(load_cifar_resnet("v1"), DeepCaffeNet(), input_size=(3, 32, 32)).eval()
+    images, labels = cifar10_tensors(shared_data, "test")
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:1500]
+    data = TensorDataset(normalize_uint8(images[keep]), labels[keep])
+    export_onnx(model, tmp_path / "caffe.onnx", input_size=(3, 32, 32))
+    report = quantize_onnx(tmp_path / "caffe.onnx", tmp_path / "caffe.int8.onnx", data, num_images=256,
+                           parity_images=1000, progress=False)  # the defaults: min_agreement 98, 7-bit weights
+    assert report.passed and report.reduce_range and report.agreement >= 98, report
+    assert report.top1_fp32 > 80 and abs(report.top1_int8 - report.top1_fp32) <= 1.0, report
