@@ -231,18 +231,18 @@ def test_features_and_recovery_refuse_what_they_cannot_do():
     with pytest.raises(SurgeryError, match="unknown augmentation"):
         finetune(student, teacher, synthetic(), augment="autoaugment", progress=False)
 
-    class MeanPool(torch.nn.Module):  # pools with torch.mean: no pooling module to tap
+    class NoPool(torch.nn.Module):  # classifies the flattened map: nothing reduces over the spatial axes
         def __init__(self):
             super().__init__()
             self.conv = torch.nn.Conv2d(3, 4, 3)
-            self.fc = torch.nn.Linear(4, 10)
+            self.fc = torch.nn.Linear(4 * 14 * 14, 10)
 
         def forward(self, x):
-            return self.fc(self.conv(x).mean((2, 3)))
+            return self.fc(self.conv(x).mean(1, keepdim=True).expand(-1, 4, -1, -1).flatten(1))
 
-    model = MeanPool()
+    model = NoPool()
     record(model, recipe=history(student).recipe)
-    with pytest.raises(SurgeryError, match="no global pooling module"):
+    with pytest.raises(SurgeryError, match=r"no global pooling over the spatial axes found in NoPool \(looked for "):
         finetune(model, model, synthetic(), objective="features", progress=False)
     with pytest.raises(SurgeryError, match="has no recipe"):
         finetune(teacher, teacher, synthetic(), progress=False)

@@ -1,6 +1,7 @@
 import json
 
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,6 +11,7 @@ from torch.utils.data import TensorDataset
 from resnet_surgery import SurgeryError, export_onnx
 from resnet_surgery.cli import main
 from resnet_surgery.data import CIFAR10_CLASSES, cifar10_tensors, disjoint_subsets, normalize_uint8
+from resnet_surgery.deploy.cpu import cpu_extensions, has_vnni
 from resnet_surgery.deploy.export import MACS_METADATA_KEY, onnx_metadata
 from resnet_surgery.deploy.onnxfile import is_quantized
 from resnet_surgery.deploy.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
@@ -67,8 +69,34 @@ def test_int8_keeps_agreement_with_fp32_on_held_out_images(fp32_onnx, cifar_imag
     assert meta[MACS_METADATA_KEY] == onnx_metadata(fp32_onnx)[MACS_METADATA_KEY]
     assert json.loads(meta[QUANT_METADATA_KEY])["agreement"] == report.agreement
     assert "int8 parity: PASS" in str(report)
+    # 7-bit weights by default (reduce_range): no u8 x s8 saturation on CPUs without VNNI.
+    assert report.reduce_range and int8_weight_range(proto) <= 64 and "7-bit weights (reduce_range)" in str(report)
+    stamped = json.loads(meta[QUANT_METADATA_KEY])
+    assert stamped["reduce_range"] is True and stamped["cpu_extensions"] == cpu_extensions()
     with pytest.raises(SurgeryError, match="already exists"):
         quantize_onnx(fp32_onnx, out, cifar_images, num_images=8, parity_images=8, progress=False)
+
+
+def int8_weight_range(proto) -> int:
+    """The largest |value| among the file's int8 initializers (the quantized weights)."""
+    return max(int(abs(onnx.numpy_helper.to_array(t).astype(int)).max()) for t in proto.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims)
+
+
+def test_full_range_weights_are_a_choice_and_recorded(fp32_onnx, cifar_images, tmp_path):
+    out = tmp_path / "full.int8.onnx"
+    report = quantize_onnx(fp32_onnx, out, cifar_images, num_images=64, parity_images=64, min_agreement=90,
+                           reduce_range=False, progress=False)
+    assert not report.reduce_range and int8_weight_range(onnx.load(str(out))) > 64
+    assert json.loads(onnx_metadata(out)[QUANT_METADATA_KEY])["reduce_range"] is False
+    assert "full 8-bit weights" in str(report)
+
+
+def test_cpu_extensions_come_from_the_flags_line():
+    text = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8 avx512_bf16\n"
+    assert cpu_extensions(text) == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"]
+    assert has_vnni(cpu_extensions(text)) and not has_vnni(cpu_extensions("flags\t: fpu avx2 fma\n"))
+    assert cpu_extensions("no flags here") == []
 
 
 def test_constant_calibration_fails_the_threshold_and_writes_nothing(fp32_onnx, cifar_images, tmp_path):
@@ -122,6 +150,9 @@ def test_cli_export_int8(shared_data, tmp_path):
     payload = json.loads(result.output[result.output.index("{"):])
     assert payload["fp32"]["passed"] and payload["int8"]["passed"] and payload["int8"]["parity_images"] == 96
     assert out.is_file() and not list(tmp_path.glob(".*"))  # the fp32 file was temporary
+    assert payload["int8"]["reduce_range"] is True
+    full = export(tmp_path / "full.int8.onnx", "cifar10", "--json", "--full-range-weights")
+    assert full.exit_code == 0 and json.loads(full.output[full.output.index("{"):])["int8"]["reduce_range"] is False
 
     # Bad input: one line on stderr, exit 2, nothing written.
     no_data = CliRunner().invoke(main, ["export", "cifar10-resnet-v1.5", "--int8", "--out", str(tmp_path / "x.onnx")])

@@ -75,7 +75,8 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
 @click.option("--json", "as_json", is_flag=True, help="print the parity report as JSON")
 @user_errors
 def export_command(model_or_dir, out, opset, static_batch, part, weights, input_size, atol, rtol, int8, calibration_data,
-                   method, calibration_images, parity_images, min_agreement, per_tensor, activations, preset, size,
+                   method, calibration_images, parity_images, min_agreement, per_tensor, activations,
+                   full_range_weights, preset, size,
                    resize, mean, std, batch_size, force, as_json):
     """Export MODEL_OR_DIR (a model name or a folder written by `convert`) to ONNX, verified in onnxruntime.
 
@@ -104,7 +105,8 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
             return
         report, int8_report = export_int8(
             model, out, calibration_data, **export, on_fp32=fp32_done, per_channel=not per_tensor, method=method,
-            activations=activations, num_images=calibration_images, parity_images=parity_images,
+            activations=activations, reduce_range=not full_range_weights, num_images=calibration_images,
+            parity_images=parity_images,
             min_agreement=min_agreement, batch_size=batch_size, progress=not as_json,
             transform=build_preprocessing(preset, size, resize, mean, std, model))
     except ParityError as e:  # the fp32 file's, or the int8 file's (QuantizationError)

@@ -237,6 +237,8 @@ int8_options = [
     click.option("--per-tensor", is_flag=True, help="--int8: one weight scale per tensor instead of per channel"),
     click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
                  help="--int8: activation type (uint8 with int8 weights is the fast form on x86 CPUs)"),
+    click.option("--full-range-weights", is_flag=True,
+                 help="--int8: 8-bit weights instead of 7 (reduce_range); they may saturate on CPUs without AVX-512 VNNI"),
 ]
 
 original_options = [

@@ -99,7 +99,8 @@ class LatencyReport:
     def __str__(self) -> str:
         m = self.machine
         lines = [
-            f"Latency in onnxruntime {m['onnxruntime']} ({m['provider']}), {m['cpu']}, "
+            f"Latency in onnxruntime {m['onnxruntime']} ({m['provider']}), {m['cpu']} "
+            f"({' '.join(m.get('cpu_extensions') or ['no AVX2'])}), "
             f"{self.settings['threads']} of {m['cores']} cores, {m['date']}",
             f"load average before {self.load_before[0]:.2f}, after {self.load_after[0]:.2f}; "
             f"peak {self._peak_text()}",

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
+from .cpu import cpu_extensions
 from .runtime import onnx_session, runner
 
 __all__ = ["BUSY_LOAD", "cpu_model", "load_warnings", "machine_info", "measure_peak_gflops", "usable_cores"]
@@ -109,10 +110,11 @@ def machine_info(provider: str) -> dict:
         provider: the execution provider the sessions ran on.
 
     Returns:
-        cpu, cores, usable_cores, platform, versions, provider and the date.
+        cpu, its instruction-set extensions, cores, usable_cores, platform, versions, provider and the date.
     """
     return {
         "cpu": cpu_model(),
+        "cpu_extensions": cpu_extensions(),  # AVX2 / AVX-512 / VNNI / BF16 / AMX: what int8 and fp32 kernels use
         "cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "platform": platform.platform(),

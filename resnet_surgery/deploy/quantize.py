@@ -31,6 +31,7 @@ from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
 from ..utils import check_model, image_size
+from .cpu import cpu_extensions, has_vnni
 from .export import OnnxModule, ParityError, export_onnx
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 from .parity import ParityReport
@@ -77,6 +78,8 @@ class QuantReport:
     output_errors: list[float] | None = None
     max_output_error: float = MAX_OUTPUT_ERROR
     finite: bool = True  # no NaN or infinity in any output of either file
+    reduce_range: bool = True  # 7-bit weights: no u8 x s8 saturation on CPUs without VNNI (AVX2), same U8S8 speed
+    cpu_extensions: list = dataclasses.field(default_factory=list)  # of the CPU the parity ran on
 
     @property
     def passed(self) -> bool:
@@ -103,6 +106,8 @@ class QuantReport:
             f"activations, {self.method} "
             f"calibration on {self.calibration_images} images ({self.seconds:.1f} s)",
             *self._parity_lines(),
+            f"parity ran on a CPU with {' '.join(self.cpu_extensions) or 'no AVX2'}"
+            + _range_note(self.reduce_range, self.cpu_extensions),
         ])
 
     def _parity_lines(self) -> list[str]:
@@ -118,6 +123,14 @@ class QuantReport:
         return [f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
                 f"KL {self.kl:.4f}{top1}",
                 f"int8 parity: {verdict}{finite} (agreement >= {self.min_agreement:g}%)"]
+
+
+def _range_note(reduce_range: bool, extensions: list) -> str:
+    if reduce_range:
+        return "; 7-bit weights (reduce_range): holds on CPUs without VNNI too"
+    if has_vnni(extensions):
+        return "; full 8-bit weights: on a CPU without VNNI (AVX2 only) they may saturate: check parity there"
+    return "; full 8-bit weights"
 
 
 class _Reader(CalibrationDataReader):
@@ -164,6 +177,7 @@ def quantize_onnx(
     per_channel: bool = True,
     method: str = "minmax",
     activations: str = "uint8",
+    reduce_range: bool = True,
     num_images: int = 512,
     parity_data=None,
     parity_images: int = 512,
@@ -178,21 +192,21 @@ def quantize_onnx(
 ) -> QuantReport:
     """Quantize ``fp32_onnx`` to int8 at ``out`` and check it against the fp32 file on held-out images.
 
-    ``calibration_data`` (an ImageFolder or flat folder, a Dataset or a DataLoader; preprocessed with
-    ``transform`` or ``preset`` like every other input of the project) gives ``num_images`` calibration images.
-    Parity runs on ``parity_images`` of ``parity_data``, or, without it, on as many other images of
-    ``calibration_data`` (never the calibration images). Raises QuantizationError, writing nothing, when a
-    classifier's agreement is below ``min_agreement`` percent, another output's error above ``max_output_error``,
-    or an output of either file holds a NaN or an infinity.
+    Parity runs on held-out images, never the calibration images. Raises QuantizationError, writing nothing,
+    when a classifier's agreement is below ``min_agreement`` percent, another output's error above
+    ``max_output_error``, or an output of either file holds a NaN or an infinity.
 
     Args:
         fp32_onnx: the float32 .onnx file.
         out: the int8 .onnx file to write.
-        calibration_data: images to calibrate on (and to hold parity images out of, without ``parity_data``).
+        calibration_data: images to calibrate on (and to hold parity images out of, without ``parity_data``): an
+            ImageFolder or flat folder (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
         per_channel: one weight scale per output channel (else per tensor).
         method: "minmax", "entropy" or "percentile": how activation ranges are calibrated.
         activations: "uint8" (U8S8, the fast form on x86) or "int8" (S8S8, for runtimes that want signed
             activations).
+        reduce_range: 7-bit weights (the default), which CPUs without AVX-512 VNNI need: AVX2 sums u8 x s8
+            pairs in 16 bits and saturates with full 8-bit weights; False: all 8 bits.
         num_images: calibration images (a fixed random subset).
         parity_data: images for parity, if not held out of ``calibration_data``.
         parity_images: parity images.
@@ -211,21 +225,26 @@ def quantize_onnx(
     fp32_onnx, out = Path(fp32_onnx), Path(out)
     proto, (input_name, shape, _) = _check_request(fp32_onnx, out, method, activations, force)
     calibration, parity = _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
-    # A static batch axis takes exactly that many images per run.
-    batch = shape[0] if isinstance(shape[0], int) else batch_size
-    loaders = [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in (calibration, parity)]
+    loaders = _loaders((calibration, parity), shape, batch_size)
     _check_images(loaders[0], shape, fp32_onnx)
     start = time.perf_counter()
     with atomic_file(out, force) as tmp, staging_dir(out) as work:
         staged = work / out.name
-        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations)
-        seconds = time.perf_counter() - start
+        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations,
+                  reduce_range)
         report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
-                         (min_agreement, max_output_error), seconds, progress)
+                         (min_agreement, max_output_error), time.perf_counter() - start, progress)
+        report = dataclasses.replace(report, reduce_range=reduce_range, cpu_extensions=cpu_extensions())
         _raise_unless_agrees(report)
         _stamp(staged, proto, report)
         os.replace(staged, tmp)
     return report
+
+
+def _loaders(datasets, shape, batch_size: int) -> list[DataLoader]:
+    """Calibration and parity loaders: a static batch axis takes exactly that many images per run."""
+    batch = shape[0] if isinstance(shape[0], int) else batch_size
+    return [DataLoader(d, batch_size=batch, drop_last=isinstance(shape[0], int)) for d in datasets]
 
 
 def _check_request(fp32_onnx: Path, out: Path, method: str, activations: str, force: bool):
@@ -342,7 +361,8 @@ def _images(calibration_data, parity_data, num_images, parity_images, preset, tr
                            "calibration images: pass more images (or parity_data)")
 
 
-def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str) -> None:
+def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str,
+              reduce_range: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -356,7 +376,7 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
     try:
         quantize_static(str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method])
     except SurgeryError:
         raise

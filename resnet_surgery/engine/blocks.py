@@ -21,7 +21,7 @@ from .layers import Subsample
 
 __all__ = [
     "ADD_FUNCTIONS", "ADD_METHODS", "Block", "NORM_TYPES", "SurgeryTracer", "Trunk", "dilated_note",
-    "find_blocks", "find_trunk", "full_name", "is_add", "model_variant", "modules_on", "trace",
+    "find_blocks", "find_trunk", "full_name", "is_add", "model_variant", "modules_on", "pool_module", "trace",
 ]
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -104,6 +104,36 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ADD_METHODS
 
 
+def pool_module(node: fx.Node) -> nn.Module | None:
+    """The nn.AvgPool2d / nn.MaxPool2d that a functional pooling call (``F.avg_pool2d(x, 2)``, ``F.max_pool2d(x, 3,
+    2, 1)``) computes, when its arguments are constants; else None.
+
+    Args:
+        node: an fx node.
+
+    Returns:
+        Module or None: a new pooling module with the call's kernel, stride, padding and rounding.
+    """
+    name = getattr(node.target, "__name__", None) if node.op == "call_function" else None
+    kinds = {"avg_pool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+             "max_pool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"))}
+    if name not in kinds:
+        return None
+    kind, fields = kinds[name]
+    values = dict(zip(fields, node.args[1:]))
+    values.update({k: v for k, v in node.kwargs.items() if k in fields})
+    if any(isinstance(v, fx.Node) or (isinstance(v, (tuple, list)) and any(isinstance(i, fx.Node) for i in v))
+           for v in values.values()) or "kernel_size" not in values:
+        return None  # a kernel from the input's shape: a global pool, no fixed stride
+    values["stride"] = values.get("stride") or None  # F.*_pool2d take stride [] or None for the kernel's
+    return kind(**values)
+
+
+def _node_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module ``node`` calls, or the pooling module that its functional pooling call computes."""
+    return modules[node.target] if node.op == "call_module" else pool_module(node)
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)]
 
@@ -153,8 +183,8 @@ def _classify(block: Block, modules: dict[str, nn.Module]) -> None:
         block.kind = BlockKind.BASIC
     stride = 1
     for n in block.main:
-        if n.op == "call_module" and isinstance(modules[n.target], (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)):
-            stride *= _stride(modules[n.target])
+        if isinstance(m := _node_module(n, modules), (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)):
+            stride *= _stride(m)
     block.stride = stride
     if stride > 1:
         if block.kind == BlockKind.BOTTLENECK:
@@ -177,6 +207,8 @@ def _shortcut_type(block: Block, modules: dict[str, nn.Module]) -> Shortcut:
     mods = [m for m in mods if not isinstance(m, nn.Identity)]
     convs = [m for m in mods if isinstance(m, nn.Conv2d)]
     pools = [m for m in mods if isinstance(m, nn.AvgPool2d)]
+    if any(pool_module(n) is not None for n in block.shortcut):
+        return Shortcut.OTHER  # a functional pool: rewrites change shortcuts through their modules only
     if not block.shortcut or (not convs and not mods):
         return Shortcut.IDENTITY
     if len(mods) == 1 and isinstance(mods[0], Subsample):

@@ -31,9 +31,13 @@ __all__ = [
 ]
 
 ELEMENTWISE_MODULES = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-                       nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
-ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, torch.sigmoid, F.leaky_relu, torch.tanh}
-ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+                       nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU, nn.Hardsigmoid,
+                       nn.Hardtanh, nn.PReLU)
+# The same activations written as functions and methods (F.relu(x), torch.relu_(x), x.relu_(), x.clamp(min=0)).
+ELEMENTWISE_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, torch.sigmoid, F.sigmoid,
+                         F.leaky_relu, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, F.elu,
+                         F.dropout, torch.clamp}
+ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_min_"}
 
 
 def _reads_subsampled(conv: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
-from .blocks import find_trunk
+from .blocks import find_trunk, pool_module
 from .layers import Subsample
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ def _conv_reads(name: str, branch: str, m: nn.Module, size: tuple[int, int], pat
 
 
 def _strided(node, modules) -> nn.Module | None:
-    m = modules.get(node.target) if node.op == "call_module" else None
+    # A functional pool (F.max_pool2d(x, 3, 2, 1)) reads like the module it equals.
+    m = modules.get(node.target) if node.op == "call_module" else pool_module(node)
     if isinstance(m, READERS) and max(_module_params(m)[1]) > 1:
         return m
     return None
@@ -173,7 +174,8 @@ def site_reads(model: nn.Module, report: Report, *, leaf_modules=(), patch: int 
             for node in nodes:
                 if (m := _strided(node, modules)) is not None:
                     size = tuple(node.args[0].meta["tensor_meta"].shape[2:4])
-                    reads.append(_conv_reads(trunk.path(node.target), branch, m, size, patch))
+                    name = node.target if node.op == "call_module" else node.name
+                    reads.append(_conv_reads(trunk.path(name), branch, m, size, patch))
         site = dead.get(block.name)
         sites.append(SiteReads(block.name, names[i - 1] if i else None, reads, site.dead_macs if site else 0,
                                _moved_to(reads, site)))

@@ -1,24 +1,26 @@
 """What fine-tuning minimises: knowledge distillation of the logits, mimicking of the feature map before
-global pooling (caught by hooks on the pool), and the augmentation that varies a small set's images."""
+global pooling (kept by a node inserted before the reduction, whatever its form), and the augmentation that varies a small set's images."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import split_batch
 from ..engine.blocks import trace
-from ..errors import SurgeryError
+from ..engine.pooling import GlobalPool, find_global_pool
+from ..utils import model_device
 
-__all__ = ["AUGMENTATIONS", "AUTO_CIFAR_SIZE", "GLOBAL_POOLS", "Taps", "augmenter", "distillation_loss",
+__all__ = ["AUGMENTATIONS", "AUTO_CIFAR_SIZE", "Taps", "augmenter", "distillation_loss", "features_text", "global_pools",
            "feature_loss", "global_pool", "training_loss"]
 
 AUGMENTATIONS = ("none", "auto", "cifar", "imagenet")
 AUTO_CIFAR_SIZE = 64  # "auto" augments images up to this size like CIFAR (pad-crop), larger ones like ImageNet
-# Global pooling that ends a ResNet's trunk: its input is the feature map that objective="features" matches.
-GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -53,59 +55,87 @@ def feature_loss(student_features: torch.Tensor, teacher_features: torch.Tensor)
 
 
 
-def global_pool(model: nn.Module) -> tuple[str, list[str]]:
-    """(the global pooling module that ends the trunk, the modules after it: the classifier), from the fx graph.
-    Its input is the feature map that objective="features" matches.
+def global_pool(model: nn.Module, example: torch.Tensor | None = None) -> GlobalPool:
+    """The global spatial reduction that ends the trunk, found in the fx graph whatever its form; its input is
+    the feature map that objective="features" matches.
 
     Args:
         model: a model that ends in global pooling and a classifier.
+        example: an input batch, to recognise pooling with a fixed kernel the size of the map.
 
     Returns:
-        tuple: the pool's name, and the names of the modules with parameters after it.
+        GlobalPool: the reduction, its feature node and the modules with parameters after it.
     """
-    gm = trace(model)
-    modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    pools = [i for i, n in enumerate(nodes) if n.op == "call_module" and isinstance(modules[n.target], GLOBAL_POOLS)
-             and modules[n.target].output_size in (1, (1, 1))]
-    if not pools:
-        raise SurgeryError(f"no global pooling module (nn.AdaptiveAvgPool2d(1)) found in {type(model).__name__}; "
-                           "objective='features' needs one: use objective='logits'")
-    last = pools[-1]
-    after = [n.target for n in nodes[last + 1 :] if n.op == "call_module" and any(True for _ in modules[n.target].parameters())]
-    return nodes[last].target, after
+    return find_global_pool(model, example)
 
+
+class _Keep(nn.Module):
+    """Passes its input through and keeps it: the feature map, caught inside the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.value = x
+        return x
+
+
+def _tap(model: nn.Module, pool: GlobalPool) -> tuple[nn.Module, _Keep]:
+    """Make the traced part of ``model`` that holds ``pool`` run a copy of its graph that keeps the pool's input:
+    (the part whose forward was replaced, the keeper). The copy calls the part's own modules."""
+    part = model.get_submodule(pool.trunk) if pool.trunk else model
+    gm = trace(part)
+    graph = copy.deepcopy(gm.graph)  # a GraphModule's own graph stays as it is
+    nodes = {n.name: n for n in graph.nodes}
+    keep = _Keep()
+    gm.add_submodule("feature_tap", keep)
+    with graph.inserting_after(nodes[pool.feature]):
+        kept = graph.call_module("feature_tap", (nodes[pool.feature],))
+    nodes[pool.node].replace_input_with(nodes[pool.feature], kept)
+    tapped = fx.GraphModule(gm, graph, type(part).__name__)
+    part.forward = tapped.forward  # an instance attribute: Taps.remove deletes it
+    return part, keep
 
 
 @dataclasses.dataclass
 class Taps:
-    """The pre-pool feature maps of the student and the teacher, caught by forward pre-hooks on the pool.
+    """The pre-pool feature maps of the student and the teacher, kept by a node inserted after each model's
+    feature node (a copy of its traced graph runs in place of its forward while attached).
 
     Args:
-        student: the student's last feature map.
-        teacher: the teacher's last feature map.
-        handles: the hooks' handles.
+        pools: the student's and the teacher's global pools.
+        parts: the modules whose forward runs the tapped graph.
+        keepers: the student's and the teacher's keepers.
     """
 
-    student: torch.Tensor | None = None
-    teacher: torch.Tensor | None = None
-    handles: list = dataclasses.field(default_factory=list)
+    pools: list = dataclasses.field(default_factory=list)
+    parts: list = dataclasses.field(default_factory=list)
+    keepers: list = dataclasses.field(default_factory=list)
 
-    def attach(self, student: nn.Module, teacher: nn.Module, pool: str) -> None:
-        """Hook the pool ``pool`` of both models."""
-        def keep(attr):
-            def hook(_, args):
-                setattr(self, attr, args[0])
+    @property
+    def student(self) -> torch.Tensor | None:
+        """The student's last feature map."""
+        return self.keepers[0].value if self.keepers else None
 
-            return hook
+    @property
+    def teacher(self) -> torch.Tensor | None:
+        """The teacher's last feature map."""
+        return self.keepers[1].value if self.keepers else None
 
-        self.handles = [student.get_submodule(pool).register_forward_pre_hook(keep("student")),
-                        teacher.get_submodule(pool).register_forward_pre_hook(keep("teacher"))]
+    def attach(self, student: nn.Module, teacher: nn.Module, pools: tuple[GlobalPool, GlobalPool]) -> None:
+        """Keep the input of the global pool ``pools`` (the student's, the teacher's) from every forward."""
+        self.pools = list(pools)
+        for model, pool in zip((student, teacher), pools):
+            part, keep = _tap(model, pool)
+            self.parts.append(part)
+            self.keepers.append(keep)
 
     def remove(self) -> None:
-        """Remove the hooks."""
-        for h in self.handles:
-            h.remove()
+        """Give both models their own forward back."""
+        for part in self.parts:
+            part.__dict__.pop("forward", None)
+        self.parts, self.keepers = [], []
 
 
 
@@ -170,3 +200,19 @@ def augmenter(augment: str, objective: str, seed: int):
 
     return apply
 
+
+def global_pools(converted: nn.Module, original: nn.Module, loader) -> tuple:
+    """Both models' global pools, found in their graphs before any training; one image of the first batch
+    gives the shapes that recognise a fixed-kernel pool the size of the map."""
+    with torch.random.fork_rng(devices=[]):  # reading a batch here must not move the shuffling's generator
+        images = split_batch(next(iter(loader)))[0][:1]
+    return (global_pool(converted, images.to(model_device(converted))),
+            global_pool(original, images.to(model_device(original))))
+
+
+def features_text(pools) -> str | None:
+    """Where the matched feature maps were found, for the report (the teacher's too when it differs)."""
+    if pools is None:
+        return None
+    student, teacher = (str(p) for p in pools)
+    return student if student == teacher else f"{student} (teacher: {teacher})"

@@ -28,7 +28,7 @@ from ..history import record_result
 from ..utils import eval_mode, model_device
 from .calibrate import approximate_rewrites
 from .checkpoint import load_checkpoint, run_identity, save_checkpoint, state_digest
-from .distill import AUGMENTATIONS, Taps, augmenter, global_pool, training_loss
+from .distill import AUGMENTATIONS, Taps, augmenter, features_text, global_pools, training_loss
 from .distributed import join_process_group, sync_buffers, train_loader
 from .evaluate import gives_logits
 
@@ -56,6 +56,7 @@ class FinetuneReport:
         checkpoint: the checkpoint path, or None.
         objective: "logits", "features" or "both".
         budget_steps: optimizer steps the schedule spans.
+        features: where the matched feature map was found ("input of relu_15.mean((2, 3)) at node mean").
     """
 
     epochs: int
@@ -70,6 +71,7 @@ class FinetuneReport:
     checkpoint: str | None
     objective: str = "logits"
     budget_steps: int = 0  # optimizer steps the schedule spans
+    features: str | None = None  # the feature map that "features"/"both" match, as found in the graph
 
     @property
     def loss_start(self) -> float:
@@ -89,6 +91,7 @@ class FinetuneReport:
             f"epochs {self.start_epoch}->{self.start_epoch + len(self.epoch_losses)} of {self.epochs}, "
             f"{self.steps} steps, {self.images} images on {self.world_size} process(es): {self.objective} loss "
             f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s)"
+            + (f"; features: {self.features}" if self.features else "")
         )
 
 
@@ -151,7 +154,7 @@ class _Run:
     sched: object
     device: torch.device
     prefixes: list[str] | None
-    pool: str | None  # the global pooling module whose input objective="features" matches
+    pools: tuple | None  # the student's and teacher's global pools (GlobalPool) whose inputs "features" matches
     frozen: list[str]  # modules kept in eval mode with frozen parameters (the classifier, for features)
     total_steps: int
     epochs: int
@@ -216,12 +219,10 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         max_steps=max_steps, bf16=bf16))
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
-    # Traced once, before any work: a model without a global pooling module is refused here.
-    pool = global_pool(converted) if options.objective != "logits" else (None, [])
     _refuse_non_classifier(converted, spec)
     rank, world, started_group = join_process_group()
     try:
-        run = _setup(converted, original, spec, options, pool=pool, rank=rank, world=world)
+        run = _setup(converted, original, spec, options, rank=rank, world=world)
         report = _resume_and_train(run, converted, spec, options)
     finally:
         if started_group:
@@ -269,7 +270,7 @@ def _refuse_non_classifier(converted: nn.Module, spec: DataSpec) -> None:
                            "calibrate, which fits its trunk")
 
 
-def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank: int, world: int) -> _Run:
+def _setup(converted, original, spec: DataSpec, options: _Options, *, rank: int, world: int) -> _Run:
     """Student and teacher on the device, trainable parameters, loader, optimizer and cosine schedule."""
     if torch.cuda.is_available() and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -277,7 +278,11 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank
     else:
         device = model_device(converted)
     prefixes = _trainable_prefixes(converted, options.freeze)
-    frozen = pool[1] if options.objective == "features" else []
+    loader, sampler = train_loader(spec, rank=rank, world=world)
+    if len(loader) == 0:
+        raise SurgeryError("the training data yielded no batches; pass a non-empty dataset")
+    pools = global_pools(converted, original, loader) if options.objective != "logits" else None
+    frozen = list(pools[0].after) if options.objective == "features" else []
     student = copy.deepcopy(converted).to(device)
     teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
     for name, p in student.named_parameters():
@@ -285,9 +290,6 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise SurgeryError("nothing to train: the model has no trainable parameters")
-    loader, sampler = train_loader(spec, rank=rank, world=world)
-    if len(loader) == 0:
-        raise SurgeryError("the training data yielded no batches; pass a non-empty dataset")
     # An iteration budget spans as many passes over the data as it needs.
     total = options.steps if options.steps is not None else options.epochs * len(loader)
     epochs = math.ceil(total / len(loader))
@@ -303,7 +305,7 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, pool, rank
     if train_norms is None:
         # Few images seen many times (features) give noisy batch statistics: keep the calibrated ones.
         train_norms = options.objective == "logits"
-    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, pool[0], frozen, total, epochs,
+    return _Run(student, teacher, net, loader, sampler, opt, sched, device, prefixes, pools, frozen, total, epochs,
                 rank, world, train_norms)
 
 
@@ -322,7 +324,7 @@ def _resume_and_train(run: _Run, converted: nn.Module, spec: DataSpec, options: 
         start_epoch, step = state["epoch"], state["step"]
     report = FinetuneReport(run.epochs, start_epoch, 0, 0, run.world, [], [], 0.0, 0.0,
                             str(o.checkpoint) if o.checkpoint else None, objective=o.objective,
-                            budget_steps=run.total_steps)
+                            budget_steps=run.total_steps, features=features_text(run.pools))
     cpu, wall = time.process_time(), time.perf_counter()
     _train(run, report, o, start_epoch=start_epoch, step=step,
            augment=augmenter(o.augment, o.objective, spec.seed + run.rank), identity=identity, progress=spec.progress)
@@ -337,8 +339,8 @@ def _train(run: _Run, report: FinetuneReport, options: _Options, *, start_epoch,
     """The training loop: epochs of steps until the budget (or ``max_steps``) is spent; a checkpoint after
     every finished epoch."""
     taps = Taps()
-    if run.pool is not None:
-        taps.attach(run.student, run.teacher, run.pool)
+    if run.pools is not None:
+        taps.attach(run.student, run.teacher, run.pools)
     stop = run.total_steps if options.max_steps is None else min(run.total_steps, options.max_steps)
     try:
         with eval_mode(run.teacher):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..engine.blocks import find_blocks, trace
+from ..engine.blocks import find_blocks, find_trunk, trace
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
@@ -113,6 +113,15 @@ def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tenso
     return {n: next((p for p, out in outputs.items() if p != n and out is inputs.get(n)), None) for n in blocks}
 
 
+def _check_block_modules(model: nn.Module, blocks: Sequence[str]) -> None:
+    """Reconstruction trains each block as one module: refuse, up front, a block whose layers share no parent
+    (find_blocks then names it by its add node)."""
+    loose = [n for n in blocks if submodule(model, n) is None]
+    if loose and set(loose) <= {b.name for b in find_trunk(model).blocks}:
+        raise SurgeryError(f"block reconstruction needs each residual block to be one module; block {loose[0]} "
+                           "is not (its layers share no parent module): calibrate with steps=('bn', 'transfer')")
+
+
 def _optimise(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iterations: int, lr: float, batch_size: int,
               generator: torch.Generator, device, desc: str, progress: bool) -> None:
     """Train every parameter of ``unit`` (in place) to map ``x`` to ``y``: MSE, Adam with a cosine schedule,
@@ -175,6 +184,7 @@ def reconstruct_blocks(
         list: a BlockFit per block, in forward order.
     """
     device = model_device(model)
+    _check_block_modules(model, blocks)
     for name in blocks:
         named_module(model, name, nn.Module, "the converted model")
         named_module(original, name, nn.Module, "the original model")

@@ -8,8 +8,8 @@ Candidates (those that change nothing are skipped, and the report says why):
   `resnet_surgery.calibrate` (its default steps) and, with ``finetune_steps``, `resnet_surgery.finetune`;
 - ``v1-pruned``: v1 (recovered, when the original is not v1) with its dead computation removed (exact);
 - ``v1.5-exact``: the dilated v1.5 form of a v1 original (exact);
-- ``<name>-int8``: each of them quantized by `resnet_surgery.quantize_onnx`, kept when its top-1 agrees with
-  its fp32 file on at least ``min_agreement`` percent of the held-out images.
+- ``<name>-int8``: each of them quantized by `resnet_surgery.quantize_onnx` (7-bit weights: the table's "int8 w7"),
+  kept when its top-1 agrees with its fp32 file on at least ``min_agreement`` percent of the held-out images.
 
 Every candidate is exported with parity (`resnet_surgery.export_onnx`) and evaluated on images disjoint from
 the calibration images: top-1 when they have labels, agreement and KL with the original always. All files
@@ -56,10 +56,7 @@ from .explore_inputs import (
 )
 from .explore_plot import plot_explore
 
-__all__ = [
-    "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore",
-    "pareto_front",
-]
+__all__ = ["ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore", "pareto_front"]
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 
@@ -94,7 +91,7 @@ class ExploreReport:
         rows = [head]
         for c in self.timed():
             ev = c["eval"]
-            row = [c["name"], c["precision"], "yes" if c["exact"] else "no", _num(c["macs"], 1e-6, "{:.1f}"),
+            row = [c["name"], _precision(c), "yes" if c["exact"] else "no", _num(c["macs"], 1e-6, "{:.1f}"),
                    _num(ev["top1"], 1, "{:.2f}"), _num(ev["agreement"], 1, "{:.2f}"), _num(ev["kl"], 1, "{:.4f}")]
             for b in batches:
                 lat = c["latency"][str(b)]
@@ -123,6 +120,11 @@ class ExploreReport:
             The path written.
         """
         return plot_explore(self, path, force=force)
+
+
+def _precision(c: dict) -> str:
+    """"fp32", or "int8 w7" / "int8 w8": the weights' bits (7 with reduce_range, which AVX2-only CPUs need)."""
+    return f"int8 w{7 if c['quantization'].get('reduce_range') else 8}" if c["precision"] == "int8" else c["precision"]
 
 
 def _num(value, scale: float, fmt: str) -> str:
@@ -390,8 +392,8 @@ class _Builder:
     def int8(self, fp32: dict, quant_images: int, min_agreement: float) -> dict:
         name = f"{fp32['name']}-int8"
         done = self.finished(name)
-        # A file quantized another way (signed activations, before they became uint8) is rebuilt.
-        if done and done.get("quantization", {}).get("activations") == ACTIVATIONS[0]:
+        q = (done or {}).get("quantization", {})  # signed activations or 8-bit weights (before reduce_range): rebuilt
+        if done and q.get("activations") == ACTIVATIONS[0] and q.get("reduce_range"):
             return done
         start = time.perf_counter()
         result = {**{k: fp32[k] for k in ("variant", "exact", "rewrites", "macs")}, "name": name, "precision": "int8",
