@@ -152,9 +152,9 @@ class _Reader(CalibrationDataReader):
         self.batches = iter(tqdm(self.loader, desc="int8 calibration", disable=not self.progress, leave=False))
 
 
-def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path) -> None:
+def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path | None = None) -> None:
     """Fail in one line when the images do not have the shape the file takes (e.g. a wrong --preset), or the
-    fp32 file's outputs on them are not finite (no int8 file can follow a NaN)."""
+    fp32 file's outputs on them are not finite (no int8 file can follow a NaN; None: no file yet)."""
     images = split_batch(next(iter(loader)))[0]
     fixed = [(i, s) for i, s in enumerate(shape) if i > 0 and isinstance(s, int)]
     if images.dim() != len(shape) or any(images.shape[i] != s for i, s in fixed):
@@ -162,6 +162,8 @@ def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path) -> None:
             f"the calibration images are {list(images.shape[1:])} but the model takes {shape[1:]}; preprocess them "
             "to the model's input size (--preset, --size)"
         )
+    if fp32_onnx is None:
+        return
     session = OnnxModule(fp32_onnx).session
     outputs = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})
     if not all(np.isfinite(y).all() for y in outputs):
