@@ -8,13 +8,11 @@ import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch.utils.data import TensorDataset
-from util import write_random_images
+from util import one_line_error, run, write_random_images
 
 import resnet_surgery as rs
 from resnet_surgery import SurgeryError, SurgeryNotice
-from resnet_surgery.cli import main
 from resnet_surgery.zoo.cifar import cifar_resnet
 
 explore_module = importlib.import_module("resnet_surgery.workflows.explore")
@@ -26,19 +24,6 @@ EXPLORE = dict(input_size=SIZE, variants=["d"], calibrate_images=16, calibrate_s
 TIMING = ["--min-time", "0.05", "--max-time", "0.1"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    """Exit 2, one 'error: ...' line that holds every needle and ends stderr, no traceback."""
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and result.stderr.count("error: ") == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 def tiny_model():

@@ -8,10 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import TensorDataset
-from util import write_random_images
+from util import one_line_error, run, write_random_images
 
 from resnet_surgery import (
     ParityError,
@@ -29,7 +28,6 @@ from resnet_surgery import (
     save,
     transplant,
 )
-from resnet_surgery.cli import main
 from resnet_surgery.cli.recover_commands import load_original
 from resnet_surgery.deploy.quantize import QuantizationError, quantize_onnx
 from resnet_surgery.engine.blocks import find_trunk
@@ -40,19 +38,6 @@ from resnet_surgery.zoo.cifar import cifar_resnet
 SIZE = (3, 32, 32)
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    """Exit 2, one 'error: ...' line that holds every needle and ends stderr, no traceback."""
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and result.stderr.count("error: ") == 1, result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in line, line
-    return line
 
 
 def quiet(fn, *args, **kwargs):

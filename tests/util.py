@@ -93,3 +93,23 @@ class Untraceable(nn.Module):
         if x.sum() > 0:
             return self.conv(x)
         return x
+
+
+def run(*args):
+    """``resnet-surgery ARGS`` through click's runner (arguments may be paths or numbers)."""
+    from click.testing import CliRunner
+
+    from resnet_surgery.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result, *needles):
+    """Exit 2, one 'error: ...' line that holds every needle and ends stderr (after any progress bar), no traceback."""
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and result.stderr.count("error: ") == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in line, line
+    return line
