@@ -138,7 +138,7 @@ def _read_cifar(root: Path):
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
-            images.append(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
             labels.append(label)
     return torch.stack(images), torch.tensor(labels)
 
