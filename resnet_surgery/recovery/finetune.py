@@ -30,6 +30,7 @@ from .calibrate import approximate_rewrites
 from .checkpoint import load_checkpoint, run_identity, save_checkpoint
 from .distill import AUGMENTATIONS, Taps, augmenter, global_pool, training_loss
 from .distributed import join_process_group, sync_buffers, train_loader
+from .guard import guard_images, keep_better, objective_error
 
 __all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "FinetuneReport", "finetune"]
 
@@ -55,6 +56,8 @@ class FinetuneReport:
         checkpoint: the checkpoint path, or None.
         objective: "logits", "features" or "both".
         budget_steps: optimizer steps the schedule spans.
+        error_before: the objective's error of the input (see `guard`), error_after: the trained model's.
+        kept: "trained", or "input (...)" when training made the error worse and the input was returned.
     """
 
     epochs: int
@@ -69,6 +72,9 @@ class FinetuneReport:
     checkpoint: str | None
     objective: str = "logits"
     budget_steps: int = 0  # optimizer steps the schedule spans
+    error_before: float = math.nan
+    error_after: float = math.nan
+    kept: str = "trained"
 
     @property
     def loss_start(self) -> float:
@@ -87,7 +93,8 @@ class FinetuneReport:
         return (
             f"epochs {self.start_epoch}->{self.start_epoch + len(self.epoch_losses)} of {self.epochs}, "
             f"{self.steps} steps, {self.images} images on {self.world_size} process(es): {self.objective} loss "
-            f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s)"
+            f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s); "
+            f"error {self.error_before:.4f} -> {self.error_after:.4f}, kept {self.kept}"
         )
 
 
@@ -169,7 +176,9 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
     With labels the loss is ``alpha`` * the objective's + (1 - ``alpha``) * cross-entropy. A NaN/inf loss raises
-    SurgeryError and keeps the last checkpoint. ``converted`` is untouched.
+    SurgeryError and keeps the last checkpoint. ``converted`` is untouched. When training left the objective's
+    own error worse (measured before and after, see `guard`), a copy of ``converted`` comes back instead, with a
+    SurgeryNotice and the report's ``kept`` saying so.
 
     Args:
         converted: the converted model (the student starts as a copy).
@@ -220,11 +229,27 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     rank, world, started_group = join_process_group()
     try:
         run = _setup(converted, original, spec, options, pool=pool, rank=rank, world=world)
-        report = _resume_and_train(run, converted, spec, options)
+        report = _measured_training(run, converted, spec, options)
     finally:
         if started_group:
             dist.destroy_process_group()
-    return _finish(run.student, report)
+    model, report.kept = keep_better(run.student, converted, report.error_before, report.error_after)
+    return _finish(model, report)
+
+
+def _measured_training(run: _Run, converted: nn.Module, spec: DataSpec, options: _Options) -> FinetuneReport:
+    """The run, with the objective's error before and after it in its report."""
+    images = guard_images(spec.loader())  # the same images before and after, on every process
+    before = _objective_error(run, images, options, spec.batch_size)
+    report = _resume_and_train(run, converted, spec, options)
+    report.error_before, report.error_after = before, _objective_error(run, images, options, spec.batch_size)
+    return report
+
+
+def _objective_error(run: _Run, images, options: _Options, batch_size: int) -> float:
+    """The student's error by the run's objective on ``images`` (see `guard`)."""
+    return objective_error(run.student, run.teacher, images, objective=options.objective, pool=run.pool,
+                           temperature=options.temperature, device=run.device, batch_size=batch_size)
 
 
 def _checked_options(converted: nn.Module, options: _Options) -> _Options:
@@ -243,6 +268,9 @@ def _checked_options(converted: nn.Module, options: _Options) -> _Options:
     if options.augment not in AUGMENTATIONS:
         raise SurgeryError(f"unknown augmentation {options.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     steps, temperature, alpha = options.steps, options.temperature, options.alpha
+    for name, value in (("lr", lr), ("temperature", temperature), ("alpha", alpha), ("weight_decay", options.weight_decay)):
+        if not math.isfinite(value):
+            raise SurgeryError(f"finetune's {name} must be a finite number, not {value}")
     if options.epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0 <= alpha <= 1:
         raise SurgeryError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     if not approximate_rewrites(converted):
