@@ -122,3 +122,26 @@ def test_finetune_refuses_non_finite_options_up_front(option, value):
     with pytest.raises(SurgeryError, match=f"finetune's {option} must be a finite number") as err:
         finetune(student, teacher, synthetic(), **{option: value}, progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_a_reconstruction_that_worsens_the_model_is_undone(monkeypatch):
+    import resnet_surgery.recovery.calibrate as calibration
+
+    original, converted = tiny_conversion("v1")
+    calib = images(64, 1)
+    bn = calibrate(converted, original, calib, num_images=None, steps=("bn",), batch_size=32, progress=False)
+    real = calibration.reconstruct_blocks
+
+    def harmful(model, *args, **kw):  # every block "improves", yet the model's outputs get worse
+        fits = real(model, *args, **kw)
+        with torch.no_grad():
+            model.get_submodule("fc").weight.mul_(-1)
+        return fits
+
+    monkeypatch.setattr(calibration, "reconstruct_blocks", harmful)
+    model = calibrate(converted, original, calib, num_images=None, iterations=10, lr=3e-2, batch_size=32,
+                      progress=False)
+    report = history(model).calibration
+    assert all(b.kept.startswith("original (the model's KL on held-back images rose") for b in report.blocks)
+    assert all(b.error_after == b.error_before for b in report.blocks)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.state_dict().items())

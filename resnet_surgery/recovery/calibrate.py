@@ -24,11 +24,12 @@ from ..data import DataSpec
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
+from ..utils import eval_mode, model_device
 from .activations import named_module
 from .batches import Batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
-from .reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, BlockFit, reconstruct_blocks
+from .reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, BlockFit, held_back, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 
 __all__ = ["CALIBRATION_STEPS", "DEFAULT_STEPS", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
@@ -357,12 +358,44 @@ def _transfer_step(run: _Run) -> tuple[int, int]:
 
 
 def _reconstruct_step(run: _Run) -> tuple[int, int]:
-    """The "reconstruct" step."""
+    """The "reconstruct" step; undone when it left the model's KL to the original on the held-back images worse
+    (each block improved its own error, but the model's outputs are what counts)."""
     s = run.settings
+    held = _held_images(run) if run.logits else None
+    state = copy.deepcopy(run.body.state_dict())
+    before = _held_kl(run, held)
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
                                            iterations=s.iterations, lr=s.lr, previous=s.previous,
                                            seed=run.spec.seed, progress=run.spec.progress)
+    after = _held_kl(run, held)
+    if not after <= before:
+        run.body.load_state_dict(state)
+        for b in run.report.blocks:
+            b.error_after = b.error_before
+            b.kept = f"original (the model's KL on held-back images rose {before:.4g} -> {after:.4g})"
     return min(b.images for b in run.report.blocks), len(run.blocks)
+
+
+def _held_images(run: _Run) -> torch.Tensor:
+    """The calibration images reconstruction holds back (its seeded split, when it caches every image)."""
+    held, kept, start = set(held_back(run.report.num_images, run.spec.seed)[1].tolist()), [], 0
+    for images, _ in run.batches:
+        kept.append(images[[i for i in range(len(images)) if start + i in held]])
+        start += len(images)
+    return torch.cat(kept)
+
+
+def _held_kl(run: _Run, images: torch.Tensor | None, chunk: int = 64) -> float:
+    """KL(original || model) on ``images``, mean over images (0 when the outputs are not logits: not guarded)."""
+    if images is None:
+        return 0.0
+    device, total = model_device(run.body), 0.0
+    with eval_mode(run.body, run.reference_body), torch.no_grad():
+        for x in images.split(chunk):
+            x = x.to(device)
+            ref, out = run.reference_body(x).float().log_softmax(1), run.body(x).float().log_softmax(1)
+            total += float((ref.exp() * (ref - out)).sum())
+    return total / max(1, len(images))
 
 
 _STEPS = {"bn": _bn_step, "transfer": _transfer_step, "reconstruct": _reconstruct_step}

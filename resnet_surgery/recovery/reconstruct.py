@@ -23,7 +23,7 @@ from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
 
-__all__ = ["HOLD_BACK", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
+__all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
            "RECONSTRUCT_LR", "BlockFit", "previous_blocks", "reconstruct_blocks"]
 
 # Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
@@ -129,8 +129,16 @@ def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tenso
     return {n: next((p for p, out in outputs.items() if p != n and out is inputs.get(n)), None) for n in blocks}
 
 
-def _held_back(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training indices, held-back indices) of ``n`` cached images, a seeded split; one image is both."""
+def held_back(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, held-back indices) of ``n`` images, a seeded split (``HOLD_BACK`` of them held back).
+
+    Args:
+        n: how many images.
+        seed: seed of the split.
+
+    Returns:
+        tuple: the two index tensors, sorted; a single image is in both.
+    """
     if n < 2:
         return torch.arange(n), torch.arange(n)
     held = max(1, round(n * HOLD_BACK))
@@ -256,7 +264,7 @@ def reconstruct_blocks(
             start = time.process_time()
             with torch.no_grad():
                 x, y = _unit_io(model, original, unit, names[0], name, batches, max_bytes, device)
-            fit, held = _held_back(len(x), seed)
+            fit, held = held_back(len(x), seed)
             best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
                              batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
                              progress=progress)
