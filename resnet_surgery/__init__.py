@@ -21,7 +21,8 @@ from .errors import NotExactError, SurgeryError, TraceError
 from .history import History, Source, history
 from .recovery.calibrate import CalibrationReport, calibrate
 from .recovery.evaluate import EvalReport, evaluate, predict
-from .recovery.finetune import FinetuneReport, finetune
+from .recovery.finetune import finetune
+from .recovery.finetune_report import FinetuneReport
 from .store import apply_recipe, load, load_model, read_recipe, save
 from .vocab import Layout, Op, Shortcut, Variant
 from .workflows.explore import ExploreReport, explore, pareto_front

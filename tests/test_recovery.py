@@ -357,9 +357,9 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
     original, converted = tiny_conversion("v1")
     images = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     data = TensorDataset(images)
-    blocks = [r["block"] for r in recovery.approximate_rewrites(converted)]
+    blocks = [r.block for r in recovery.approximate_rewrites(converted)]
     assert blocks == ["layer2.0", "layer3.0"]
-    model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+    model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-2,
                       batch_size=32, progress=False)
     report = history(model).calibration
     assert [s.step for s in report.steps] == ["naive copy", "reconstruct"]
@@ -377,14 +377,14 @@ def test_reconstruct_lowers_every_block_error_and_touches_nothing_else():
     assert not any("running" in k or "num_batches" in k for k in changed)
     assert "reconstruct layer1.0 + layer2.0: relative error" in str(report)
 
-    again = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+    again = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-2,
                       batch_size=32, progress=False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in new.items())  # deterministic under a seed
-    other = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+    other = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-2,
                       batch_size=32, seed=1, progress=False)
     assert any(not torch.equal(v, other.state_dict()[k]) for k, v in new.items())
 
-    alone = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-3,
+    alone = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60, lr=3e-2,
                       batch_size=32, previous=False, progress=False)
     assert [b.previous for b in history(alone).calibration.blocks] == [None, None]
     changed = {k for k in old if not torch.equal(alone.state_dict()[k], old[k])}
@@ -410,6 +410,6 @@ def test_reconstruct_refuses_an_exact_conversion_and_bad_options():
     # An exact step after an approximate one still leaves the approximate rewrites to repair.
     original, converted = tiny_conversion()
     pruned = quiet_convert(converted, None, prune_dead=True)
-    assert [r["block"] for r in recovery.approximate_rewrites(pruned)] == ["layer2.0", "layer3.0"]
+    assert [r.block for r in recovery.approximate_rewrites(pruned)] == ["layer2.0", "layer3.0"]
     with pytest.raises(SurgeryError, match="iterations >= 1"):
         calibrate(converted, original, data, iterations=0, progress=False)

@@ -90,8 +90,8 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="calibration steps in order, comma-separated: bn, reconstruct, transfer")
 @click.option("--iterations", default=500, show_default=True, type=click.IntRange(1),
               help="optimizer steps per rewritten block (reconstruct)")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="peak Adam learning rate (reconstruct)")
+@click.option("--lr", default=1e-2, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="peak Adam learning rate relative to each weight's RMS: 1e-2 moves it ~1%% a step (reconstruct)")
 @click.option("--block-only", is_flag=True,
               help="reconstruct each rewritten block alone, not jointly with the block before it")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")

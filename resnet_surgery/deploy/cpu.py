@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CPU_EXTENSIONS", "VNNI_EXTENSIONS", "cpu_extensions", "has_vnni"]
+__all__ = ["CPU_EXTENSIONS", "VNNI_EXTENSIONS", "cpu_extensions", "has_vnni", "range_note"]
 
 # The extensions that matter here, in the order reports list them.
 CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
@@ -46,3 +46,20 @@ def has_vnni(extensions: list[str]) -> bool:
         bool: True where full-range int8 weights cannot saturate.
     """
     return any(e in extensions for e in VNNI_EXTENSIONS)
+
+
+def range_note(reduce_range: bool, extensions: list) -> str:
+    """What an int8 file's weight range means on CPUs like this one, for its report.
+
+    Args:
+        reduce_range: whether the weights use 7 bits.
+        extensions: the CPU's instruction-set extensions (``cpu_extensions()``).
+
+    Returns:
+        A clause starting with "; ".
+    """
+    if reduce_range:
+        return "; 7-bit weights (reduce_range): holds on CPUs without VNNI too"
+    if has_vnni(extensions):
+        return "; full 8-bit weights: on a CPU without VNNI (AVX2 only) they may saturate: check parity there"
+    return "; full 8-bit weights"

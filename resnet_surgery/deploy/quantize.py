@@ -31,7 +31,7 @@ from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery.evaluate import evaluate
 from ..utils import check_model, image_size
-from .cpu import cpu_extensions, has_vnni
+from .cpu import cpu_extensions, range_note
 from .export import OnnxModule, ParityError, export_onnx
 from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
 from .parity import ParityReport
@@ -107,7 +107,7 @@ class QuantReport:
             f"calibration on {self.calibration_images} images ({self.seconds:.1f} s)",
             *self._parity_lines(),
             f"parity ran on a CPU with {' '.join(self.cpu_extensions) or 'no AVX2'}"
-            + _range_note(self.reduce_range, self.cpu_extensions),
+            + range_note(self.reduce_range, self.cpu_extensions),
         ])
 
     def _parity_lines(self) -> list[str]:
@@ -123,14 +123,6 @@ class QuantReport:
         return [f"parity on {self.parity_images} held-out images: agreement with fp32 {self.agreement:.2f}%, "
                 f"KL {self.kl:.4f}{top1}",
                 f"int8 parity: {verdict}{finite} (agreement >= {self.min_agreement:g}%)"]
-
-
-def _range_note(reduce_range: bool, extensions: list) -> str:
-    if reduce_range:
-        return "; 7-bit weights (reduce_range): holds on CPUs without VNNI too"
-    if has_vnni(extensions):
-        return "; full 8-bit weights: on a CPU without VNNI (AVX2 only) they may saturate: check parity there"
-    return "; full 8-bit weights"
 
 
 class _Reader(CalibrationDataReader):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -23,11 +24,12 @@ from ..data import DataSpec
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
+from ..utils import eval_mode, model_device
 from .activations import named_module
 from .batches import Batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
-from .reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, BlockFit, reconstruct_blocks
+from .reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, BlockFit, held_back, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 
 __all__ = ["CALIBRATION_STEPS", "DEFAULT_STEPS", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
@@ -102,8 +104,9 @@ class CalibrationReport:
             lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}{few}")
         for b in self.blocks:
             name = f"{b.previous} + {b.block}" if b.previous else b.block
-            lines.append(f"  reconstruct {name}: relative error {b.error_before:.4f} -> {b.error_after:.4f} "
-                         f"({b.iterations} iterations on {b.images} images, {b.cpu_seconds:.1f} CPU s)")
+            lines.append(f"  reconstruct {name}: relative error {b.error_before:.4f} -> {b.error_after:.4f} on "
+                         f"{b.held_out} held-back images, kept {b.kept} ({b.iterations} iterations on "
+                         f"{b.images - b.held_out} images, {b.cpu_seconds:.1f} CPU s)")
         return lines
 
 
@@ -198,12 +201,11 @@ def calibrate(
     to the mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms
     again when "bn" is among the steps; "reconstruct" optimises every parameter of each rewritten block, in
     forward order, so that the block reproduces the original block's output (``iterations`` Adam steps per
-    block at peak ``lr``; with ``previous`` the block before it is optimised jointly; see
-    `reconstruct_blocks`). Statistics are not re-estimated after "reconstruct":
-    it optimised the block against the statistics it had (re-estimating then costs accuracy).
-    ``num_images`` is a seeded random subset of ``data`` (None: all of it). ``history(result).calibration`` is a
-    CalibrationReport with the agreement with ``original`` before and after each step on the calibration
-    images; ``converted`` is untouched. Deterministic for a given ``seed``.
+    block at peak ``lr`` relative to each tensor's RMS: 1e-2 moves a weight ~1% of its size a step in any
+    model; with ``previous`` the block before it too; each block keeps its best iterate by its error on
+    held-back images, or stays as it was; see `reconstruct_blocks`); statistics are not re-estimated after it.
+    ``history(result).calibration`` is a CalibrationReport (agreement after each step on the calibration images);
+    ``converted`` is untouched. Deterministic under ``seed``. Non-finite options or results are errors.
 
     A detection model (its recipe names a trunk, e.g. "backbone": ResNet + FPN) is calibrated on its trunk:
     the calibration images go straight into it, so preprocess them as the model's transform would (the
@@ -219,7 +221,7 @@ def calibrate(
         num_images: a seeded random subset of ``data`` (None: all of it).
         steps: the calibration steps, in order ("bn", "transfer", "reconstruct").
         iterations: reconstruction steps per block.
-        lr: reconstruction's peak learning rate.
+        lr: reconstruction's peak learning rate, relative to each parameter tensor's RMS.
         previous: reconstruct the block before each rewritten block jointly with it.
         ridge: the refit's ridge, relative to the mean input energy.
         batch_size: images per batch.
@@ -231,7 +233,7 @@ def calibrate(
     Returns:
         Module: the calibrated copy; ``history(result).calibration`` is its CalibrationReport.
     """
-    records = _checked_rewrites(converted, steps, iterations, lr)
+    records = _checked_rewrites(converted, steps, iterations, lr, ridge)
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
     run = _prepare(converted, original, records, spec, _Settings(tuple(steps), iterations, lr, previous, ridge))
@@ -241,14 +243,20 @@ def calibrate(
         with _CPUTimer() as timer:
             images, passes = _STEPS[step](run)
         _measure(run, step, timer, images, passes)
+    _check_finite(run)
     _full_names(run.report, run.trunk)
     record_result(run.model, "calibration", run.report, run.report.to_dict())
     return run.model
 
 
-def _checked_rewrites(converted: nn.Module, steps: Sequence[str], iterations: int, lr: float) -> list:
+def _checked_rewrites(converted: nn.Module, steps: Sequence[str], iterations: int, lr: float, ridge: float) -> list:
     """The approximate rewrites to repair, once the options are checked; an exact conversion is an error."""
     check_steps(steps)
+    for option, value in (("lr", lr), ("ridge", ridge)):
+        if not math.isfinite(value):
+            raise SurgeryError(f"calibrate's {option} must be a finite number, not {value}")
+    if ridge < 0:
+        raise SurgeryError(f"calibrate's ridge must be >= 0, not {ridge}")
     if iterations < 1 or lr <= 0:
         raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
     records = approximate_rewrites(converted)
@@ -318,6 +326,17 @@ def _measure(run: _Run, step: str, timer: _CPUTimer | None, images: int, passes:
     run.report.steps.append(CalibrationStep(step, images, passes, cpu, wall, scores.report(0.0)))
 
 
+def _check_finite(run: _Run) -> None:
+    """A calibrated model with a non-finite parameter, statistic or output is an error, never returned."""
+    bad = next((n for n, t in run.body.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+               None)
+    last = run.report.steps[-1]
+    measure = last.output_error if last.output_error is not None else last.agreement.kl
+    if bad is not None or (measure is not None and not math.isfinite(measure)):
+        where = f"{bad} is not finite" if bad else "its outputs are not finite"
+        raise SurgeryError(f"calibration failed: after step {last.step!r} {where}; check the data and lower lr")
+
+
 def _bn_step(run: _Run) -> tuple[int, int]:
     """The "bn" step; returns (images, passes)."""
     images = reestimate_bn(run.body, run.norms, run.batches, reference=run.reference_body,
@@ -339,12 +358,44 @@ def _transfer_step(run: _Run) -> tuple[int, int]:
 
 
 def _reconstruct_step(run: _Run) -> tuple[int, int]:
-    """The "reconstruct" step."""
+    """The "reconstruct" step; undone when it left the model's KL to the original on the held-back images worse
+    (each block improved its own error, but the model's outputs are what counts)."""
     s = run.settings
+    held = _held_images(run) if run.logits else None
+    state = copy.deepcopy(run.body.state_dict())
+    before = _held_kl(run, held)
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
                                            iterations=s.iterations, lr=s.lr, previous=s.previous,
                                            seed=run.spec.seed, progress=run.spec.progress)
+    after = _held_kl(run, held)
+    if not after <= before:
+        run.body.load_state_dict(state)
+        for b in run.report.blocks:
+            b.error_after = b.error_before
+            b.kept = f"original (the model's KL on held-back images rose {before:.4g} -> {after:.4g})"
     return min(b.images for b in run.report.blocks), len(run.blocks)
+
+
+def _held_images(run: _Run) -> torch.Tensor:
+    """The calibration images reconstruction holds back (its seeded split, when it caches every image)."""
+    held, kept, start = set(held_back(run.report.num_images, run.spec.seed)[1].tolist()), [], 0
+    for images, _ in run.batches:
+        kept.append(images[[i for i in range(len(images)) if start + i in held]])
+        start += len(images)
+    return torch.cat(kept)
+
+
+def _held_kl(run: _Run, images: torch.Tensor | None, chunk: int = 64) -> float:
+    """KL(original || model) on ``images``, mean over images (0 when the outputs are not logits: not guarded)."""
+    if images is None:
+        return 0.0
+    device, total = model_device(run.body), 0.0
+    with eval_mode(run.body, run.reference_body), torch.no_grad():
+        for x in images.split(chunk):
+            x = x.to(device)
+            ref, out = run.reference_body(x).float().log_softmax(1), run.body(x).float().log_softmax(1)
+            total += float((ref.exp() * (ref - out)).sum())
+    return total / max(1, len(images))
 
 
 _STEPS = {"bn": _bn_step, "transfer": _transfer_step, "reconstruct": _reconstruct_step}

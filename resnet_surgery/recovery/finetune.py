@@ -31,69 +31,14 @@ from .checkpoint import load_checkpoint, run_identity, save_checkpoint, state_di
 from .distill import AUGMENTATIONS, Taps, augmenter, features_text, global_pools, training_loss
 from .distributed import join_process_group, sync_buffers, train_loader
 from .evaluate import gives_logits
+from .finetune_report import FinetuneReport
+from .guard import guard_images, keep_better, objective_error
 
-__all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "FinetuneReport", "finetune"]
+__all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "finetune"]
 
 OPTIMIZERS = {"sgd": 0.01, "adamw": 3e-4}  # name -> default learning rate
 FREEZE = ("none", "rewritten")
 OBJECTIVES = ("logits", "features", "both")
-
-
-@dataclasses.dataclass
-class FinetuneReport:
-    """What `finetune` did: the budget, the steps and images of this run, and its loss curve.
-
-    Args:
-        epochs: passes over the data the budget spans.
-        start_epoch: epochs already done when this run started (from a resumed checkpoint).
-        steps: optimizer steps this run took.
-        images: training images this run saw, all processes together.
-        world_size: processes.
-        distill_losses: distillation loss of every step (mean over processes).
-        epoch_losses: mean distillation loss of each epoch this run completed.
-        cpu_seconds: this process's CPU time, all threads.
-        wall_seconds: wall time.
-        checkpoint: the checkpoint path, or None.
-        objective: "logits", "features" or "both".
-        budget_steps: optimizer steps the schedule spans.
-        features: where the matched feature map was found ("input of relu_15.mean((2, 3)) at node mean").
-    """
-
-    epochs: int
-    start_epoch: int  # epochs already done when this run started (from a resumed checkpoint)
-    steps: int  # optimizer steps this run took
-    images: int  # training images this run saw, all processes together
-    world_size: int
-    distill_losses: list[float]  # distillation loss of every step (mean over processes)
-    epoch_losses: list[float]  # mean distillation loss of each epoch this run completed
-    cpu_seconds: float  # this process's CPU time, all threads
-    wall_seconds: float
-    checkpoint: str | None
-    objective: str = "logits"
-    budget_steps: int = 0  # optimizer steps the schedule spans
-    features: str | None = None  # the feature map that "features"/"both" match, as found in the graph
-
-    @property
-    def loss_start(self) -> float:
-        k = max(1, len(self.distill_losses) // 4)
-        return sum(self.distill_losses[:k]) / k if self.distill_losses else math.nan
-
-    @property
-    def loss_end(self) -> float:
-        k = max(1, len(self.distill_losses) // 4)
-        return sum(self.distill_losses[-k:]) / k if self.distill_losses else math.nan
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "loss_start": self.loss_start, "loss_end": self.loss_end}
-
-    def __str__(self) -> str:
-        return (
-            f"epochs {self.start_epoch}->{self.start_epoch + len(self.epoch_losses)} of {self.epochs}, "
-            f"{self.steps} steps, {self.images} images on {self.world_size} process(es): {self.objective} loss "
-            f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s)"
-            + (f"; features: {self.features}" if self.features else "")
-        )
-
 
 
 def _trainable_prefixes(converted: nn.Module, freeze: str) -> list[str] | None:
@@ -173,7 +118,9 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
     With labels the loss is ``alpha`` * the objective's + (1 - ``alpha``) * cross-entropy. A NaN/inf loss raises
-    SurgeryError and keeps the last checkpoint. ``converted`` is untouched.
+    SurgeryError and keeps the last checkpoint. ``converted`` is untouched. When training left the objective's
+    own error worse (measured before and after, see `guard`), a copy of ``converted`` comes back instead, with a
+    SurgeryNotice and the report's ``kept`` saying so.
 
     Args:
         converted: the converted model (the student starts as a copy).
@@ -223,11 +170,27 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     rank, world, started_group = join_process_group()
     try:
         run = _setup(converted, original, spec, options, rank=rank, world=world)
-        report = _resume_and_train(run, converted, spec, options)
+        report = _measured_training(run, converted, spec, options)
     finally:
         if started_group:
             dist.destroy_process_group()
-    return _finish(run.student, report)
+    model, report.kept = keep_better(run.student, converted, report.error_before, report.error_after)
+    return _finish(model, report)
+
+
+def _measured_training(run: _Run, converted: nn.Module, spec: DataSpec, options: _Options) -> FinetuneReport:
+    """The run, with the objective's error before and after it in its report."""
+    images = guard_images(spec.loader())  # the same images before and after, on every process
+    before = _objective_error(run, images, options, spec.batch_size)
+    report = _resume_and_train(run, converted, spec, options)
+    report.error_before, report.error_after = before, _objective_error(run, images, options, spec.batch_size)
+    return report
+
+
+def _objective_error(run: _Run, images, options: _Options, batch_size: int) -> float:
+    """The student's error by the run's objective on ``images`` (see `guard`)."""
+    return objective_error(run.student, run.teacher, images, objective=options.objective, pool=run.pool,
+                           temperature=options.temperature, device=run.device, batch_size=batch_size)
 
 
 def _checked_options(converted: nn.Module, options: _Options) -> _Options:
@@ -246,6 +209,9 @@ def _checked_options(converted: nn.Module, options: _Options) -> _Options:
     if options.augment not in AUGMENTATIONS:
         raise SurgeryError(f"unknown augmentation {options.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     steps, temperature, alpha = options.steps, options.temperature, options.alpha
+    for name, value in (("lr", lr), ("temperature", temperature), ("alpha", alpha), ("weight_decay", options.weight_decay)):
+        if not math.isfinite(value):
+            raise SurgeryError(f"finetune's {name} must be a finite number, not {value}")
     if options.epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0 <= alpha <= 1:
         raise SurgeryError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     if not approximate_rewrites(converted):

@@ -1,9 +1,15 @@
 """Block reconstruction (BRECQ-style): every parameter of each rewritten block optimised so that, fed with
-the input the converted model now gives it, the block reproduces the original block's output."""
+the input the converted model now gives it, the block reproduces the original block's output.
+
+Two guards make it safe at any scale: the learning rate is relative to each tensor's RMS magnitude (Adam's
+step is about the rate whatever the weight's size, so an absolute rate tuned on one model is too large on
+another), and each block keeps its best iterate by its error on held-back calibration images it never
+trains on, or stays as it was when no iterate beat it."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
@@ -17,13 +23,19 @@ from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
 
-__all__ = ["RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "BlockFit",
-           "previous_blocks", "reconstruct_blocks"]
+__all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
+           "RECONSTRUCT_LR", "BlockFit", "previous_blocks", "reconstruct_blocks"]
 
-# Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero), mini-batch.
+# Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
+# each tensor's RMS magnitude, mini-batch.
 RECONSTRUCT_ITERATIONS = 500
-RECONSTRUCT_LR = 1e-3
+RECONSTRUCT_LR = 1e-2
 RECONSTRUCT_BATCH = 64
+# Fraction of the cached images held back to choose the best iterate; held-back checks per block.
+HOLD_BACK = 0.125
+RECONSTRUCT_CHECKS = 10
+# A tensor whose RMS is below this (a zero-initialised bias) moves as if it were this large.
+RMS_FLOOR = 1e-3
 # Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
 RECONSTRUCT_BYTES = 2 << 30
 
@@ -35,20 +47,24 @@ class BlockFit:
     Args:
         block: the rewritten block.
         previous: the block before it, optimised with it (None: the block alone).
-        images: calibration images whose inputs and targets were cached.
+        images: calibration images whose inputs and targets were cached (the held-back ones included).
         iterations: optimiser steps.
-        error_before: squared error relative to the target's per-channel variance, before.
-        error_after: the same after.
+        error_before: squared error relative to the target's per-channel variance on the held-back images, before.
+        error_after: the same for the block as returned (never above error_before).
         cpu_seconds: process CPU time the block took.
+        held_out: images held back from training, on which the errors are measured.
+        kept: "best at iteration k" or "original (no improvement)".
     """
 
     block: str
     previous: str | None  # the block before it, optimised with it (None: the block alone)
     images: int  # calibration images whose inputs and targets were cached
     iterations: int
-    error_before: float  # squared error relative to the target's per-channel variance
+    error_before: float  # squared error relative to the target's per-channel variance, on the held-back images
     error_after: float
     cpu_seconds: float
+    held_out: int = 0
+    kept: str = ""
 
 
 
@@ -122,25 +138,77 @@ def _check_block_modules(model: nn.Module, blocks: Sequence[str]) -> None:
                            "is not (its layers share no parent module): calibrate with steps=('bn', 'transfer')")
 
 
-def _optimise(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, *, iterations: int, lr: float, batch_size: int,
-              generator: torch.Generator, device, desc: str, progress: bool) -> None:
-    """Train every parameter of ``unit`` (in place) to map ``x`` to ``y``: MSE, Adam with a cosine schedule,
-    ``iterations`` mini-batches drawn with ``generator``."""
-    params = [p for p in unit.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+def held_back(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, held-back indices) of ``n`` images, a seeded split (``HOLD_BACK`` of them held back).
+
+    Args:
+        n: how many images.
+        seed: seed of the split.
+
+    Returns:
+        tuple: the two index tensors, sorted; a single image is in both.
+    """
+    if n < 2:
+        return torch.arange(n), torch.arange(n)
+    held = max(1, round(n * HOLD_BACK))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[held:].sort().values, perm[:held].sort().values
+
+
+def _relative_groups(params: list[torch.Tensor], lr: float) -> list[dict]:
+    """One Adam group per tensor at ``lr`` times its RMS: Adam moves a weight by about its rate whatever the
+    weight's size, so a relative rate means the same fraction of a typical weight in every model."""
+    return [{"params": [p], "lr": lr * max(float(p.detach().pow(2).mean().sqrt()), RMS_FLOOR)} for p in params]
+
+
+@dataclasses.dataclass
+class _Best:
+    """The best iterate so far by the held-back error: its error, its iteration (0: the original), its values;
+    and the error it started from."""
+
+    before: float
+    error: float
+    iteration: int
+    values: list[torch.Tensor]
+
+    def offer(self, error: float, iteration: int, params: list[torch.Tensor]) -> None:
+        """Keep the parameters' current values when ``error`` is finite and beats the best."""
+        if math.isfinite(error) and error < self.error:
+            self.error, self.iteration = error, iteration
+            self.values = [p.detach().clone() for p in params]
+
+
+def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr: float, batch_size: int,
+              generator: torch.Generator, device, desc: str, progress: bool) -> _Best:
+    """Train every parameter of ``unit`` (in place) to map ``train``'s inputs to its targets: MSE, Adam at ``lr``
+    relative to each tensor's RMS with a cosine schedule, ``iterations`` mini-batches drawn with ``generator``.
+    Every ``iterations // RECONSTRUCT_CHECKS`` steps and at the end the error on ``held`` is measured; ``unit``
+    ends at the best iterate, or as it was when none beat it (a non-finite loss stops the training)."""
+    (x, y), params = train, [p for p in unit.parameters() if p.requires_grad]
+    start = _relative_error(unit, *held, device)
+    best = _Best(start, start, 0, [p.detach().clone() for p in params])
+    opt = torch.optim.Adam(_relative_groups(params, lr))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
+    every = max(1, iterations // RECONSTRUCT_CHECKS)
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(iterations), desc=desc, disable=not progress, leave=False):
+            for i in tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False):
                 pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
                 loss = F.mse_loss(unit(x[pick].to(device)), y[pick].to(device))
+                if not torch.isfinite(loss):
+                    break  # diverged: nothing after this can be kept
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+                if i % every == 0 or i == iterations:
+                    best.offer(_relative_error(unit, *held, device), i, params)
     finally:
-        for p in params:
-            p.grad = None
+        with torch.no_grad():
+            for p, value in zip(params, best.values):
+                p.grad = None
+                p.copy_(value)
+    return best
 
 
 def reconstruct_blocks(
@@ -158,14 +226,16 @@ def reconstruct_blocks(
     progress: bool = True,
 ) -> list[BlockFit]:
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
-    ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam with a
-    cosine schedule; ``iterations`` mini-batches of ``batch_size`` drawn from the cached activations of
-    ``batches``). Blocks go in forward order, each on the inputs left by the ones before it (BRECQ).
+    ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
+    ``lr`` times each tensor's RMS, so 1e-2 moves a weight ~1% of its typical size a step; cosine schedule;
+    ``iterations`` mini-batches of ``batch_size`` from the cached activations of ``batches``). Blocks go in
+    forward order, each on the inputs left by the ones before it (BRECQ). A seeded ``HOLD_BACK`` fraction of
+    the images is never trained on; the block keeps its best iterate by its error on them (measured
+    ``RECONSTRUCT_CHECKS`` times and at the end), or stays as it was (BlockFit.kept says which).
 
     With ``previous``, the block whose output is the rewritten block's input is optimised with it (when there
-    is one): after a stride move that block's output is read at other positions than before (v1 reads 1 of 4),
-    and it can move there what the rewritten block needs. Norms stay in eval mode, so running statistics are
-    untouched; no other parameter changes.
+    is one): after a stride move that block's output is read at other positions (v1 reads 1 of 4), and it can
+    move there what the rewritten block needs. Norms stay in eval mode: running statistics stay as they are.
 
     Args:
         model: the converted model (its blocks change in place).
@@ -173,18 +243,17 @@ def reconstruct_blocks(
         blocks: the blocks to reconstruct.
         batches: re-iterable (images, labels) batches.
         iterations: optimiser steps per block.
-        lr: peak learning rate.
+        lr: peak learning rate, relative to each parameter tensor's RMS.
         batch_size: mini-batch of cached activations per step.
         previous: optimise the block before each one with it.
         max_bytes: cap on the cached inputs and targets of one block.
-        seed: seed of the mini-batch draws.
+        seed: seed of the held-back split and of the mini-batch draws.
         progress: show progress bars.
 
     Returns:
         list: a BlockFit per block, in forward order.
     """
-    device = model_device(model)
-    _check_block_modules(model, blocks)
+    device, _ = model_device(model), _check_block_modules(model, blocks)
     for name in blocks:
         named_module(model, name, nn.Module, "the converted model")
         named_module(original, name, nn.Module, "the original model")
@@ -204,11 +273,17 @@ def reconstruct_blocks(
             start = time.process_time()
             with torch.no_grad():
                 x, y = _unit_io(model, original, unit, names[0], name, batches, max_bytes, device)
-            before = _relative_error(unit, x, y, device)
-            _optimise(unit, x, y, iterations=iterations, lr=lr, batch_size=batch_size, generator=generator,
-                      device=device, desc=f"reconstruct {name}", progress=progress)
-            after = _relative_error(unit, x, y, device)
-            fits.append(BlockFit(name, prev, len(x), iterations, before, after, time.process_time() - start))
+            fit, held = held_back(len(x), seed)
+            best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
+                             batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
+                             progress=progress)
+            fits.append(BlockFit(name, prev, len(x), iterations, best.before, best.error,
+                                 time.process_time() - start, len(held), _kept(best)))
             del x, y
     return fits
+
+
+def _kept(best: _Best) -> str:
+    """What the block ended as, for the report."""
+    return f"best at iteration {best.iteration}" if best.iteration else "original (no improvement)"
 
