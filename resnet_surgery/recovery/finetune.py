@@ -189,7 +189,7 @@ def _measured_training(run: _Run, converted: nn.Module, spec: DataSpec, options:
 
 def _objective_error(run: _Run, images, options: _Options, batch_size: int) -> float:
     """The student's error by the run's objective on ``images`` (see `guard`)."""
-    return objective_error(run.student, run.teacher, images, objective=options.objective, pool=run.pool,
+    return objective_error(run.student, run.teacher, images, objective=options.objective, pool=run.pools,
                            temperature=options.temperature, device=run.device, batch_size=batch_size)
 
 

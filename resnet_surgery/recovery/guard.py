@@ -48,7 +48,7 @@ def guard_images(loader, limit: int = GUARD_IMAGES) -> torch.Tensor:
 
 
 def objective_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *, objective: str,
-                    pool: str | None, temperature: float, device, batch_size: int = 64) -> float:
+                    pool: tuple | None, temperature: float, device, batch_size: int = 64) -> float:
     """The mean distillation term of ``student`` against ``teacher`` on ``images`` (both in eval mode, no
     gradients: neither model changes, BatchNorm counters included).
 
@@ -57,7 +57,7 @@ def objective_error(student: nn.Module, teacher: nn.Module, images: torch.Tensor
         teacher: the model it should reproduce.
         images: the images (moved to ``device`` a batch at a time).
         objective: "logits", "features" or "both".
-        pool: the global pooling module whose input "features" compares (None for "logits").
+        pool: the student's and the teacher's global pools whose inputs "features" compares (None for "logits").
         temperature: the distillation temperature.
         device: where the models are.
         batch_size: images per forward pass.
