@@ -8,10 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from resnet_surgery import SurgeryError, export_onnx
+import resnet_surgery.deploy.cpu
+from resnet_surgery import SurgeryError, compare_latency, export_onnx
 from resnet_surgery.cli import main
 from resnet_surgery.data import CIFAR10_CLASSES, cifar10_tensors, disjoint_subsets, normalize_uint8
-from resnet_surgery.deploy.cpu import cpu_extensions, has_vnni
+from resnet_surgery.deploy.cpu import cpu_extensions, has_vnni, weight_range_warning
 from resnet_surgery.deploy.export import MACS_METADATA_KEY, onnx_metadata
 from resnet_surgery.deploy.onnxfile import is_quantized
 from resnet_surgery.deploy.quantize import QUANT_METADATA_KEY, QuantizationError, quantize_onnx
@@ -83,13 +84,29 @@ def int8_weight_range(proto) -> int:
                if t.data_type == onnx.TensorProto.INT8 and t.dims)
 
 
-def test_full_range_weights_are_a_choice_and_recorded(fp32_onnx, cifar_images, tmp_path):
+def test_full_range_weights_are_a_choice_and_recorded(fp32_onnx, cifar_images, tmp_path, monkeypatch):
     out = tmp_path / "full.int8.onnx"
     report = quantize_onnx(fp32_onnx, out, cifar_images, num_images=64, parity_images=64, min_agreement=90,
                            reduce_range=False, progress=False)
     assert not report.reduce_range and int8_weight_range(onnx.load(str(out))) > 64
     assert json.loads(onnx_metadata(out)[QUANT_METADATA_KEY])["reduce_range"] is False
     assert "full 8-bit weights" in str(report)
+    # Where it runs matters: timed on a CPU without VNNI, the file is flagged; with 7-bit weights it is not.
+    seven = quantize_onnx(fp32_onnx, tmp_path / "seven.int8.onnx", cifar_images, num_images=64, parity_images=64,
+                          min_agreement=90, progress=False)
+    monkeypatch.setattr(resnet_surgery.deploy.cpu, "cpu_extensions", lambda cpuinfo=None: ["avx2"])
+    report = compare_latency({"full": out, "seven": seven.path}, batch_sizes=(1,), min_time_s=0.01, max_time_s=0.02,
+                             progress=False)
+    flagged = [w for w in report.warnings if "no VNNI" in w]
+    assert len(flagged) == 1 and str(out) in flagged[0] and "full 8-bit weights" in flagged[0]
+
+
+def test_weight_range_warning_needs_both_a_full_range_file_and_a_cpu_without_vnni():
+    full, seven = {"reduce_range": False}, {"reduce_range": True}
+    assert weight_range_warning(full, "m.onnx", ["avx2"]) is not None
+    assert weight_range_warning(None, "m.onnx", ["avx2"]) is not None  # another tool's file: unknown range
+    assert weight_range_warning(seven, "m.onnx", ["avx2"]) is None
+    assert weight_range_warning(full, "m.onnx", ["avx2", "avx512f", "avx512_vnni"]) is None
 
 
 def test_cpu_extensions_come_from_the_flags_line():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CPU_EXTENSIONS", "VNNI_EXTENSIONS", "cpu_extensions", "has_vnni", "range_note"]
+__all__ = ["CPU_EXTENSIONS", "VNNI_EXTENSIONS", "cpu_extensions", "has_vnni", "range_note", "weight_range_warning"]
 
 # The extensions that matter here, in the order reports list them.
 CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
@@ -63,3 +63,24 @@ def range_note(reduce_range: bool, extensions: list) -> str:
     if has_vnni(extensions):
         return "; full 8-bit weights: on a CPU without VNNI (AVX2 only) they may saturate: check parity there"
     return "; full 8-bit weights"
+
+
+def weight_range_warning(quantization: dict | None, where: str, extensions: list[str] | None = None) -> str | None:
+    """Whether an int8 file is safe on this CPU: a warning when its weights use all 8 bits (or it does not say)
+    and this CPU has no VNNI, where its u8 x s8 sums can saturate; None otherwise.
+
+    Args:
+        quantization: the file's quantization record (its ``resnet_surgery.quantization`` metadata), or None.
+        where: the file, for the message.
+        extensions: this CPU's extensions (None: read them).
+
+    Returns:
+        The warning, or None.
+    """
+    extensions = cpu_extensions() if extensions is None else extensions
+    if has_vnni(extensions) or (quantization or {}).get("reduce_range") is True:
+        return None
+    made = "with full 8-bit weights" if quantization else "by another tool (its weight range unknown)"
+    return (f"{where} is int8 {made}, and this CPU has no VNNI ({' '.join(extensions) or 'no AVX2'}): its "
+            "u8 x s8 sums may saturate here; re-quantize with 7-bit weights (the default, reduce_range) and "
+            "check parity on this machine")

@@ -6,6 +6,7 @@ The method is ``METHOD`` below; every report quotes it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -15,8 +16,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SurgeryError
 from ..utils import check_argument
+from .cpu import weight_range_warning
 from .machine import load_warnings, machine_info, measure_peak_gflops, usable_cores
-from .onnxfile import input_info, is_quantized, load_onnx_header, stored_macs
+from .onnxfile import QUANT_METADATA_KEY, input_info, is_quantized, load_onnx_header, metadata, stored_macs
 from .plot import plot_latency
 from .runtime import onnx_session, runner
 from .stats import RatioCI, ratio_ci, result_rows
@@ -200,7 +202,7 @@ def compare_latency(
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          min_rounds, warmup, ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
-    input_names, shape, dtype, file_macs, quantized = _check_models(paths, batch_sizes)
+    input_names, shape, dtype, file_macs, quantized, range_warns = _check_models(paths, batch_sizes)
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}
 
     load_before = list(os.getloadavg())
@@ -212,7 +214,7 @@ def compare_latency(
     load_after = list(os.getloadavg())
 
     results, warns = result_rows(timings, batch_sizes, macs, peak, seed, quantized)
-    warns += load_warnings(load_before, load_after)
+    warns += load_warnings(load_before, load_after) + range_warns
     provider = next(iter(sessions.values())).get_providers()[0]
     return LatencyReport(models={name: str(p) for name, p in paths.items()}, batch_sizes=batch_sizes,
                          machine=machine_info(provider), settings=_settings(threads, device, rules, shape),
@@ -340,13 +342,16 @@ def _time_rounds(runners, rules: StoppingRule, rng, *, desc: str, progress: bool
 def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
     """Validate the files: all ONNX, one input each, the same input shape, batch sizes they can take; also
     their stored MACs and which of them are int8 (each file parsed once)."""
-    infos, file_macs, quantized = {}, {}, set()
+    infos, file_macs, quantized, range_warns = {}, {}, set(), []
     for name, path in paths.items():
         proto = load_onnx_header(path)
         infos[name] = input_info(proto, path)
         file_macs[name] = stored_macs(proto)
         if is_quantized(proto):
             quantized.add(name)
+            record = metadata(proto).get(QUANT_METADATA_KEY)
+            warning = weight_range_warning(json.loads(record) if record else None, str(path))
+            range_warns += [warning] if warning else []
     first = next(iter(paths))
     _, shape, dtype = infos[first]
     for name, (_, other, other_dtype) in infos.items():
@@ -366,7 +371,7 @@ def _check_models(paths: dict[str, Path], batch_sizes: list[int]):
                 f"{paths[name]} has a fixed batch size of {other[0]} but batch sizes {batch_sizes} were asked "
                 "for; export it without --static-batch or use --batch " + str(other[0])
             )
-    return {name: info[0] for name, info in infos.items()}, shape, dtype, file_macs, quantized
+    return {name: info[0] for name, info in infos.items()}, shape, dtype, file_macs, quantized, range_warns
 
 
 def _shape_text(shape, dtype) -> str:

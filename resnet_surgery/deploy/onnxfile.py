@@ -10,10 +10,11 @@ import onnx
 
 from ..errors import SurgeryError, first_line
 
-__all__ = ["MACS_METADATA_KEY", "input_info", "is_quantized", "load_onnx_header", "metadata", "onnx_input_shape",
+__all__ = ["MACS_METADATA_KEY", "QUANT_METADATA_KEY", "input_info", "is_quantized", "load_onnx_header", "metadata", "onnx_input_shape",
            "onnx_metadata", "opset", "set_metadata", "stored_macs"]
 
 MACS_METADATA_KEY = "resnet_surgery.macs"
+QUANT_METADATA_KEY = "resnet_surgery.quantization"  # how quantize_onnx made an int8 file (JSON)
 
 
 def load_onnx_header(path: str | os.PathLike) -> onnx.ModelProto:

@@ -33,7 +33,14 @@ from ..recovery.evaluate import evaluate
 from ..utils import check_model, image_size
 from .cpu import cpu_extensions, range_note
 from .export import OnnxModule, ParityError, export_onnx
-from .onnxfile import MACS_METADATA_KEY, input_info, load_onnx_header, metadata, set_metadata
+from .onnxfile import (
+    MACS_METADATA_KEY,
+    QUANT_METADATA_KEY,
+    input_info,
+    load_onnx_header,
+    metadata,
+    set_metadata,
+)
 from .parity import ParityReport
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -42,7 +49,6 @@ METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("uint8", "int8")
 # The bound on each non-classifier output's relative error: int8 ResNet trunks land at a few percent.
 MAX_OUTPUT_ERROR = 0.1
-QUANT_METADATA_KEY = "resnet_surgery.quantization"
 
 __all__ = ["ACTIVATIONS", "MAX_OUTPUT_ERROR", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError",
            "check_int8_images", "export_int8",
