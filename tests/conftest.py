@@ -20,3 +20,10 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker is a process of its own: one torch thread each, so that two workers on
+    # two cores do not wait on each other's thread barriers (each slows far more than 2x otherwise).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
