@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.metadata
 import os
 from collections.abc import Iterator
@@ -13,8 +14,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device", "private_copy",
-    "report_dict", "table",
+    "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device",
+    "private_copy", "report_dict", "state_digest", "table",
 ]
 
 
@@ -129,3 +130,19 @@ def freeze_batchnorms(module: nn.Module) -> nn.Module:
                 getattr(frozen, key).copy_(getattr(m, key).detach())
             module.set_submodule(name, frozen)
     return module
+
+
+def state_digest(model: nn.Module) -> str:
+    """A digest of ``model``'s weights: every state_dict key and the bytes of its tensor.
+
+    Args:
+        model: the module.
+
+    Returns:
+        The first 16 hex digits of the sha256.
+    """
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

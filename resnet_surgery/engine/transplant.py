@@ -239,7 +239,7 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     input_size = image_size(input_size)
     sgm, sblocks = _classifier_blocks(source, leaf_modules, "source")
     tgm, tblocks = _classifier_blocks(target, leaf_modules, "target")
-    new, tgm, tblocks, notices, converted = _match_form(target, sblocks, tblocks, input_size, leaf_modules)
+    new, tgm, tblocks, notices, converted = _match_form(target, sblocks, tgm, tblocks, input_size, leaf_modules)
     ssecs, tsecs = sections(sgm, sblocks), sections(tgm, tblocks)
     _check_covered(source, ssecs, "source")
     _check_covered(new, tsecs, "target")
@@ -278,7 +278,8 @@ def _classifier_blocks(model: nn.Module, leaf_modules, which: str) -> tuple[fx.G
     return trunk.gm, trunk.blocks
 
 
-def _match_form(target: nn.Module, sblocks: list[Block], tblocks: list[Block], input_size, leaf_modules):
+def _match_form(target: nn.Module, sblocks: list[Block], tgm: fx.GraphModule, tblocks: list[Block], input_size,
+                leaf_modules):
     """A copy of the target in the source's stride placement, shortcut form and pruning:
     (model, its graph, its blocks, notices, whether it was converted)."""
     notices, pruned = [], _pruned(sblocks) and not _pruned(tblocks)
@@ -288,14 +289,15 @@ def _match_form(target: nn.Module, sblocks: list[Block], tblocks: list[Block], i
     if pruned:
         # A pruned v1 source: prune the target the same way (exact), then pair as usual.
         target = _convert_target(target, "v1", False, None, input_size, leaf_modules, prune_dead=True)
-        tblocks = find_blocks(trace(target, leaf_modules))
+        tgm = trace(target, leaf_modules)
+        tblocks = find_blocks(tgm)
         notices.append("the source was pruned (prune_dead): the target was converted to v1 and pruned the same way; "
                        "the recipe records it")
     to, exact, shortcut, changed, form = _conversion(sblocks, tblocks)
     if not (to or shortcut):
-        new = target if pruned else private_copy(target)  # a pruned target is already a new model
-        tgm = trace(new, leaf_modules)
-        return new, tgm, find_blocks(tgm), notices, pruned
+        # A pruned target is already a new model; a copy keeps the module names, so the target's trace serves.
+        new = target if pruned else private_copy(target)
+        return new, tgm, tblocks, notices, pruned
     new = _convert_target(target, to, exact, shortcut, input_size, leaf_modules)
     tgm = trace(new, leaf_modules)
     tblocks = find_blocks(tgm)

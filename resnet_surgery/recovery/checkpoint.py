@@ -17,7 +17,7 @@ from ..errors import SurgeryError, first_line
 from ..history import history
 from ..zoo.weights import torch_load
 
-__all__ = ["load_checkpoint", "run_identity", "save_checkpoint", "state_digest"]
+__all__ = ["load_checkpoint", "run_identity", "save_checkpoint"]
 
 
 def _model_fingerprint(model: nn.Module) -> str:
@@ -32,24 +32,6 @@ def _model_fingerprint(model: nn.Module) -> str:
     rewrites = [[r.block, str(r.op)] for r in recipe.rewrites] if recipe is not None else []
     text = json.dumps({"modules": geometry, "rewrites": rewrites})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def state_digest(model: nn.Module) -> str:
-    """A hash of every tensor of ``model``'s state_dict (names, dtypes, shapes and values), e.g. the teacher's,
-    so a checkpoint does not resume towards another teacher.
-
-    Args:
-        model: the module.
-
-    Returns:
-        The first 16 hex digits of the sha256.
-    """
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _data_identity(data) -> str:

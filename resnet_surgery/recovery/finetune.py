@@ -25,9 +25,9 @@ from ..data import DataSpec, split_batch
 from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
-from ..utils import eval_mode, model_device
+from ..utils import eval_mode, model_device, state_digest
 from .calibrate import approximate_rewrites
-from .checkpoint import load_checkpoint, run_identity, save_checkpoint, state_digest
+from .checkpoint import load_checkpoint, run_identity, save_checkpoint
 from .distill import AUGMENTATIONS, Taps, augmenter, features_text, global_pools, training_loss
 from .distributed import join_process_group, sync_buffers, train_loader
 from .evaluate import gives_logits

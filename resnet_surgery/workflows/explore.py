@@ -20,7 +20,6 @@ are then timed in one interleaved `resnet_surgery.compare_latency` run. Each fin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -45,7 +44,7 @@ from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps
 from ..recovery.evaluate import evaluate, predict
 from ..recovery.finetune import finetune
 from ..store import load_into, save
-from ..utils import check_model, image_size, report_dict, table
+from ..utils import check_model, image_size, report_dict, state_digest, table
 from .explore_inputs import (
     ONNX_FILE,
     RESULT_FILE,
@@ -187,7 +186,7 @@ def explore(
     source = history(model).source
     name = source.model if source is not None else type(model).__name__
     settings = {
-        "model": name, "weights": _fingerprint(model), "data": _describe(data), "eval_data": _describe(eval_data),
+        "model": name, "weights": state_digest(model), "data": _describe(data), "eval_data": _describe(eval_data),
         "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
         "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
@@ -265,15 +264,6 @@ def _has_labels(loader: DataLoader) -> bool:
 
 def _describe(data) -> str | None:
     return None if data is None else str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__
-
-
-def _fingerprint(model: nn.Module) -> str:
-    """A digest of the weights: a rerun reuses candidates only when the model is the same."""
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _attach_latency(timed: list[dict], rows: list[dict], metric: str) -> None:
