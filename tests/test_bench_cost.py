@@ -1,0 +1,63 @@
+"""benchmarks/bench_cost.py's arithmetic: the from-scratch curve's CPU seconds and the headline, on hand-made numbers."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cost.py"
+spec = importlib.util.spec_from_file_location("bench_cost", SCRIPT)
+bench_cost = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_cost)
+
+# Two cycles, as train_cifar records them: elapsed_s restarts at each cycle, and each ran at its own threads.
+TRAIN = {"threads": 2, "runs": {"v1.5": {"test_top1": 85.0, "cycles": [
+    {"epochs": 2, "wall_s": 100.0, "hyper_parameters": {"threads": 1},
+     "history": [{"epoch": 1, "test_top1": 60.0, "elapsed_s": 50.0}, {"epoch": 2, "test_top1": 70.0, "elapsed_s": 100.0}]},
+    {"epochs": 2, "wall_s": 200.0, "hyper_parameters": {"threads": 2},
+     "history": [{"epoch": 1, "test_top1": 84.8, "elapsed_s": 100.0}, {"epoch": 2, "test_top1": 85.0, "elapsed_s": 200.0}]},
+]}}}
+
+
+def test_scratch_curve_accumulates_cycles_at_their_threads():
+    curve = bench_cost.scratch_curve(TRAIN, "v1.5")
+    assert curve["cpu_seconds"] == 100.0 * 1 + 200.0 * 2
+    assert [p["cpu_seconds"] for p in curve["points"]] == [50.0, 100.0, 300.0, 500.0]
+    assert [p["epoch"] for p in curve["points"]] == [1, 2, 3, 4]
+    assert curve["points"][-1]["percent"] == pytest.approx(100.0)
+    assert not curve["stand_in"]
+    # d was never trained from scratch: v1.5's curve stands in, and says so.
+    d = bench_cost.scratch_curve(TRAIN, "d")
+    assert d["layout"] == "v1.5" and d["stand_in"]
+
+
+def points(*rows):
+    return [{"step": s, "budget": b, "top1": t, "cpu_seconds": c, "percent": c / 5.0} for s, b, t, c in rows]
+
+
+def test_headline_finds_the_cheapest_point_within_and_matching():
+    scratch = bench_cost.scratch_curve(TRAIN, "v1.5")  # 500 CPU s = 100%
+    pts = points(("original", "", 85.0, 0), ("naive copy", "0", 70.0, 0), ("calibration", "", 84.0, 20),
+                 ("features", "2000 steps", 84.7, 45),  # exactly 0.3 below, at 9%: counts as within
+                 ("finetune", "0.25 epoch", 84.9, 40),  # cheaper and within
+                 ("finetune", "1 epoch", 85.1, 200))
+    h = bench_cost.headline(pts, 85.0, scratch)
+    assert (h["within"]["step"], h["within"]["cpu_seconds"]) == ("finetune", 40)
+    assert (h["match"]["budget"], h["match"]["percent"]) == ("1 epoch", 40.0)
+    assert h["goal"]["met"] and h["goal"]["short_by_points"] == 0.0
+    assert h["scratch_within"]["cpu_seconds"] == 300.0  # the curve's first epoch at >= 84.7
+
+
+def test_headline_says_by_how_much_the_goal_is_missed():
+    scratch = bench_cost.scratch_curve(TRAIN, "v1.5")
+    pts = points(("original", "", 85.0, 0), ("calibration", "", 83.9, 20), ("features", "500 steps", 84.2, 45),
+                 ("finetune", "1 epoch", 84.8, 100))  # within, but at 20%
+    h = bench_cost.headline(pts, 85.0, scratch)
+    assert not h["goal"]["met"]
+    assert h["goal"]["within_at_percent"] == 20.0
+    assert h["goal"]["best_within_goal"]["budget"] == "500 steps"
+    assert h["goal"]["short_by_points"] == pytest.approx(0.5)
+    assert h["match"] is None
+    lines = bench_cost.headline_lines({"label": "v1 -> d", "headline": h})
+    assert "matches the original: not reached within the measured budget" in lines[0]
+    assert "NOT MET" in lines[0] and "0.50 point short" in lines[0]
