@@ -112,7 +112,8 @@ def run(args) -> dict:
     kw = dict(num_images=None, batch_size=args.batch_size, iterations=args.iterations, seed=args.seed, progress=False)
     ev = lambda m: evaluate(m, test, reference=original, batch_size=100, progress=False)  # noqa: E731
     result = {"model": args.model, "rewrite": f"v1.5 -> {args.to}", "commit": args.commit, "images": len(calib), "test_images": len(test),
-              "iterations": args.iterations, "new_lr": args.lr, "threads": args.threads, "rows": {}}
+              "iterations": args.iterations, "new_lr": args.lr, "after": args.after, "bf16": args.bf16,
+              "channels_last": args.channels_last, "threads": args.threads, "rows": {}}
     start = time.process_time()
     bn = calibrate(converted, original, calib, steps=("bn",), **kw)
     result["rows"]["bn"] = {"eval": ev(bn).to_dict(), "cpu_seconds": time.process_time() - start}
@@ -122,8 +123,10 @@ def run(args) -> dict:
             with OldReconstruction():
                 model = calibrate(bn, original, calib, steps=("reconstruct",), lr=lr, **kw)
         else:
-            model = calibrate(bn, original, calib, steps=("reconstruct",), lr=lr, **kw)
-        blocks = [{k: getattr(b, k) for k in ("block", "previous", "error_before", "error_after", "kept", "held_out")}
+            model = calibrate(bn, original, calib, steps=("reconstruct",), lr=lr, after=args.after, bf16=args.bf16,
+                              channels_last=args.channels_last, **kw)
+        blocks = [{k: getattr(b, k) for k in ("block", "previous", "following", "error_before", "error_after", "kept",
+                                              "held_out", "back_offs", "cpu_seconds")}
                   for b in history(model).calibration.blocks]
         result["rows"][name] = {"lr": lr, "eval": ev(model).to_dict(), "blocks": blocks,
                                 "cpu_seconds": time.process_time() - start}
@@ -143,6 +146,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default="", help="recorded with the result")
+    p.add_argument("--after", type=int, default=0, help="new: blocks after each rewritten one trained with it")
+    p.add_argument("--bf16", action="store_true", help="new: reconstruct under bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="new: reconstruct in channels-last memory format")
     p.add_argument("--rows", default="old,new", help="which reconstructions to run besides BatchNorm alone")
     args = p.parse_args()
     result = run(args)

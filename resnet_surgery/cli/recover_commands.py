@@ -12,6 +12,7 @@ from ..history import history
 from ..recovery.calibrate import calibrate
 from ..recovery.evaluate import evaluate
 from ..recovery.finetune import finetune
+from ..recovery.reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR
 from ..store import load, load_model, load_source, save
 from ..zoo.registry import classifier_only
 from .options import (
@@ -88,12 +89,17 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
               help="unlabelled calibration images (a fixed random subset of --data)")
 @click.option("--steps", default="bn,reconstruct", show_default=True,
               help="calibration steps in order, comma-separated: bn, reconstruct, transfer")
-@click.option("--iterations", default=500, show_default=True, type=click.IntRange(1),
+@click.option("--iterations", default=RECONSTRUCT_ITERATIONS, show_default=True, type=click.IntRange(1),
               help="optimizer steps per rewritten block (reconstruct)")
-@click.option("--lr", default=1e-2, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="peak Adam learning rate relative to each weight's RMS: 1e-2 moves it ~1%% a step (reconstruct)")
+@click.option("--lr", default=RECONSTRUCT_LR, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="peak Adam learning rate relative to each weight's RMS: 1e-2 moves it ~1%% a step; cut to a "
+                   "third whenever the held-back error rises (reconstruct)")
 @click.option("--block-only", is_flag=True,
               help="reconstruct each rewritten block alone, not jointly with the block before it")
+@click.option("--after", default=0, show_default=True, type=click.IntRange(0),
+              help="also reconstruct up to this many blocks after each rewritten block with it (reconstruct)")
+@click.option("--bf16", is_flag=True, help="reconstruct under bfloat16 autocast (CPUs with AVX-512 BF16/AMX, GPUs)")
+@click.option("--channels-last", is_flag=True, help="reconstruct in channels-last memory format")
 @click.option("--ridge", default=1e-3, show_default=True, type=click.FloatRange(0), help="relative ridge of the refit (transfer)")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the mini-batches")
 @skip_bad_images_option
@@ -102,7 +108,8 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @user_errors
 def calibrate_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size,
-                      num_images, steps, iterations, lr, block_only, ridge, seed, skip_bad_images, out, force, as_json):
+                      num_images, steps, iterations, lr, block_only, after, bf16, channels_last, ridge, seed,
+                      skip_bad_images, out, force, as_json):
     """Repair the approximate rewrites of a converted folder on unlabelled images: BatchNorm re-estimation, then
     block reconstruction (each rewritten block trained to reproduce the original block's output). A detection
     model is calibrated on its trunk (images normalised with the imagenet preset, --size sets their size) and,
@@ -114,7 +121,7 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json, seed=seed)
     model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
                       iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, seed=seed,
-                      progress=not as_json)
+                      after=after, bf16=bf16, channels_last=channels_last, progress=not as_json)
     report = history(model).calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
@@ -145,14 +152,15 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
               help="weight of distillation against cross-entropy (when --data has labels)")
 @click.option("--num-images", type=click.IntRange(1), help="train on a fixed random subset of this many images")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (about 2x faster on CPUs with AVX-512 BF16)")
+@click.option("--channels-last", is_flag=True, help="train in channels-last memory format")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--resume", is_flag=True, help="continue from the checkpoint beside --out (<out>.checkpoint.pt)")
 @click.option("--force", is_flag=True, help="overwrite --out and start over from a stale checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 @user_errors
 def finetune_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, objective,
-                     epochs, steps, augment, lr, optimizer, freeze, temperature, alpha, num_images, bf16, out, resume,
-                     force, as_json):
+                     epochs, steps, augment, lr, optimizer, freeze, temperature, alpha, num_images, bf16,
+                     channels_last, out, resume, force, as_json):
     """Fine-tune a converted folder to reproduce the original (its logits, or its features before global pooling);
     a checkpoint after each pass over the data.
 
@@ -167,7 +175,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
                      augment=augment, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
-                     progress=not as_json)
+                     channels_last=channels_last, progress=not as_json)
     if not is_rank0():
         return
     report = history(model).finetune

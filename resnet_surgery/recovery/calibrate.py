@@ -4,8 +4,10 @@
 re-estimation (`batchnorm`), then block reconstruction (`reconstruct`: every parameter of each rewritten
 block optimised so that the block reproduces the original block's output, BRECQ-style) or a least-squares
 refit of every rewritten conv (`refit`). A detection model is calibrated on its trunk (the backbone its
-recipe names), and a model whose output is not class logits (pyramid levels, segmentation maps) is measured
-by its outputs' relative error instead of top-1 agreement (`evaluate`). Fine-tuning (distillation, feature
+recipe names: the images go straight into it, so preprocess them as the model's transform would; the
+"imagenet" preset's mean and std are those of torchvision's GeneralizedRCNNTransform), and a model whose
+output is not class logits (pyramid levels, segmentation maps) is measured by its outputs' mean relative
+error ||f - f_orig|| / ||f_orig|| over images and output tensors instead of top-1 agreement. Fine-tuning (distillation, feature
 mimicking) lives in `finetune`.
 """
 
@@ -103,11 +105,16 @@ class CalibrationReport:
             few = f" (only {f.rows} positions for {f.unknowns} weights: use more images)" if f.rows < 4 * f.unknowns else ""
             lines.append(f"  refit {f.conv} -> {f.target}: relative error {f.error_before:.4f} -> {f.error_after:.4f}{few}")
         for b in self.blocks:
-            name = f"{b.previous} + {b.block}" if b.previous else b.block
+            name = " + ".join(n for n in (b.previous, b.block, *b.following) if n)
             lines.append(f"  reconstruct {name}: relative error {b.error_before:.4f} -> {b.error_after:.4f} on "
-                         f"{b.held_out} held-back images, kept {b.kept} ({b.iterations} iterations on "
+                         f"{b.held_out} held-back images, kept {b.kept}{_backed_off(b)} ({b.iterations} iterations on "
                          f"{b.images - b.held_out} images, {b.cpu_seconds:.1f} CPU s)")
         return lines
+
+
+def _backed_off(fit: BlockFit) -> str:
+    """", rate cut N times" when reconstruction backed off its learning rate."""
+    return f", rate cut {fit.back_offs}x" if fit.back_offs else ""
 
 
 class _CPUTimer:
@@ -174,7 +181,7 @@ def _full_names(report, trunk: str | None) -> None:
     for f in report.fits:
         f.conv, f.target = full(f.conv), full(f.target)
     for b in report.blocks:
-        b.block, b.previous = full(b.block), full(b.previous)
+        b.block, b.previous, b.following = full(b.block), full(b.previous), [full(n) for n in b.following]
 
 
 def calibrate(
@@ -193,26 +200,20 @@ def calibrate(
     transform=None,
     seed: int = 0,
     progress: bool = True,
+    after: int = 0,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> nn.Module:
     """A new model: ``converted`` with its approximately rewritten blocks repaired on unlabelled ``data``.
 
-    Steps, in the order given: "bn" re-estimates the running statistics of the rewritten blocks' BatchNorms
-    on the new activations; "transfer" refits each rewritten conv by ridge least squares (``ridge`` relative
-    to the mean input energy) to reproduce ``original``'s conv output, then re-estimates those BatchNorms
-    again when "bn" is among the steps; "reconstruct" optimises every parameter of each rewritten block, in
-    forward order, so that the block reproduces the original block's output (``iterations`` Adam steps per
-    block at peak ``lr`` relative to each tensor's RMS: 1e-2 moves a weight ~1% of its size a step in any
-    model; with ``previous`` the block before it too; each block keeps its best iterate by its error on
-    held-back images, or stays as it was; see `reconstruct_blocks`); statistics are not re-estimated after it.
-    ``history(result).calibration`` is a CalibrationReport (agreement after each step on the calibration images);
-    ``converted`` is untouched. Deterministic under ``seed``. Non-finite options or results are errors.
-
-    A detection model (its recipe names a trunk, e.g. "backbone": ResNet + FPN) is calibrated on its trunk:
-    the calibration images go straight into it, so preprocess them as the model's transform would (the
-    "imagenet" preset's mean and std are those of torchvision's GeneralizedRCNNTransform; the size is yours).
-    The whole model comes back with its trunk repaired. When the outputs are not class logits (pyramid
-    levels, a segmentation model's {"out", "aux"}), each step reports ``output_error``, the mean relative
-    error ||f - f_orig|| / ||f_orig|| over images and output tensors, instead of top-1 agreement.
+    Steps, in the order given: "bn" re-estimates the rewritten blocks' BatchNorm statistics on the new
+    activations; "transfer" refits each rewritten conv by ridge least squares to reproduce ``original``'s conv
+    output (then "bn" again when it is among the steps); "reconstruct" trains every parameter of each rewritten
+    block, in forward order, to reproduce the original block's output (see `reconstruct_blocks`: a rate
+    relative to each tensor's RMS, the best iterate on held-back images kept; the step is undone when the
+    model's KL on those images rose). ``converted`` is untouched; deterministic under ``seed``; non-finite
+    options or results are errors. A detection model is calibrated on its trunk and comes back whole; outputs
+    that are not class logits are measured by their relative error (see the module's docstring).
 
     Args:
         converted: the converted model (untouched).
@@ -229,6 +230,9 @@ def calibrate(
         transform: the preprocessing of a path's images (None: the preset's).
         seed: seed of the subset and of reconstruction's mini-batches.
         progress: show progress bars.
+        after: reconstruct up to this many blocks after each rewritten block with it (see `reconstruct_blocks`).
+        bf16: reconstruct under bfloat16 autocast.
+        channels_last: reconstruct in channels-last memory format.
 
     Returns:
         Module: the calibrated copy; ``history(result).calibration`` is its CalibrationReport.
@@ -236,7 +240,8 @@ def calibrate(
     records = _checked_rewrites(converted, steps, iterations, lr, ridge)
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
-    run = _prepare(converted, original, records, spec, _Settings(tuple(steps), iterations, lr, previous, ridge))
+    settings = _Settings(tuple(steps), iterations, lr, previous, ridge, after, bf16, channels_last)
+    run = _prepare(converted, original, records, spec, settings)
     _measure(run, "naive copy", None, 0, 0)
     run.report.num_images = run.report.steps[0].agreement.num_images
     for step in dict.fromkeys(steps):
@@ -275,6 +280,9 @@ class _Settings:
     lr: float
     previous: bool
     ridge: float
+    after: int = 0
+    bf16: bool = False
+    channels_last: bool = False
 
 
 @dataclasses.dataclass
@@ -366,7 +374,8 @@ def _reconstruct_step(run: _Run) -> tuple[int, int]:
     before = _held_kl(run, held)
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
                                            iterations=s.iterations, lr=s.lr, previous=s.previous,
-                                           seed=run.spec.seed, progress=run.spec.progress)
+                                           seed=run.spec.seed, progress=run.spec.progress, after=s.after,
+                                           bf16=s.bf16, channels_last=s.channels_last)
     after = _held_kl(run, held)
     if not after <= before:
         run.body.load_state_dict(state)

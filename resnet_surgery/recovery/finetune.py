@@ -84,6 +84,7 @@ class _Options:
     force: bool
     max_steps: int | None
     bf16: bool
+    channels_last: bool = False
 
 
 @dataclasses.dataclass
@@ -114,7 +115,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
              train_norms: bool | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
              force: bool = False, max_steps: int | None = None, num_images: int | None = None, batch_size: int = 64,
              preset: str = "imagenet", transform=None, seed: int = 0, bf16: bool = False,
-             progress: bool = True) -> nn.Module:
+             channels_last: bool = False, progress: bool = True) -> nn.Module:
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
     With labels the loss is ``alpha`` * the objective's + (1 - ``alpha``) * cross-entropy. A NaN/inf loss raises
@@ -154,6 +155,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         transform: the preprocessing of a path's images (None: the preset's).
         seed: seed of the subset, the shuffling and the augmentation.
         bf16: run the forward passes under bfloat16 autocast.
+        channels_last: train in channels-last memory format (the result comes back contiguous).
         progress: show progress bars (rank 0).
 
     Returns:
@@ -163,7 +165,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         objective=objective, epochs=epochs, steps=steps, augment=augment, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, temperature=temperature, alpha=alpha, freeze=freeze, train_norms=train_norms,
         checkpoint=Path(checkpoint) if checkpoint is not None else None, resume=resume, force=force,
-        max_steps=max_steps, bf16=bf16))
+        max_steps=max_steps, bf16=bf16, channels_last=channels_last))
     spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
     _refuse_non_classifier(converted, spec)
@@ -251,6 +253,9 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, rank: int,
     frozen = list(pools[0].after) if options.objective == "features" else []
     student = copy.deepcopy(converted).to(device)
     teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
+    if options.channels_last:  # the caller's teacher keeps its layout: a copy is converted
+        student = student.to(memory_format=torch.channels_last)
+        teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     for name, p in student.named_parameters():
         p.requires_grad_(_inside(name, prefixes) and not _inside(name, frozen))
     params = [p for p in student.parameters() if p.requires_grad]
@@ -348,6 +353,8 @@ def _epoch(run: _Run, report: FinetuneReport, options: _Options, taps: Taps, aug
         images = images.to(run.device)
         if augment is not None:
             images = augment(images)
+        if options.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         distill = _step(run, options, taps, images, labels, epoch=epoch, step=step, good_epochs=good_epochs)
         step += 1
         epoch_steps += 1
@@ -388,6 +395,7 @@ def _finish(student: nn.Module, report: FinetuneReport) -> nn.Module:
     """The trained student, in eval mode with every parameter trainable again, carrying its report."""
     for p in student.parameters():
         p.requires_grad_(True)
+    student.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
     student.eval()
     summary = {k: v for k, v in report.to_dict().items() if k != "distill_losses"}
     record_result(student, "finetune", report, summary)

@@ -34,6 +34,8 @@ RECONSTRUCT_BATCH = 64
 # Fraction of the cached images held back to choose the best iterate; held-back checks per block.
 HOLD_BACK = 0.125
 RECONSTRUCT_CHECKS = 10
+# A held-back error above the best so far cuts the rate to this fraction and restarts from the best iterate.
+BACK_OFF = 1 / 3
 # A tensor whose RMS is below this (a zero-initialised bias) moves as if it were this large.
 RMS_FLOOR = 1e-3
 # Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
@@ -54,6 +56,9 @@ class BlockFit:
         cpu_seconds: process CPU time the block took.
         held_out: images held back from training, on which the errors are measured.
         kept: "best at iteration k" or "original (no improvement)".
+        back_offs: times a held-back error above the best sent the block back to its best iterate at a third
+            of the rate.
+        following: blocks after it trained with it (``after``); the errors are then at the last one's output.
     """
 
     block: str
@@ -65,6 +70,8 @@ class BlockFit:
     cpu_seconds: float
     held_out: int = 0
     kept: str = ""
+    back_offs: int = 0  # times the rate was cut to BACK_OFF after a held-back error rose
+    following: list[str] = dataclasses.field(default_factory=list)  # blocks after it trained with it
 
 
 
@@ -170,20 +177,27 @@ class _Best:
     error: float
     iteration: int
     values: list[torch.Tensor]
+    back_offs: int = 0
 
-    def offer(self, error: float, iteration: int, params: list[torch.Tensor]) -> None:
-        """Keep the parameters' current values when ``error`` is finite and beats the best."""
-        if math.isfinite(error) and error < self.error:
+    def offer(self, error: float, iteration: int, params: list[torch.Tensor]) -> bool:
+        """Keep the parameters' current values when ``error`` is finite and no worse than the best; False when
+        it is worse."""
+        if not (math.isfinite(error) and error <= self.error):
+            return False
+        if error < self.error:
             self.error, self.iteration = error, iteration
             self.values = [p.detach().clone() for p in params]
+        return True
 
 
 def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr: float, batch_size: int,
-              generator: torch.Generator, device, desc: str, progress: bool) -> _Best:
+              generator: torch.Generator, device, desc: str, progress: bool, bf16: bool = False,
+              channels_last: bool = False) -> _Best:
     """Train every parameter of ``unit`` (in place) to map ``train``'s inputs to its targets: MSE, Adam at ``lr``
     relative to each tensor's RMS with a cosine schedule, ``iterations`` mini-batches drawn with ``generator``.
-    Every ``iterations // RECONSTRUCT_CHECKS`` steps and at the end the error on ``held`` is measured; ``unit``
-    ends at the best iterate, or as it was when none beat it (a non-finite loss stops the training)."""
+    Every ``iterations // RECONSTRUCT_CHECKS`` steps and at the end the error on ``held`` is measured; an error
+    above the best so far sends the unit back to its best iterate at a third of the rate (``BACK_OFF``). ``unit``
+    ends at the best iterate, or as it was when none beat it (a non-finite loss backs off the same way)."""
     (x, y), params = train, [p for p in unit.parameters() if p.requires_grad]
     start = _relative_error(unit, *held, device)
     best = _Best(start, start, 0, [p.detach().clone() for p in params])
@@ -194,21 +208,45 @@ def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr
         with torch.enable_grad():
             for i in tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False):
                 pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
-                loss = F.mse_loss(unit(x[pick].to(device)), y[pick].to(device))
-                if not torch.isfinite(loss):
-                    break  # diverged: nothing after this can be kept
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    out = unit(_batch(x[pick], device, channels_last))
+                loss = F.mse_loss(out.float(), y[pick].to(device))
+                if torch.isfinite(loss):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 sched.step()
-                if i % every == 0 or i == iterations:
-                    best.offer(_relative_error(unit, *held, device), i, params)
+                if not torch.isfinite(loss):
+                    _back_off(best, params, opt, sched)  # diverged: restart from the best iterate, slower
+                elif i % every == 0 or i == iterations:
+                    error = _relative_error(unit, *held, device)
+                    if not best.offer(error, i, params):
+                        _back_off(best, params, opt, sched)
     finally:
         with torch.no_grad():
             for p, value in zip(params, best.values):
                 p.grad = None
                 p.copy_(value)
     return best
+
+
+def _batch(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """A mini-batch on ``device``, channels-last when the unit it feeds is (4-d activations only)."""
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def _back_off(best: _Best, params: list[torch.Tensor], opt: torch.optim.Optimizer, sched) -> None:
+    """Return the parameters to the best iterate and cut every rate to ``BACK_OFF`` of itself for the rest of
+    the schedule (the cosine schedule scales from the current rate, so the cut carries through)."""
+    with torch.no_grad():
+        for p, value in zip(params, best.values):
+            p.copy_(value)
+    opt.state.clear()  # Adam's moments belong to the abandoned iterates
+    for group in opt.param_groups:
+        group["lr"] *= BACK_OFF
+    sched.base_lrs = [rate * BACK_OFF for rate in sched.base_lrs]
+    best.back_offs += 1
 
 
 def reconstruct_blocks(
@@ -224,6 +262,9 @@ def reconstruct_blocks(
     max_bytes: int = RECONSTRUCT_BYTES,
     seed: int = 0,
     progress: bool = True,
+    after: int = 0,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> list[BlockFit]:
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
@@ -249,6 +290,10 @@ def reconstruct_blocks(
         max_bytes: cap on the cached inputs and targets of one block.
         seed: seed of the held-back split and of the mini-batch draws.
         progress: show progress bars.
+        after: also train up to this many blocks that follow each rewritten block (never the next rewritten
+            one), against the original's output after the last of them.
+        bf16: train under bfloat16 autocast (errors are still measured in float32).
+        channels_last: train the block in channels-last memory format (back to contiguous when it is done).
 
     Returns:
         list: a BlockFit per block, in forward order.
@@ -260,27 +305,54 @@ def reconstruct_blocks(
     first = next(iter(batches), None)
     if first is None:
         raise SurgeryError("the calibration data yielded no images")
-    generator = torch.Generator().manual_seed(seed)
-    fits = []
+    settings = dict(iterations=iterations, lr=lr, batch_size=batch_size, max_bytes=max_bytes, seed=seed,
+                    generator=torch.Generator().manual_seed(seed), device=device, progress=progress, bf16=bf16,
+                    channels_last=channels_last)
     with eval_mode(model, original):
         with torch.no_grad():
             order = execution_order(model, list(blocks), first[0][:2].to(device))
-        before_of = previous_blocks(model, order, first[0][:2].to(device)) if previous else {}
-        for name in order:
-            prev = before_of.get(name)
-            names = [prev, name] if prev else [name]
-            unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
-            start = time.process_time()
-            with torch.no_grad():
-                x, y = _unit_io(model, original, unit, names[0], name, batches, max_bytes, device)
-            fit, held = held_back(len(x), seed)
-            best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
-                             batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
-                             progress=progress)
-            fits.append(BlockFit(name, prev, len(x), iterations, best.before, best.error,
-                                 time.process_time() - start, len(held), _kept(best)))
-            del x, y
-    return fits
+        units = _units(model, order, first[0][:2].to(device), previous, after)
+        return [_fit_unit(model, original, unit, batches, **settings) for unit in units]
+
+
+def _units(model: nn.Module, order: list[str], images: torch.Tensor, previous: bool, after: int) -> list[list]:
+    """Per rewritten block (in ``order``), the chain of blocks trained together: [the block before it or None,
+    the block, up to ``after`` blocks that follow it, stopping before the next rewritten block]."""
+    if not previous and not after:
+        return [[None, name] for name in order]
+    names = [b.name for b in find_blocks(trace(model))]
+    before_of = previous_blocks(model, [n for n in names if submodule(model, n) is not None], images)
+    next_of = {prev: n for n, prev in before_of.items() if prev}
+    units = []
+    for name in order:
+        chain = [before_of.get(name) if previous else None, name]
+        while len(chain) < after + 2 and (nxt := next_of.get(chain[-1])) and nxt not in order:
+            chain.append(nxt)
+        units.append(chain)
+    return units
+
+
+def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, iterations: int, lr: float,
+              batch_size: int, max_bytes: int, seed: int, generator, device, progress: bool, bf16: bool,
+              channels_last: bool) -> BlockFit:
+    """Train one chain of blocks of ``model`` (in place) to reproduce ``original``'s output after its last block."""
+    prev, name, following = chain[0], chain[1], chain[2:]
+    names = [n for n in chain if n]
+    unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
+    start = time.process_time()
+    with torch.no_grad():
+        x, y = _unit_io(model, original, unit, names[0], names[-1], batches, max_bytes, device)
+    fit, held = held_back(len(x), seed)
+    if channels_last:
+        unit.to(memory_format=torch.channels_last)
+    try:
+        best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
+                         batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
+                         progress=progress, bf16=bf16, channels_last=channels_last)
+    finally:
+        unit.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
+    return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,
+                    len(held), _kept(best), best.back_offs, following)
 
 
 def _kept(best: _Best) -> str:

@@ -1,0 +1,147 @@
+"""What one recovery step costs on the CPU: reconstruction iterations and feature-mimicking steps, in float32,
+channels-last, bfloat16 autocast and both, on the CIFAR-10 models and on ResNet-50 at 224x224.
+
+    python benchmarks/bench_step_cost.py cifar
+    python benchmarks/bench_step_cost.py resnet50 --to v1 d
+
+Reconstruction: `reconstruct_blocks` runs twice per setting on the same cached images, with --short and --long
+iterations per block (one held-back check, at the end); CPU seconds per iteration per block is the difference
+over the extra iterations, so caching and checks cancel. Feature mimicking: `finetune(objective="features")`
+with --short and --long steps, differenced the same way. ResNet-50 has random weights with BatchNorm statistics
+and affines randomised so its activations look like a trained network's (bench_recovery_guard.trained_like),
+on random resized crops of the ImageNet validation photos in ../shared/data. The default `calibrate` on 1,024
+images is then estimated from its parts: the passes over the images (measured on --images images and scaled)
+plus 500 iterations per block. One JSON line per run goes to benchmarks/results/step-cost.jsonl, with the
+CPU's flags (AVX-512 BF16 and AMX decide what bfloat16 is worth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import resnet_surgery.recovery.reconstruct as reconstruct
+from resnet_surgery.engine.rewrite import convert
+from resnet_surgery.history import history
+from resnet_surgery.recovery.calibrate import approximate_rewrites, calibrate
+from resnet_surgery.recovery.finetune import finetune
+from resnet_surgery.store import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+OUT = REPO / "benchmarks" / "results" / "step-cost.jsonl"
+SETTINGS = {"float32": (False, False), "channels_last": (False, True), "bf16": (True, False),
+            "bf16+channels_last": (True, True)}
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def setup(model: str, to: str, images: int):
+    """(original, converted, calibration images) for one benchmark model."""
+    if model == "cifar":
+        from resnet_surgery.data import cifar10_tensors, normalize_uint8
+
+        original = load_model("cifar10-resnet-v1.5", "DEFAULT").eval()
+        train, _ = cifar10_tensors(SHARED, "train")
+        calib = normalize_uint8(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:images]])
+        size = 32
+    else:
+        import torchvision
+        from bench_recovery_guard import crops, trained_like
+
+        photos = sorted((SHARED / "imagenet-val").glob("*.JPEG"))
+        calib = crops(photos, -(-images // len(photos)), seed=1)[:images]
+        torch.manual_seed(0)
+        original = trained_like(torchvision.models.resnet50(), calib[:32], 0)
+        size = 224
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert(original, to, input_size=size)
+    return original, converted, calib
+
+
+def reconstruction_cost(original, converted, calib, bf16: bool, channels_last: bool, short: int, long: int,
+                        batch_size: int) -> dict:
+    """CPU seconds per reconstruction iteration, per block (the unit: the block before it and the block)."""
+    blocks = list(dict.fromkeys(r.block for r in approximate_rewrites(converted)))
+    loader = DataLoader(TensorDataset(calib), batch_size=64)
+    batches = [(x, None) for (x,) in loader]
+    runs = {}
+    for n in (short, long):
+        model = copy.deepcopy(converted)
+        runs[n] = reconstruct.reconstruct_blocks(model, original, blocks, batches, iterations=n,
+                                                 batch_size=batch_size, bf16=bf16, channels_last=channels_last,
+                                                 progress=False)
+    return {b.block: {"seconds_per_iteration": (b.cpu_seconds - a.cpu_seconds) / (long - short),
+                      "cached_images": b.images, "fixed_seconds": a.cpu_seconds - short * (b.cpu_seconds - a.cpu_seconds) / (long - short)}
+            for a, b in zip(runs[short], runs[long])}
+
+
+def feature_cost(original, converted, calib, bf16: bool, channels_last: bool, short: int, long: int,
+                 batch_size: int) -> float:
+    """CPU seconds per feature-mimicking step (training time alone, the guard's measurements excluded)."""
+    data = TensorDataset(calib)
+    seconds = {}
+    for n in (short, long):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a few steps may not improve the objective: that is not measured here
+            model = finetune(converted, original, data, objective="features", steps=n, batch_size=batch_size,
+                             bf16=bf16, channels_last=channels_last, progress=False)
+        seconds[n] = history(model).finetune.cpu_seconds
+    return (seconds[long] - seconds[short]) / (long - short)
+
+
+def calibrate_passes(original, converted, calib) -> float:
+    """CPU seconds of a default calibration on ``calib`` minus its iterations: one iteration per block."""
+    start = time.process_time()
+    calibrate(converted, original, TensorDataset(calib), num_images=None, iterations=1, progress=False)
+    return time.process_time() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=("cifar", "resnet50"))
+    p.add_argument("--to", nargs="+", default=["v1"], choices=("v1", "d"))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--images", type=int, default=72, help="images cached for reconstruction (and fed to features)")
+    p.add_argument("--short", type=int, default=2)
+    p.add_argument("--long", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=reconstruct.RECONSTRUCT_BATCH)
+    p.add_argument("--feature-batch", type=int, default=64)
+    p.add_argument("--feature-short", type=int, default=2)
+    p.add_argument("--feature-long", type=int, default=6)
+    p.add_argument("--no-features", dest="features", action="store_false")
+    p.add_argument("--passes", action="store_true", help="also time calibrate's passes over --images images")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    reconstruct.RECONSTRUCT_CHECKS = 1  # one held-back check per block, at the end: iterations are what is timed
+    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in FLAGS})
+    for to in args.to:
+        original, converted, calib = setup(args.model, to, args.images)
+        result = {"model": args.model, "rewrite": f"v1.5 -> {to}", "images": len(calib), "threads": args.threads,
+                  "batch_size": args.batch_size, "feature_batch": args.feature_batch, "cpu_flags": flags,
+                  "torch": torch.__version__, "settings": {}}
+        for name in args.settings:
+            bf16, channels_last = SETTINGS[name]
+            row = {"reconstruct": reconstruction_cost(original, converted, calib, bf16, channels_last, args.short,
+                                                      args.long, args.batch_size)}
+            if args.features:
+                row["feature_step_seconds"] = feature_cost(original, converted, calib, bf16, channels_last,
+                                                           args.feature_short, args.feature_long, args.feature_batch)
+            result["settings"][name] = row
+            print(to, name, json.dumps(row), flush=True)
+        if args.passes:
+            result["calibrate_passes_seconds"] = calibrate_passes(original, converted, calib)
+        with OUT.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
