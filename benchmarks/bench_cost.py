@@ -177,13 +177,15 @@ def run_rewrite(pair: str, args, data: dict, train_record: dict, on_progress) ->
     add("naive copy", "0", converted, 0.0)
     iterations = args.iterations or RECONSTRUCT_ITERATIONS
     calibrated, calib_cpu = timed(calibrate, converted, original, data["calib"], num_images=None,
-                                  batch_size=CALIB_BATCH, seed=args.seed, progress=False, iterations=iterations)
+                                  batch_size=CALIB_BATCH, seed=args.seed, progress=False, iterations=iterations,
+                                  bf16=args.calib_bf16, channels_last=args.channels_last)
     add("calibration", f"{iterations} it./block, {len(data['calib'])} images", calibrated, calib_cpu,
         run_cpu_seconds=round(calib_cpu, 1))
     for step, dataset, steps, budget in recovery_runs(args, data):
         objective = {"objective": "features"} if step == "features" else {"objective": "both", "alpha": ALPHA}
         model, call_cpu = timed(finetune, calibrated, original, dataset, steps=steps, augment="cifar", bf16=args.bf16,
-                                batch_size=BATCH, seed=args.seed, progress=False, **objective)
+                                channels_last=args.channels_last, batch_size=BATCH, seed=args.seed, progress=False,
+                                **objective)
         ft = history(model).finetune
         # The run's own training time (the report's); call_cpu_seconds adds its setup and before/after guard.
         add(step, budget, model, calib_cpu + ft.cpu_seconds, steps=ft.steps, images=ft.images,
@@ -227,7 +229,10 @@ def markdown(result: dict) -> str:
         f"{s['finetune_images']} labelled ones. Every budget is a separate run from the calibrated model, and its "
         "CPU s include the calibration's. From scratch: train_cifar.json's recorded training of the target layout; "
         "its CPU seconds are wall seconds x the threads it ran at (an approximation), its top-1 is on the full test "
-        "set, and 100% is its whole recorded training.",
+        "set, and 100% is its whole recorded training. "
+        f"Reconstruction {'under bf16 autocast' if s.get('calibration_bf16') else 'in float32'}, feature mimicking "
+        f"and fine-tuning {'under bf16 autocast' if s['bf16'] else 'in float32'}"
+        f"{', channels-last' if s.get('channels_last') else ''}.",
         "",
     ]
     for r in result["rewrites"]:
@@ -364,6 +369,10 @@ def parse(argv=None):
     p.add_argument("--finetune-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                    help="fine-tuning budgets in epochs over --finetune-images, one run each")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="train under bf16 autocast")
+    p.add_argument("--calib-bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="reconstruct under bf16 autocast")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="reconstruct and train in channels-last memory format")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=SHARED, help="shared data folder holding cifar10/{train,test}.tar")
@@ -388,7 +397,8 @@ def main(argv=None) -> None:
                 "finetune_images": len(data["train"]), "iterations_per_block": args.iterations or RECONSTRUCT_ITERATIONS,
                 "calibration_batch_size": CALIB_BATCH, "feature_steps": args.feature_steps,
                 "finetune_fractions": args.finetune_fractions, "batch_size": BATCH, "alpha": ALPHA,
-                "augment": "cifar", "bf16": args.bf16, "seed": args.seed, "threads": args.threads}
+                "augment": "cifar", "bf16": args.bf16, "calibration_bf16": args.calib_bf16,
+                "channels_last": args.channels_last, "seed": args.seed, "threads": args.threads}
     done = previous(args.out, settings, args.resume)
     start, runs = time.time(), []
 

@@ -366,22 +366,24 @@ def _transfer_step(run: _Run) -> tuple[int, int]:
 
 
 def _reconstruct_step(run: _Run) -> tuple[int, int]:
-    """The "reconstruct" step; undone when it left the model's KL to the original on the held-back images worse
-    (each block improved its own error, but the model's outputs are what counts)."""
+    """The "reconstruct" step; each block's training is undone when it left the model's KL to the original on
+    the held-back images worse (the block improved its own error, but the model's outputs are what counts)."""
     s = run.settings
     held = _held_images(run) if run.logits else None
-    state = copy.deepcopy(run.body.state_dict())
-    before = _held_kl(run, held)
+    reference = _reference_log_probs(run, held)
+    best = [_held_kl(run, held, reference)]
+
+    def accept() -> str | None:
+        after = _held_kl(run, held, reference)
+        if after <= best[-1]:
+            best.append(after)
+            return None
+        return f"the model's KL on held-back images rose {best[-1]:.4g} -> {after:.4g}"
+
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
                                            iterations=s.iterations, lr=s.lr, previous=s.previous,
                                            seed=run.spec.seed, progress=run.spec.progress, after=s.after,
-                                           bf16=s.bf16, channels_last=s.channels_last)
-    after = _held_kl(run, held)
-    if not after <= before:
-        run.body.load_state_dict(state)
-        for b in run.report.blocks:
-            b.error_after = b.error_before
-            b.kept = f"original (the model's KL on held-back images rose {before:.4g} -> {after:.4g})"
+                                           bf16=s.bf16, channels_last=s.channels_last, accept=accept)
     return min(b.images for b in run.report.blocks), len(run.blocks)
 
 
@@ -394,15 +396,23 @@ def _held_images(run: _Run) -> torch.Tensor:
     return torch.cat(kept)
 
 
-def _held_kl(run: _Run, images: torch.Tensor | None, chunk: int = 64) -> float:
+def _reference_log_probs(run: _Run, images: torch.Tensor | None, chunk: int = 64) -> list | None:
+    """The original's log-probabilities on ``images``, a chunk at a time (computed once per step)."""
+    if images is None:
+        return None
+    device = model_device(run.body)
+    with eval_mode(run.reference_body), torch.no_grad():
+        return [run.reference_body(x.to(device)).float().log_softmax(1) for x in images.split(chunk)]
+
+
+def _held_kl(run: _Run, images: torch.Tensor | None, reference: list | None, chunk: int = 64) -> float:
     """KL(original || model) on ``images``, mean over images (0 when the outputs are not logits: not guarded)."""
     if images is None:
         return 0.0
     device, total = model_device(run.body), 0.0
-    with eval_mode(run.body, run.reference_body), torch.no_grad():
-        for x in images.split(chunk):
-            x = x.to(device)
-            ref, out = run.reference_body(x).float().log_softmax(1), run.body(x).float().log_softmax(1)
+    with eval_mode(run.body), torch.no_grad():
+        for x, ref in zip(images.split(chunk), reference):
+            out = run.body(x.to(device)).float().log_softmax(1)
             total += float((ref.exp() * (ref - out)).sum())
     return total / max(1, len(images))
 
