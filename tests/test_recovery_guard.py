@@ -132,25 +132,6 @@ def test_finetune_that_helps_keeps_the_trained_model():
     assert any(not torch.equal(v, out.state_dict()[k]) for k, v in student.state_dict().items())
 
 
-def test_a_rising_held_back_error_cuts_the_rate_and_restarts_from_the_best_iterate(monkeypatch):
-    original, converted = tiny_conversion("v1")
-    scripted = iter([1.0, 0.5, 0.9, 0.4, 0.45, 0.3, 0.3, 0.35, 0.2, 0.25, 0.25] * 2)  # start + 10 checks, 2 blocks
-    restarts = []
-    monkeypatch.setattr(reconstruct, "_relative_error", lambda *args, **kw: next(scripted))
-    cut = reconstruct._back_off
-    monkeypatch.setattr(reconstruct, "_back_off", lambda best, params, opt, sched: (
-        cut(best, params, opt, sched),
-        restarts.append((best.iteration, all(torch.equal(p, v) for p, v in zip(params, best.values))))))
-    model = calibrate(converted, original, images(64, 1), num_images=None, steps=("reconstruct",), iterations=20,
-                      lr=3e-2, batch_size=32, progress=False)
-    blocks = history(model).calibration.blocks
-    # Rises above the best at checks 2, 4, 7, 9 and 10 (0.9 > 0.5, 0.45 > 0.4, 0.35 > 0.3, 0.25 > 0.2 twice);
-    # 0.3 after 0.3 is no rise.
-    assert [b.back_offs for b in blocks] == [5, 5]
-    assert restarts[:5] == [(2, True), (6, True), (10, True), (16, True), (16, True)]  # back at the best iterate
-    assert all(b.error_after == 0.2 and b.kept == "best at iteration 16" for b in blocks)
-
-
 @pytest.mark.parametrize("option, value", [("lr", math.nan), ("temperature", math.inf), ("alpha", math.nan)])
 def test_finetune_refuses_non_finite_options_up_front(option, value):
     from test_finetune import synthetic, tiny_pair
