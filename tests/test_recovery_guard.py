@@ -144,29 +144,21 @@ def test_finetune_refuses_non_finite_options_up_front(option, value):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("script, kept", [
-    ([1.0, 0.5, 0.9, 0.8, 0.7], "original (the model's KL on held-back images rose 0.5 -> 0.7; rates tried 0.03, 0.01, 0.0033)"),
-    ([1.0, 0.5, 0.9, 0.4], "at rate 0.01"),
-])
-def test_a_block_whose_reconstruction_worsens_the_model_is_retried_slower_then_undone_alone(monkeypatch, script, kept):
+def test_a_block_whose_reconstruction_worsens_the_model_is_undone_alone(monkeypatch):
     original, converted = tiny_conversion("v1")
     calib = images(64, 1)
     bn = calibrate(converted, original, calib, num_images=None, steps=("bn",), batch_size=32, progress=False)
     import resnet_surgery.recovery.calibrate as calibration
 
-    # The model's KL on the held-back images: before, after the first block, after each try of the second.
-    kl = iter(script)
+    # The model's KL on the held-back images: 1.0 before, 0.5 after the first block, 0.9 after the second.
+    kl = iter([1.0, 0.5, 0.9])
     monkeypatch.setattr(calibration, "_held_kl", lambda *args, **kw: next(kl))
     model = calibrate(bn, original, calib, num_images=None, steps=("reconstruct",), iterations=10, lr=3e-2,
                       batch_size=32, progress=False)
     first, second = history(model).calibration.blocks
     assert first.kept.startswith("best at iteration"), first.kept
-    assert next(kl, None) is None  # one measure per try: two retries when both fail, one when the first helps
-    if kept.startswith("original"):
-        assert second.kept == kept and second.error_after == second.error_before
-        # The second block is back as it was before its training; the first keeps what it learnt.
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.state_dict().items() if k.startswith("layer3."))
-    else:
-        assert second.kept.startswith("best at iteration") and second.kept.endswith(kept), second.kept
-        assert second.error_after < second.error_before
+    assert second.kept == "original (the model's KL on held-back images rose 0.5 -> 0.9)", second.kept
+    assert second.error_after == second.error_before
+    # The second block is back as it was before its training; the first keeps what it learnt.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.state_dict().items() if k.startswith("layer3."))
     assert not torch.equal(model.state_dict()["layer2.0.conv1.weight"], bn.state_dict()["layer2.0.conv1.weight"])

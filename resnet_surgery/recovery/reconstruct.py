@@ -1,11 +1,10 @@
 """Block reconstruction (BRECQ-style): every parameter of each rewritten block optimised so that, fed with
 the input the converted model now gives it, the block reproduces the original block's output.
 
-Three guards make it safe at any scale: the learning rate is relative to each tensor's RMS magnitude (Adam's
+Two guards make it safe at any scale: the learning rate is relative to each tensor's RMS magnitude (Adam's
 step is about the rate whatever the weight's size, so an absolute rate tuned on one model is too large on
-another); a held-back error that rises above the best so far sends the block back to its best iterate at a
-third of the rate; and each block keeps its best iterate by its error on held-back calibration images it
-never trains on, or stays as it was when no iterate beat it."""
+another), and each block keeps its best iterate by its error on held-back calibration images it never
+trains on, or stays as it was when no iterate beat it."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
 
-__all__ = ["BACK_OFF", "RETRIES", "HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
+__all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
            "RECONSTRUCT_LR", "BlockFit", "previous_blocks", "reconstruct_blocks"]
 
 # Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
@@ -38,9 +37,6 @@ HOLD_BACK = 0.125
 RECONSTRUCT_CHECKS = 10
 # A held-back error above the best so far cuts the rate to this fraction and restarts from the best iterate.
 BACK_OFF = 1 / 3
-# A block whose training made the model worse is trained again from where it was, this many times, each at
-# BACK_OFF of the rate before.
-RETRIES = 2
 # A tensor whose RMS is below this (a zero-initialised bias) moves as if it were this large.
 RMS_FLOOR = 1e-3
 # Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
@@ -274,12 +270,11 @@ def reconstruct_blocks(
 ) -> list[BlockFit]:
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
-    ``lr`` times each tensor's RMS, so 3e-2 moves a weight ~3% of its typical size a step; cosine schedule;
+    ``lr`` times each tensor's RMS, so 1e-2 moves a weight ~1% of its typical size a step; cosine schedule;
     ``iterations`` mini-batches of ``batch_size`` from the cached activations of ``batches``). Blocks go in
     forward order, each on the inputs left by the ones before it (BRECQ). A seeded ``HOLD_BACK`` fraction of
-    the images is never trained on; the block's error on them is measured ``RECONSTRUCT_CHECKS`` times and at
-    the end: an error above the best so far restarts from the best iterate at ``BACK_OFF`` of the rate
-    (BlockFit.back_offs), and the block ends at its best iterate or as it was (BlockFit.kept says which).
+    the images is never trained on; the block keeps its best iterate by its error on them (measured
+    ``RECONSTRUCT_CHECKS`` times and at the end), or stays as it was (BlockFit.kept says which).
 
     With ``previous``, the block whose output is the rewritten block's input is optimised with it (when there
     is one): after a stride move that block's output is read at other positions (v1 reads 1 of 4), and it can
@@ -301,8 +296,7 @@ def reconstruct_blocks(
             one), against the original's output after the last of them.
         bf16: train under bfloat16 autocast (errors are still measured in float32).
         channels_last: train the block in channels-last memory format (back to contiguous when it is done).
-        accept: called after each block's training; a text (why) undoes it and trains it again from where it
-            was at ``BACK_OFF`` of the rate, ``RETRIES`` times, then leaves it as it was; None keeps it.
+        accept: called after each block's training; a text (why) undoes that block, None keeps it.
 
     Returns:
         list: a BlockFit per block, in forward order.
@@ -345,8 +339,7 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
               batch_size: int, max_bytes: int, seed: int, generator, device, progress: bool, bf16: bool,
               channels_last: bool, accept) -> BlockFit:
     """Train one chain of blocks of ``model`` (in place) to reproduce ``original``'s output after its last block;
-    when ``accept`` gives a reason, trained again from where it was at a third of the rate (``RETRIES`` times),
-    then left as it was."""
+    undone when ``accept`` gives a reason."""
     prev, name, following = chain[0], chain[1], chain[2:]
     names = [n for n in chain if n]
     unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
@@ -354,34 +347,21 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
     with torch.no_grad():
         x, y = _unit_io(model, original, unit, names[0], names[-1], batches, max_bytes, device)
     fit, held = held_back(len(x), seed)
-    given, back_offs, rates = copy.deepcopy(unit.state_dict()), 0, []
-    for attempt in range(RETRIES + 1):
-        rates.append(lr * BACK_OFF**attempt)
-        best = _train_unit(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=rates[-1],
-                           batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
-                           progress=progress, bf16=bf16, channels_last=channels_last)
-        back_offs += best.back_offs
-        why = accept() if best.iteration and accept is not None else None
-        if not why:
-            break
-        unit.load_state_dict(given)  # the model got worse: try again at a third of the rate, or give up
-    kept = f"original ({why}; rates tried {', '.join(f'{r:.2g}' for r in rates)})" if why else _kept(best)
-    if why:
-        best.error = best.before
-    elif len(rates) > 1:
-        kept += f" at rate {rates[-1]:.2g}"
-    return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,
-                    len(held), kept, back_offs, following)
-
-
-def _train_unit(unit: nn.Module, train: tuple, held: tuple, *, channels_last: bool, **kw) -> _Best:
-    """`_optimise` in the memory format asked for; the unit's weights come back contiguous (saved weights must be)."""
+    given = copy.deepcopy(unit.state_dict())
     if channels_last:
         unit.to(memory_format=torch.channels_last)
     try:
-        return _optimise(unit, train, held, channels_last=channels_last, **kw)
+        best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
+                         batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
+                         progress=progress, bf16=bf16, channels_last=channels_last)
     finally:
-        unit.to(memory_format=torch.contiguous_format)
+        unit.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
+    kept = _kept(best)
+    if best.iteration and accept is not None and (why := accept()):
+        unit.load_state_dict(given)
+        best.error, kept = best.before, f"original ({why})"
+    return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,
+                    len(held), kept, best.back_offs, following)
 
 
 def _kept(best: _Best) -> str:
