@@ -92,7 +92,7 @@ def evaluate_command(model_or_dir, weights, reference, reference_weights, data, 
 @click.option("--iterations", default=RECONSTRUCT_ITERATIONS, show_default=True, type=click.IntRange(1),
               help="optimizer steps per rewritten block (reconstruct)")
 @click.option("--lr", default=RECONSTRUCT_LR, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="peak Adam learning rate relative to each weight's RMS: 1e-2 moves it ~1%% a step; cut to a "
+              help="peak Adam learning rate relative to each weight's RMS: 3e-2 moves it ~3%% a step; cut to a "
                    "third whenever the held-back error rises (reconstruct)")
 @click.option("--block-only", is_flag=True,
               help="reconstruct each rewritten block alone, not jointly with the block before it")

@@ -1,10 +1,12 @@
 """Block reconstruction (BRECQ-style): every parameter of each rewritten block optimised so that, fed with
 the input the converted model now gives it, the block reproduces the original block's output.
 
-Two guards make it safe at any scale: the learning rate is relative to each tensor's RMS magnitude (Adam's
+Three guards make it safe at any scale: the learning rate is relative to each tensor's RMS magnitude (Adam's
 step is about the rate whatever the weight's size, so an absolute rate tuned on one model is too large on
-another), and each block keeps its best iterate by its error on held-back calibration images it never
-trains on, or stays as it was when no iterate beat it."""
+another); a held-back error that rises above the best so far sends the block back to its best iterate at a
+third of the rate; and each block keeps its best iterate by its error on held-back calibration images it
+never trains on, or stays as it was when no iterate beat it (or when the caller's `accept` says the model
+got worse)."""
 
 from __future__ import annotations
 
@@ -270,11 +272,12 @@ def reconstruct_blocks(
 ) -> list[BlockFit]:
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
-    ``lr`` times each tensor's RMS, so 1e-2 moves a weight ~1% of its typical size a step; cosine schedule;
+    ``lr`` times each tensor's RMS, so 3e-2 moves a weight ~3% of its typical size a step; cosine schedule;
     ``iterations`` mini-batches of ``batch_size`` from the cached activations of ``batches``). Blocks go in
     forward order, each on the inputs left by the ones before it (BRECQ). A seeded ``HOLD_BACK`` fraction of
-    the images is never trained on; the block keeps its best iterate by its error on them (measured
-    ``RECONSTRUCT_CHECKS`` times and at the end), or stays as it was (BlockFit.kept says which).
+    the images is never trained on; the block's error on them is measured ``RECONSTRUCT_CHECKS`` times and at
+    the end: an error above the best so far restarts from the best iterate at ``BACK_OFF`` of the rate
+    (BlockFit.back_offs), and the block ends at its best iterate or as it was (BlockFit.kept says which).
 
     With ``previous``, the block whose output is the rewritten block's input is optimised with it (when there
     is one): after a stride move that block's output is read at other positions (v1 reads 1 of 4), and it can
