@@ -204,7 +204,7 @@ def test_calibration_steps_never_lose_agreement_and_recover_held_out(cifar, sour
     assert agreement[1] >= agreement[0] and agreement[2] >= agreement[1] and agreement[3] >= agreement[2], str(report)
     assert kl[1] < kl[0] and kl[2] < kl[1] and kl[3] < kl[2], str(report)
     assert all(f.error_after < f.error_before for f in report.fits)
-    assert report.blocks and all(b.error_after < b.error_before for b in report.blocks)
+    assert report.blocks and all(b.error_after < b.error_before for b in report.blocks), str(report)
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in state.items())  # input untouched
     assert history(model).recipe.calibration["num_images"] == 512
 

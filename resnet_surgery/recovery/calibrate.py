@@ -366,24 +366,24 @@ def _transfer_step(run: _Run) -> tuple[int, int]:
 
 
 def _reconstruct_step(run: _Run) -> tuple[int, int]:
-    """The "reconstruct" step; each block's training is undone when it left the model's KL to the original on
-    the held-back images worse (the block improved its own error, but the model's outputs are what counts)."""
+    """The "reconstruct" step; undone when it left the model's KL to the original on the held-back images worse
+    (each block improved its own error, but the model's outputs are what counts). Judged on the whole step:
+    a block's repair can raise the KL until the blocks after it are repaired too."""
     s = run.settings
     held = _held_images(run) if run.logits else None
     reference = _reference_log_probs(run, held)
-    best = [_held_kl(run, held, reference)]
-
-    def accept() -> str | None:
-        after = _held_kl(run, held, reference)
-        if after <= best[-1]:
-            best.append(after)
-            return None
-        return f"the model's KL on held-back images rose {best[-1]:.4g} -> {after:.4g}"
-
+    state = copy.deepcopy(run.body.state_dict())
+    before = _held_kl(run, held, reference)
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
                                            iterations=s.iterations, lr=s.lr, previous=s.previous,
                                            seed=run.spec.seed, progress=run.spec.progress, after=s.after,
-                                           bf16=s.bf16, channels_last=s.channels_last, accept=accept)
+                                           bf16=s.bf16, channels_last=s.channels_last)
+    after = _held_kl(run, held, reference)
+    if not after <= before:
+        run.body.load_state_dict(state)
+        for b in run.report.blocks:
+            b.error_after = b.error_before
+            b.kept = f"original (the model's KL on held-back images rose {before:.4g} -> {after:.4g})"
     return min(b.images for b in run.report.blocks), len(run.blocks)
 
 

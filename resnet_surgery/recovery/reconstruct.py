@@ -5,12 +5,10 @@ Three guards make it safe at any scale: the learning rate is relative to each te
 step is about the rate whatever the weight's size, so an absolute rate tuned on one model is too large on
 another); a held-back error that rises above the best so far sends the block back to its best iterate at a
 third of the rate; and each block keeps its best iterate by its error on held-back calibration images it
-never trains on, or stays as it was when no iterate beat it (or when the caller's `accept` says the model
-got worse)."""
+never trains on, or stays as it was when no iterate beat it."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -268,7 +266,6 @@ def reconstruct_blocks(
     after: int = 0,
     bf16: bool = False,
     channels_last: bool = False,
-    accept=None,
 ) -> list[BlockFit]:
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
@@ -299,7 +296,6 @@ def reconstruct_blocks(
             one), against the original's output after the last of them.
         bf16: train under bfloat16 autocast (errors are still measured in float32).
         channels_last: train the block in channels-last memory format (back to contiguous when it is done).
-        accept: called after each block's training; a text (why) undoes that block, None keeps it.
 
     Returns:
         list: a BlockFit per block, in forward order.
@@ -313,7 +309,7 @@ def reconstruct_blocks(
         raise SurgeryError("the calibration data yielded no images")
     settings = dict(iterations=iterations, lr=lr, batch_size=batch_size, max_bytes=max_bytes, seed=seed,
                     generator=torch.Generator().manual_seed(seed), device=device, progress=progress, bf16=bf16,
-                    channels_last=channels_last, accept=accept)
+                    channels_last=channels_last)
     with eval_mode(model, original):
         with torch.no_grad():
             order = execution_order(model, list(blocks), first[0][:2].to(device))
@@ -340,9 +336,8 @@ def _units(model: nn.Module, order: list[str], images: torch.Tensor, previous: b
 
 def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, iterations: int, lr: float,
               batch_size: int, max_bytes: int, seed: int, generator, device, progress: bool, bf16: bool,
-              channels_last: bool, accept) -> BlockFit:
-    """Train one chain of blocks of ``model`` (in place) to reproduce ``original``'s output after its last block;
-    undone when ``accept`` gives a reason."""
+              channels_last: bool) -> BlockFit:
+    """Train one chain of blocks of ``model`` (in place) to reproduce ``original``'s output after its last block."""
     prev, name, following = chain[0], chain[1], chain[2:]
     names = [n for n in chain if n]
     unit = nn.Sequential(*(model.get_submodule(n) for n in names))  # shares the modules: trains in place
@@ -350,7 +345,6 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
     with torch.no_grad():
         x, y = _unit_io(model, original, unit, names[0], names[-1], batches, max_bytes, device)
     fit, held = held_back(len(x), seed)
-    given = copy.deepcopy(unit.state_dict())
     if channels_last:
         unit.to(memory_format=torch.channels_last)
     try:
@@ -360,9 +354,6 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
     finally:
         unit.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
     kept = _kept(best)
-    if best.iteration and accept is not None and (why := accept()):
-        unit.load_state_dict(given)
-        best.error, kept = best.before, f"original ({why})"
     return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,
                     len(held), kept, best.back_offs, following)
 
