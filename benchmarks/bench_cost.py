@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import TensorDataset
 
 from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
+from resnet_surgery.deploy.cpu import cpu_extensions
 from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.history import history
 from resnet_surgery.recovery.calibrate import calibrate
@@ -51,21 +51,9 @@ GOAL_PERCENT = 10.0  # of the from-scratch compute
 CALIB_BATCH = 128
 BATCH = 64
 ALPHA = 0.9
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")
 SERIES = (("calibration", "s", "calibration"), ("features", "o-", "feature mimicking (steps)"),
           ("finetune", "^-", "fine-tuning (epochs)"))
 LABELLED = ("features", "finetune")  # the series whose points carry their budget
-
-
-def cpu_flags() -> list[str]:
-    """The vector/matrix flags of this CPU that decide how fast bf16 training runs (amx_* included)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = re.search(r"^flags\s*:(.*)$", text, re.M)
-    found = set(line.group(1).split()) if line else set()
-    return sorted(f for f in found if f in CPU_FLAGS or f.startswith("amx"))
 
 
 def subset(images, labels, n: int | None, seed: int):
@@ -407,7 +395,7 @@ def main(argv=None) -> None:
             runs[-1] = partial
         result = {
             "benchmark": "cost", "dataset": "CIFAR-10 JPEG (../shared/data/cifar10)", "settings": settings,
-            "tolerance_points": TOLERANCE, "goal_percent": GOAL_PERCENT, "cpu_flags": cpu_flags(),
+            "tolerance_points": TOLERANCE, "goal_percent": GOAL_PERCENT, "cpu_flags": cpu_extensions(),
             "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
             "from_scratch_record": str(args.train_record), "wall_seconds": round(time.time() - start, 1),
             "rewrites": runs}

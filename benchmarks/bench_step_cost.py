@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import resnet_surgery.recovery.reconstruct as reconstruct
+from resnet_surgery.deploy.cpu import cpu_extensions
 from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.history import history
 from resnet_surgery.recovery.calibrate import approximate_rewrites, calibrate
@@ -39,7 +40,6 @@ SHARED = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results" / "step-cost.jsonl"
 SETTINGS = {"float32": (False, False), "channels_last": (False, True), "bf16": (True, False),
             "bf16+channels_last": (True, True)}
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def setup(model: str, to: str, images: int):
@@ -122,7 +122,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     reconstruct.RECONSTRUCT_CHECKS = 1  # one held-back check per block, at the end: iterations are what is timed
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f in FLAGS})
+    flags = cpu_extensions()
     for to in args.to:
         original, converted, calib = setup(args.model, to, args.images)
         result = {"model": args.model, "rewrite": f"v1.5 -> {to}", "images": len(calib), "threads": args.threads,

@@ -252,10 +252,12 @@ def _setup(converted, original, spec: DataSpec, options: _Options, *, rank: int,
     pools = global_pools(converted, original, loader) if options.objective != "logits" else None
     frozen = list(pools[0].after) if options.objective == "features" else []
     student = copy.deepcopy(converted).to(device)
-    teacher = original if model_device(original) == device else copy.deepcopy(original).to(device)
-    if options.channels_last:  # the caller's teacher keeps its layout: a copy is converted
-        student = student.to(memory_format=torch.channels_last)
-        teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+    # The caller's teacher is used as it is unless it must move or change layout: then a copy does.
+    shared = model_device(original) == device and not options.channels_last
+    teacher = original if shared else copy.deepcopy(original).to(device)
+    if options.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     for name, p in student.named_parameters():
         p.requires_grad_(_inside(name, prefixes) and not _inside(name, frozen))
     params = [p for p in student.parameters() if p.requires_grad]

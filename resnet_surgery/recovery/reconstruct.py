@@ -114,13 +114,13 @@ def _relative_error(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, device, c
     return float(err / var.clamp_min(1e-30))
 
 
-def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tensor) -> dict[str, str | None]:
+def previous_blocks(model: nn.Module, blocks: Sequence[str] | None, images: torch.Tensor) -> dict[str, str | None]:
     """For each block in ``blocks``, the residual block whose output *is* its input (None when it reads
     anything else, e.g. the stem), found by running ``model`` once on ``images``.
 
     Args:
         model: the model to run.
-        blocks: names of residual blocks of ``model``.
+        blocks: names of residual blocks of ``model`` (None: every residual block that is a module).
         images: the input batch.
 
     Returns:
@@ -128,6 +128,7 @@ def previous_blocks(model: nn.Module, blocks: Sequence[str], images: torch.Tenso
     """
     names = [b.name for b in find_blocks(trace(model))]
     modules = {n: m for n in names if (m := submodule(model, n)) is not None}
+    blocks = list(modules) if blocks is None else blocks
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda _, __, out, n=n: outputs.__setitem__(n, out)) for n, m in modules.items()]
@@ -212,12 +213,13 @@ def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
                     out = unit(_batch(x[pick], device, channels_last))
                 loss = F.mse_loss(out.float(), y[pick].to(device))
-                if torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if finite:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                 sched.step()
-                if not torch.isfinite(loss):
+                if not finite:
                     _back_off(best, params, opt, sched)  # diverged: restart from the best iterate, slower
                 elif i % every == 0 or i == iterations:
                     error = _relative_error(unit, *held, device)
@@ -322,8 +324,7 @@ def _units(model: nn.Module, order: list[str], images: torch.Tensor, previous: b
     the block, up to ``after`` blocks that follow it, stopping before the next rewritten block]."""
     if not previous and not after:
         return [[None, name] for name in order]
-    names = [b.name for b in find_blocks(trace(model))]
-    before_of = previous_blocks(model, [n for n in names if submodule(model, n) is not None], images)
+    before_of = previous_blocks(model, None, images)  # every block's predecessor, from one trace and one pass
     next_of = {prev: n for n, prev in before_of.items() if prev}
     units = []
     for name in order:
@@ -353,9 +354,8 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
                          progress=progress, bf16=bf16, channels_last=channels_last)
     finally:
         unit.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
-    kept = _kept(best)
     return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,
-                    len(held), kept, best.back_offs, following)
+                    len(held), _kept(best), best.back_offs, following)
 
 
 def _kept(best: _Best) -> str:
