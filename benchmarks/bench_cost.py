@@ -223,6 +223,12 @@ def markdown(result: dict) -> str:
         f"{', channels-last' if s.get('channels_last') else ''}.",
         "",
     ]
+    if s.get("extra_budgets"):  # merged from later runs: their points count that run's own calibration time
+        added = "; ".join(f"{pair}: " + ", ".join([f"{n} steps" for n in b["feature_steps"]]
+                                                   + [f"{f:g} epochs" for f in b["finetune_fractions"]])
+                          for pair, b in s["extra_budgets"].items())
+        lines += [f"Added from later runs with the same settings (`--merge`; their CPU s include that run's own "
+                  f"calibration): {added}.", ""]
     for r in result["rewrites"]:
         sc = r["scratch"]
         name = f"{sc['layout']}" + (" (stand-in: d was never trained from scratch)" if sc["stand_in"] else "")
@@ -335,6 +341,37 @@ def previous(out: Path, settings: dict, resume: bool) -> dict:
     return {r["rewrite"]: r for r in old.get("rewrites", []) if r.get("finished")}
 
 
+def merge(out: Path, extras: list[Path]) -> dict:
+    """``out``'s result with the feature and fine-tuning points of ``extras`` (runs of the same rewrites with
+    other budgets and otherwise the same settings) added to its rewrites; headlines recomputed.
+
+    Args:
+        out: the main cost.json.
+        extras: cost JSON files of finished runs measured with other --feature-steps/--finetune-fractions.
+    """
+    result = json.loads(out.read_text())
+    same = lambda s: {k: v for k, v in s.items() if k not in ("feature_steps", "finetune_fractions", "extra_budgets")}  # noqa: E731
+    by_pair = {r["rewrite"]: r for r in result["rewrites"]}
+    order = {"original": 0, "naive copy": 1, "calibration": 2, "features": 3, "finetune": 4}
+    for path in extras:
+        extra = json.loads(path.read_text())
+        if same(extra["settings"]) != same(result["settings"]):
+            raise SystemExit(f"{path} was measured with other settings than {out}; measure it again")
+        for r in extra["rewrites"]:
+            main = by_pair.get(r["rewrite"])
+            if main is None:  # a run cut short still adds the budgets it finished
+                continue
+            have = {(p["step"], p["budget"]) for p in main["points"]}
+            main["points"] += [p for p in r["points"] if p["step"] in LABELLED and (p["step"], p["budget"]) not in have]
+            main["points"].sort(key=lambda p: (order[p["step"]], p.get("steps", 0)))
+            main["headline"] = headline(main["points"], main["points"][0]["top1"], main["scratch"])
+            budgets = result["settings"].setdefault("extra_budgets", {}).setdefault(r["rewrite"], {})
+            for key in ("feature_steps", "finetune_fractions"):
+                budgets[key] = sorted(set(budgets.get(key, [])) | set(extra["settings"][key]))
+    write(out, result)
+    return result
+
+
 def load_data(args) -> dict:
     test_images, test_labels = subset(*cifar10_tensors(args.data, "test"), args.test_images, args.seed)
     train_images, train_labels = cifar10_tensors(args.data, "train")
@@ -351,10 +388,10 @@ def parse(argv=None):
     p.add_argument("--test-images", type=int, default=None, help="evaluate on a subset (default: all 10,000)")
     p.add_argument("--calib-images", type=int, default=2048, help="unlabelled training images for calibration")
     p.add_argument("--iterations", type=int, default=None, help="block reconstruction steps per block (default: calibrate's)")
-    p.add_argument("--feature-steps", type=int, nargs="+", default=[500, 1000, 2000],
+    p.add_argument("--feature-steps", type=int, nargs="*", default=[500, 1000, 2000],
                    help="feature mimicking budgets, one run each")
     p.add_argument("--finetune-images", type=int, default=50000, help="labelled training images for fine-tuning")
-    p.add_argument("--finetune-fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+    p.add_argument("--finetune-fractions", type=float, nargs="*", default=[0.25, 0.5, 1.0],
                    help="fine-tuning budgets in epochs over --finetune-images, one run each")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="train under bf16 autocast")
     p.add_argument("--calib-bf16", action=argparse.BooleanOptionalAction, default=True,
@@ -368,8 +405,11 @@ def parse(argv=None):
                    help="train_cifar.py's record of the from-scratch training")
     p.add_argument("--resume", action="store_true", help="reuse the finished rewrites of --out (same settings)")
     p.add_argument("--out", type=Path, default=RESULTS / "cost.json")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="measure nothing: add the feature and fine-tuning points of these finished runs (other "
+                        "budgets, same settings) to --out and write it again")
     args = p.parse_args(argv)
-    if min(args.feature_steps) < 1 or min(args.finetune_fractions) <= 0:
+    if min(args.feature_steps, default=1) < 1 or min(args.finetune_fractions, default=1) <= 0:
         p.error("--feature-steps must be >= 1 and --finetune-fractions > 0")
     if not args.train_record.is_file():
         p.error(f"no from-scratch record at {args.train_record} (run benchmarks/train_cifar.py)")
@@ -378,6 +418,9 @@ def parse(argv=None):
 
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.merge:
+        print(markdown(merge(args.out, args.merge)))
+        return
     torch.set_num_threads(args.threads)
     train_record = json.loads(args.train_record.read_text())
     data = load_data(args)

@@ -11,7 +11,9 @@ with --short and --long steps, differenced the same way. ResNet-50 has random we
 and affines randomised so its activations look like a trained network's (bench_recovery_guard.trained_like),
 on random resized crops of the ImageNet validation photos in ../shared/data. The default `calibrate` on 1,024
 images is then estimated from its parts: the passes over the images (measured on --images images and scaled)
-plus 500 iterations per block. One JSON line per run goes to benchmarks/results/step-cost.jsonl, with the
+plus 500 iterations per block; --calibrate runs it whole instead (`resnet50 --calibrate --images 1024`): process CPU
+and wall seconds of the call, measuring passes included, each step's share from its report, and agreement with
+the original on --test-images other crops. One JSON line per run goes to benchmarks/results/step-cost.jsonl, with the
 CPU's flags (AVX-512 BF16 and AMX decide what bfloat16 is worth).
 """
 
@@ -32,6 +34,7 @@ from resnet_surgery.deploy.cpu import cpu_extensions
 from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.history import history
 from resnet_surgery.recovery.calibrate import approximate_rewrites, calibrate
+from resnet_surgery.recovery.evaluate import evaluate, predict
 from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.store import load_model
 
@@ -104,6 +107,27 @@ def calibrate_passes(original, converted, calib) -> float:
     return time.process_time() - start
 
 
+def full_calibration(original, converted, calib, test, bf16: bool, channels_last: bool, iterations: int) -> dict:
+    """The default `calibrate` on every image of ``calib``, timed whole (process CPU and wall seconds, its
+    measuring passes included), each step as its report gives it, and agreement with the original on ``test``."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    model = calibrate(converted, original, TensorDataset(calib), num_images=None, bf16=bf16,
+                      channels_last=channels_last, iterations=iterations, progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    report = history(model).calibration
+    reference = predict(original, TensorDataset(test), batch_size=64, progress=False)
+    held_out = {label: evaluate(m, TensorDataset(test), reference=reference, batch_size=64, progress=False).agreement
+                for label, m in (("naive copy", converted), ("calibrated", model))}
+    steps = [{"step": s.step, "cpu_seconds": round(s.cpu_seconds, 1), "wall_seconds": round(s.wall_seconds, 1),
+              "agreement": s.agreement.agreement} for s in report.steps]
+    blocks = [{"block": b.block, "previous": b.previous, "images": b.images, "error_before": b.error_before,
+               "error_after": b.error_after, "cpu_seconds": round(b.cpu_seconds, 1), "kept": b.kept}
+              for b in report.blocks]
+    print(report, flush=True)
+    return {"cpu_seconds": round(cpu, 1), "cpu_minutes": round(cpu / 60, 1), "wall_seconds": round(wall, 1),
+            "steps": steps, "blocks": blocks, "test_images": len(test), "agreement_held_out": held_out}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", choices=("cifar", "resnet50"))
@@ -119,8 +143,16 @@ def main() -> None:
     p.add_argument("--no-features", dest="features", action="store_false")
     p.add_argument("--passes", action="store_true", help="also time calibrate's passes over --images images")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibrate", action="store_true",
+                   help="run the whole default calibrate on --images images per setting instead (timed)")
+    p.add_argument("--test-images", type=int, default=256, help="--calibrate: other crops for held-out agreement")
+    p.add_argument("--iterations", type=int, default=reconstruct.RECONSTRUCT_ITERATIONS,
+                   help="--calibrate: reconstruction iterations per block (default: calibrate's)")
+    p.add_argument("--out", type=Path, default=OUT, help="JSON lines file to append to")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.calibrate:
+        return calibrate_main(args)
     reconstruct.RECONSTRUCT_CHECKS = 1  # one held-back check per block, at the end: iterations are what is timed
     flags = cpu_extensions()
     for to in args.to:
@@ -141,6 +173,37 @@ def main() -> None:
             result["calibrate_passes_seconds"] = calibrate_passes(original, converted, calib)
         with OUT.open("a") as f:
             f.write(json.dumps(result) + "\n")
+
+
+def calibrate_main(args) -> None:
+    """--calibrate: the whole default calibration per rewrite and setting, one JSON line each."""
+    for to in args.to:
+        original, converted, calib = setup(args.model, to, args.images)
+        test = test_images(args.model, args.test_images)
+        for name in args.settings:
+            bf16, channels_last = SETTINGS[name]
+            row = full_calibration(original, converted, calib, test, bf16, channels_last, args.iterations)
+            run = "default calibrate" if args.iterations == reconstruct.RECONSTRUCT_ITERATIONS else "calibrate"
+            result = {"model": args.model, "rewrite": f"v1.5 -> {to}", "run": run, "setting": name,
+                      "iterations_per_block": args.iterations,
+                      "images": len(calib), "threads": args.threads, "cpu_flags": cpu_extensions(),
+                      "torch": torch.__version__, **row}
+            print(to, name, json.dumps(result), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+def test_images(model: str, n: int) -> torch.Tensor:
+    """Held-out images: other crops of the same photos (ResNet-50), or CIFAR-10 test images."""
+    if model == "cifar":
+        from resnet_surgery.data import cifar10_tensors, normalize_uint8
+
+        test, _ = cifar10_tensors(SHARED, "test")
+        return normalize_uint8(test[:n])
+    from bench_recovery_guard import crops
+
+    photos = sorted((SHARED / "imagenet-val").glob("*.JPEG"))
+    return crops(photos, -(-n // len(photos)), seed=2)[:n]
 
 
 if __name__ == "__main__":

@@ -61,3 +61,38 @@ def test_headline_says_by_how_much_the_goal_is_missed():
     lines = bench_cost.headline_lines({"label": "v1 -> d", "headline": h})
     assert "matches the original: not reached within the measured budget" in lines[0]
     assert "NOT MET" in lines[0] and "0.50 point short" in lines[0]
+
+
+def test_merge_adds_other_budgets_in_order_and_refuses_other_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_cost, "plot", lambda result, path: None)  # the chart is not what is tested
+    scratch = bench_cost.scratch_curve(TRAIN, "v1.5")
+    settings = {"test_images": 100, "calibration_images": 64, "finetune_images": 500, "bf16": True,
+                "feature_steps": [500], "finetune_fractions": [1.0], "seed": 0, "threads": 1}
+
+    def result(rows, **changes):
+        pts = [{**p, "vs_original": p["top1"] - 85.0, "agreement": 90.0}
+               | ({"steps": int(p["budget"].split()[0])} if p["step"] in bench_cost.LABELLED else {})
+               for p in points(*rows)]
+        return {"settings": {**settings, **changes}, "cpu_flags": [], "torch": "x", "rewrites": [
+            {"rewrite": "v1.5:v1", "label": "v1.5 -> v1", "scratch": scratch, "points": pts, "finished": True,
+             "headline": bench_cost.headline(pts, 85.0, scratch)}]}
+
+    main = tmp_path / "cost.json"
+    main.write_text(bench_cost.json.dumps(result([("original", "", 85.0, 0), ("calibration", "", 84.0, 20),
+                                                  ("features", "500 steps", 84.2, 30), ("finetune", "1 epoch", 84.5, 60)])))
+    extra = tmp_path / "extra.json"
+    extra.write_text(bench_cost.json.dumps(result([("original", "", 85.0, 0), ("calibration", "", 84.0, 21),
+                                                   ("features", "4000 steps", 84.8, 45), ("finetune", "2 epoch", 84.6, 100)],
+                                                  feature_steps=[4000], finetune_fractions=[2.0])))
+    merged = bench_cost.merge(main, [extra])
+    r = merged["rewrites"][0]
+    assert [(p["step"], p["budget"]) for p in r["points"]] == [
+        ("original", ""), ("calibration", ""), ("features", "500 steps"), ("features", "4000 steps"),
+        ("finetune", "1 epoch"), ("finetune", "2 epoch")]
+    assert r["headline"]["within"]["budget"] == "4000 steps"  # the new point is the first within 0.3
+    assert merged["settings"]["extra_budgets"]["v1.5:v1"] == {"feature_steps": [4000], "finetune_fractions": [2.0]}
+    assert bench_cost.json.loads(main.read_text()) == merged and "4000 steps" in main.with_suffix(".md").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(bench_cost.json.dumps(result([("original", "", 85.0, 0)], seed=1)))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench_cost.merge(main, [other])
