@@ -179,7 +179,7 @@ def calibrate_main(args) -> None:
     """--calibrate: the whole default calibration per rewrite and setting, one JSON line each."""
     for to in args.to:
         original, converted, calib = setup(args.model, to, args.images)
-        test = test_images(args.model, args.test_images)
+        test = held_out_images(args.model, args.test_images)
         for name in args.settings:
             bf16, channels_last = SETTINGS[name]
             row = full_calibration(original, converted, calib, test, bf16, channels_last, args.iterations)
@@ -193,7 +193,7 @@ def calibrate_main(args) -> None:
                 f.write(json.dumps(result) + "\n")
 
 
-def test_images(model: str, n: int) -> torch.Tensor:
+def held_out_images(model: str, n: int) -> torch.Tensor:
     """Held-out images: other crops of the same photos (ResNet-50), or CIFAR-10 test images."""
     if model == "cifar":
         from resnet_surgery.data import cifar10_tensors, normalize_uint8
