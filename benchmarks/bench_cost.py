@@ -347,7 +347,7 @@ def merge(out: Path, extras: list[Path]) -> dict:
 
     Args:
         out: the main cost.json.
-        extras: cost JSON files of finished runs measured with other --feature-steps/--finetune-fractions.
+        extras: cost JSON files of runs (finished or cut short) measured with other --feature-steps/--finetune-fractions.
     """
     result = json.loads(out.read_text())
     same = lambda s: {k: v for k, v in s.items() if k not in ("feature_steps", "finetune_fractions", "extra_budgets")}  # noqa: E731
@@ -359,7 +359,7 @@ def merge(out: Path, extras: list[Path]) -> dict:
             raise SystemExit(f"{path} was measured with other settings than {out}; measure it again")
         for r in extra["rewrites"]:
             main = by_pair.get(r["rewrite"])
-            if main is None:  # a run cut short still adds the budgets it finished
+            if main is None:  # a rewrite the main result does not have: nothing to add it to
                 continue
             have = {(p["step"], p["budget"]) for p in main["points"]}
             main["points"] += [p for p in r["points"] if p["step"] in LABELLED and (p["step"], p["budget"]) not in have]

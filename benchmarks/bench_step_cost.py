@@ -56,10 +56,9 @@ def setup(model: str, to: str, images: int):
         size = 32
     else:
         import torchvision
-        from bench_recovery_guard import crops, trained_like
+        from bench_recovery_guard import trained_like
 
-        photos = sorted((SHARED / "imagenet-val").glob("*.JPEG"))
-        calib = crops(photos, -(-images // len(photos)), seed=1)[:images]
+        calib = imagenet_crops(images, seed=1)
         torch.manual_seed(0)
         original = trained_like(torchvision.models.resnet50(), calib[:32], 0)
         size = 224
@@ -171,7 +170,7 @@ def main() -> None:
             print(to, name, json.dumps(row), flush=True)
         if args.passes:
             result["calibrate_passes_seconds"] = calibrate_passes(original, converted, calib)
-        with OUT.open("a") as f:
+        with args.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
 
 
@@ -200,10 +199,15 @@ def held_out_images(model: str, n: int) -> torch.Tensor:
 
         test, _ = cifar10_tensors(SHARED, "test")
         return normalize_uint8(test[:n])
+    return imagenet_crops(n, seed=2)
+
+
+def imagenet_crops(n: int, seed: int) -> torch.Tensor:
+    """``n`` random resized 224 crops of the ImageNet validation photos in ../shared/data, as many of each."""
     from bench_recovery_guard import crops
 
     photos = sorted((SHARED / "imagenet-val").glob("*.JPEG"))
-    return crops(photos, -(-n // len(photos)), seed=2)[:n]
+    return crops(photos, -(-n // len(photos)), seed=seed)[:n]
 
 
 if __name__ == "__main__":
