@@ -15,6 +15,12 @@ never trained from scratch, so the v1.5 curve stands in for it). Headline per re
 a measured point comes within 0.3 point of the original, and at which it matches it; goal: within 0.3 point at
 <= 10% of from-scratch compute. Writes benchmarks/results/cost.json, cost.md and cost.png after every rewrite;
 --resume reuses the finished rewrites of an existing cost.json measured with the same settings.
+
+    python benchmarks/bench_cost.py --model cifar10-resnet50    # the trained ResNet-50 (v1.5): -> v1, -> d, -> v1 -> v1.5
+
+--model cifar10-resnet50 judges the same steps on the ResNet-50 of benchmarks/train_resnet50.py (weights/), at
+the size it was trained at, against its own recorded training (process CPU seconds per epoch); only its v1.5
+layout was trained from scratch, so that curve stands in for every target. Writes results/cost-resnet50.*.
 """
 
 from __future__ import annotations
@@ -38,20 +44,23 @@ from resnet_surgery.history import history
 from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.evaluate import evaluate, predict
 from resnet_surgery.recovery.finetune import finetune
-from resnet_surgery.recovery.reconstruct import RECONSTRUCT_ITERATIONS
 from resnet_surgery.zoo.cifar import load_cifar_resnet
+from resnet_surgery.zoo.judge import JUDGE_NAME, load_judge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 REWRITES = ("v1:v1.5", "v1.5:v1", "v1.5:d", "v1:d")
+# The last: there and back (v1 calibrated, then converted back to v1.5 and recovered; the first leg's CPU is
+# recorded apart, not in the points).
+JUDGE_REWRITES = ("v1.5:v1", "v1.5:d", "v1.5:v1:v1.5")
 SCRATCH_LAYOUT = {"v1.5": "v1.5", "v1": "v1", "d": "v1.5"}  # target -> the layout whose from-scratch curve counts
 TOLERANCE = 0.3  # top-1 points below the original that count as "within"
 GOAL_PERCENT = 10.0  # of the from-scratch compute
 CALIB_BATCH = 128
 BATCH = 64
 ALPHA = 0.9
-SERIES = (("calibration", "s", "calibration"), ("features", "o-", "feature mimicking (steps)"),
+SERIES = (("bn", "v", "BatchNorm only"), ("calibration", "s", "calibration"), ("features", "o-", "feature mimicking (steps)"),
           ("finetune", "^-", "fine-tuning (epochs)"))
 LABELLED = ("features", "finetune")  # the series whose points carry their budget
 
@@ -85,6 +94,15 @@ def scratch_curve(train: dict, target: str) -> dict:
         p["percent"] = 100.0 * p["cpu_seconds"] / total
     return {"layout": layout, "stand_in": layout != target, "cpu_seconds": total, "epochs": before_epochs,
             "top1": run["test_top1"], "points": points}
+
+
+def judge_scratch(record: dict, target: str) -> dict:
+    """`scratch_curve` for train_resnet50.py's record: one cycle, process CPU seconds per epoch as measured."""
+    total = record["cpu_s"]
+    points = [{"cycle": 1, "epoch": h["epoch"], "top1": h["test_top1"], "cpu_seconds": h["cpu_s"],
+               "percent": 100.0 * h["cpu_s"] / total} for h in record["history"]]
+    return {"layout": "v1.5", "stand_in": target != "v1.5", "cpu_seconds": total, "epochs": record["epochs_done"],
+            "top1": record["test_top1"], "points": points}
 
 
 def first_reaching(points: list[dict], threshold: float) -> dict | None:
@@ -141,14 +159,25 @@ def recovery_runs(args, data: dict) -> list[tuple[str, object, int, str]]:
 
 def run_rewrite(pair: str, args, data: dict, train_record: dict, on_progress) -> dict:
     """Every point of one rewrite; ``on_progress(partial result)`` after each training run."""
-    source, to = pair.split(":")
-    scratch = scratch_curve(train_record, to)
-    original = load_cifar_resnet(source)
+    source, *chain = pair.split(":")
+    to = chain[-1]
+    judge = args.model == JUDGE_NAME
+    scratch = judge_scratch(train_record, to) if judge else scratch_curve(train_record, to)
+    original = load_judge() if judge else load_cifar_resnet(source)
+    converted, leg_cpu = original, 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = convert(original, to, input_size=(3, 32, 32))
+        for i, step in enumerate(chain):
+            if i:  # a round trip: the first leg is calibrated (by default) before the way back, or the way back
+                # would only restore the original's own weights (moving a stride back is exact on a plain copy)
+                converted, cpu = timed(calibrate, converted, original, data["calib"], num_images=None,
+                                       batch_size=CALIB_BATCH, seed=args.seed, progress=False,
+                                       bf16=args.calib_bf16, channels_last=args.channels_last)
+                leg_cpu += cpu
+            converted = convert(converted, step, input_size=(3, data["size"], data["size"]))
     reference = predict(original, data["test"], batch_size=500, progress=False)  # the original's logits, once
-    result = {"rewrite": pair, "label": f"{source} -> {to}" + (" (plain)" if to == "v1.5" else ""),
+    plain = " (plain)" if to == "v1.5" and len(chain) == 1 else ""
+    result = {"rewrite": pair, "label": " -> ".join([source, *chain]) + plain, "first_leg_cpu_seconds": round(leg_cpu, 1),
               "source": source, "to": to, "scratch": scratch, "points": [], "finished": False}
     base = None
 
@@ -163,12 +192,17 @@ def run_rewrite(pair: str, args, data: dict, train_record: dict, on_progress) ->
     add("original", "", original, 0.0)
     base = result["points"][0]["top1"]
     add("naive copy", "0", converted, 0.0)
-    iterations = args.iterations or RECONSTRUCT_ITERATIONS
+    if args.model == JUDGE_NAME:  # BatchNorm re-estimation alone, the first half of the default calibration
+        bn, bn_cpu = timed(calibrate, converted, original, data["calib"], num_images=None, steps=("bn",),
+                           batch_size=CALIB_BATCH, seed=args.seed, progress=False, channels_last=args.channels_last)
+        add("bn", f"{len(data['calib'])} images", bn, bn_cpu)
     calibrated, calib_cpu = timed(calibrate, converted, original, data["calib"], num_images=None,
-                                  batch_size=CALIB_BATCH, seed=args.seed, progress=False, iterations=iterations,
+                                  batch_size=CALIB_BATCH, seed=args.seed, progress=False, iterations=args.iterations,
                                   bf16=args.calib_bf16, channels_last=args.channels_last)
+    iterations = "/".join(str(n) for n in dict.fromkeys(b.iterations for b in history(calibrated).calibration.blocks))
     add("calibration", f"{iterations} it./block, {len(data['calib'])} images", calibrated, calib_cpu,
-        run_cpu_seconds=round(calib_cpu, 1))
+        run_cpu_seconds=round(calib_cpu, 1),
+        blocks_kept=[b.kept for b in history(calibrated).calibration.blocks])
     for step, dataset, steps, budget in recovery_runs(args, data):
         objective = {"objective": "features"} if step == "features" else {"objective": "both", "alpha": ALPHA}
         model, call_cpu = timed(finetune, calibrated, original, dataset, steps=steps, augment="cifar", bf16=args.bf16,
@@ -215,9 +249,12 @@ def markdown(result: dict) -> str:
         f"(CPU: {', '.join(result['cpu_flags']) or 'flags unknown'}; torch {result['torch']}). Calibration and "
         f"feature mimicking use the same {s['calibration_images']} unlabelled training images; fine-tuning uses "
         f"{s['finetune_images']} labelled ones. Every budget is a separate run from the calibrated model, and its "
-        "CPU s include the calibration's. From scratch: train_cifar.json's recorded training of the target layout; "
-        "its CPU seconds are wall seconds x the threads it ran at (an approximation), its top-1 is on the full test "
-        "set, and 100% is its whole recorded training. "
+        "CPU s include the calibration's. "
+        + ("From scratch: train_resnet50.json's recorded training of the v1.5 layout (process CPU seconds), "
+           f"{s['input_size']}x{s['input_size']} inputs; " if s.get("model") == JUDGE_NAME else
+           "From scratch: train_cifar.json's recorded training of the target layout; its CPU seconds are wall "
+           "seconds x the threads it ran at (an approximation), ")
+        + "its top-1 is on the full test set, and 100% is its whole recorded training. "
         f"Reconstruction {'under bf16 autocast' if s.get('calibration_bf16') else 'in float32'}, feature mimicking "
         f"and fine-tuning {'under bf16 autocast' if s['bf16'] else 'in float32'}"
         f"{', channels-last' if s.get('channels_last') else ''}.",
@@ -231,7 +268,8 @@ def markdown(result: dict) -> str:
                   f"calibration): {added}.", ""]
     for r in result["rewrites"]:
         sc = r["scratch"]
-        name = f"{sc['layout']}" + (" (stand-in: d was never trained from scratch)" if sc["stand_in"] else "")
+        never = "only v1.5" if result["settings"].get("model") == JUDGE_NAME else "d was never"
+        name = f"{sc['layout']}" + (f" (stand-in: {never} trained from scratch)" if sc["stand_in"] else "")
         lines += [f"### {r['label']}", "",
                   f"From scratch: {name}, {sc['epochs']} epochs, {sc['cpu_seconds']:.0f} CPU s = 100%, "
                   f"top-1 {sc['top1']:.2f}.", "",
@@ -352,7 +390,7 @@ def merge(out: Path, extras: list[Path]) -> dict:
     result = json.loads(out.read_text())
     same = lambda s: {k: v for k, v in s.items() if k not in ("feature_steps", "finetune_fractions", "extra_budgets")}  # noqa: E731
     by_pair = {r["rewrite"]: r for r in result["rewrites"]}
-    order = {"original": 0, "naive copy": 1, "calibration": 2, "features": 3, "finetune": 4}
+    order = {"original": 0, "naive copy": 1, "bn": 1.5, "calibration": 2, "features": 3, "finetune": 4}
     for path in extras:
         extra = json.loads(path.read_text())
         if same(extra["settings"]) != same(result["settings"]):
@@ -373,18 +411,33 @@ def merge(out: Path, extras: list[Path]) -> dict:
 
 
 def load_data(args) -> dict:
+    size = load_judge().input_size if args.model == JUDGE_NAME else 32
     test_images, test_labels = subset(*cifar10_tensors(args.data, "test"), args.test_images, args.seed)
     train_images, train_labels = cifar10_tensors(args.data, "train")
     calib_images, _ = subset(train_images, train_labels, args.calib_images, args.seed)
     ft_images, ft_labels = subset(train_images, train_labels, args.finetune_images, args.seed + 1)
-    return {"test": TensorDataset(normalize_uint8(test_images), test_labels),
-            "calib": TensorDataset(normalize_uint8(calib_images)),  # no labels: calibration does not use them
-            "train": TensorDataset(normalize_uint8(ft_images), ft_labels)}
+    prepare = lambda x: resized(normalize_uint8(x), size)  # noqa: E731
+    return {"test": TensorDataset(prepare(test_images), test_labels),
+            "calib": TensorDataset(prepare(calib_images)),  # no labels: calibration does not use them
+            "train": TensorDataset(prepare(ft_images), ft_labels), "size": size}
+
+
+def resized(images: torch.Tensor, size: int, chunk: int = 1000) -> torch.Tensor:
+    """Images upsampled as train_resnet50.py feeds them (bilinear, antialiased), a chunk at a time."""
+    if images.shape[-1] == size:
+        return images
+    import torch.nn.functional as F
+
+    return torch.cat([F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                      for x in images.split(chunk)])
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rewrites", nargs="+", default=list(REWRITES), choices=REWRITES, help="source:target pairs")
+    p.add_argument("--model", choices=("cifar", JUDGE_NAME), default="cifar",
+                   help="the committed CIFAR-10 models, or the trained ResNet-50 (weights/)")
+    p.add_argument("--rewrites", nargs="+", default=None, choices=REWRITES + JUDGE_REWRITES,
+                   help="source:target pairs (default: the model's)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate on a subset (default: all 10,000)")
     p.add_argument("--calib-images", type=int, default=2048, help="unlabelled training images for calibration")
     p.add_argument("--iterations", type=int, default=None, help="block reconstruction steps per block (default: calibrate's)")
@@ -401,18 +454,22 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=SHARED, help="shared data folder holding cifar10/{train,test}.tar")
-    p.add_argument("--train-record", type=Path, default=RESULTS / "train_cifar.json",
-                   help="train_cifar.py's record of the from-scratch training")
+    p.add_argument("--train-record", type=Path, default=None,
+                   help="the record of the from-scratch training (default: train_cifar.json or train_resnet50.json)")
     p.add_argument("--resume", action="store_true", help="reuse the finished rewrites of --out (same settings)")
-    p.add_argument("--out", type=Path, default=RESULTS / "cost.json")
+    p.add_argument("--out", type=Path, default=None, help="default: results/cost.json or cost-resnet50.json")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="measure nothing: add the feature and fine-tuning points of these finished runs (other "
                         "budgets, same settings) to --out and write it again")
     args = p.parse_args(argv)
+    judge = args.model == JUDGE_NAME
+    args.rewrites = args.rewrites or list(JUDGE_REWRITES if judge else REWRITES)
+    args.train_record = args.train_record or RESULTS / ("train_resnet50.json" if judge else "train_cifar.json")
+    args.out = args.out or RESULTS / ("cost-resnet50.json" if judge else "cost.json")
     if min(args.feature_steps, default=1) < 1 or min(args.finetune_fractions, default=1) <= 0:
         p.error("--feature-steps must be >= 1 and --finetune-fractions > 0")
     if not args.train_record.is_file():
-        p.error(f"no from-scratch record at {args.train_record} (run benchmarks/train_cifar.py)")
+        p.error(f"no from-scratch record at {args.train_record} (run benchmarks/train_cifar.py or train_resnet50.py)")
     return args
 
 
@@ -424,8 +481,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     train_record = json.loads(args.train_record.read_text())
     data = load_data(args)
-    settings = {"test_images": len(data["test"]), "calibration_images": len(data["calib"]),
-                "finetune_images": len(data["train"]), "iterations_per_block": args.iterations or RECONSTRUCT_ITERATIONS,
+    settings = {"model": args.model, "input_size": data["size"], "test_images": len(data["test"]),
+                "calibration_images": len(data["calib"]),
+                "finetune_images": len(data["train"]), "iterations_per_block": args.iterations or "calibrate's",
                 "calibration_batch_size": CALIB_BATCH, "feature_steps": args.feature_steps,
                 "finetune_fractions": args.finetune_fractions, "batch_size": BATCH, "alpha": ALPHA,
                 "augment": "cifar", "bf16": args.bf16, "calibration_bf16": args.calib_bf16,

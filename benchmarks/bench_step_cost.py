@@ -119,7 +119,8 @@ def full_calibration(original, converted, calib, test, bf16: bool, channels_last
                 for label, m in (("naive copy", converted), ("calibrated", model))}
     steps = [{"step": s.step, "cpu_seconds": round(s.cpu_seconds, 1), "wall_seconds": round(s.wall_seconds, 1),
               "agreement": s.agreement.agreement} for s in report.steps]
-    blocks = [{"block": b.block, "previous": b.previous, "images": b.images, "error_before": b.error_before,
+    blocks = [{"block": b.block, "previous": b.previous, "images": b.images, "iterations": b.iterations,
+               "error_before": b.error_before,
                "error_after": b.error_after, "cpu_seconds": round(b.cpu_seconds, 1), "kept": b.kept}
               for b in report.blocks]
     print(report, flush=True)
@@ -145,7 +146,7 @@ def main() -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="run the whole default calibrate on --images images per setting instead (timed)")
     p.add_argument("--test-images", type=int, default=256, help="--calibrate: other crops for held-out agreement")
-    p.add_argument("--iterations", type=int, default=reconstruct.RECONSTRUCT_ITERATIONS,
+    p.add_argument("--iterations", type=int, default=None,
                    help="--calibrate: reconstruction iterations per block (default: calibrate's)")
     p.add_argument("--out", type=Path, default=OUT, help="JSON lines file to append to")
     args = p.parse_args()
@@ -182,7 +183,9 @@ def calibrate_main(args) -> None:
         for name in args.settings:
             bf16, channels_last = SETTINGS[name]
             row = full_calibration(original, converted, calib, test, bf16, channels_last, args.iterations)
-            run = "default calibrate" if args.iterations == reconstruct.RECONSTRUCT_ITERATIONS else "calibrate"
+            # calibrate's defaults: its iterations, channels-last, float32
+            default = args.iterations is None and name == "channels_last"
+            run = "default calibrate" if default else "calibrate"
             result = {"model": args.model, "rewrite": f"v1.5 -> {to}", "run": run, "setting": name,
                       "iterations_per_block": args.iterations,
                       "images": len(calib), "threads": args.threads, "cpu_flags": cpu_extensions(),

@@ -159,8 +159,8 @@ def model_transform(model):
         import timm.data
 
         return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    if source.kind == "zoo":
-        return preset_transform("cifar10")  # the project's CIFAR-10 models were trained with it
+    if source.kind == "zoo":  # the project's CIFAR-10 models were trained with it, at the side the zoo records
+        return preset_transform("cifar10", size=getattr(model, "input_size", None))
     weights = source.weights or "none"
     if source.kind != "torchvision" or weights.lower() == "none" or Path(weights).suffix:
         return None  # random init or a local file: nothing says how its images were prepared

@@ -96,3 +96,12 @@ def test_merge_adds_other_budgets_in_order_and_refuses_other_settings(tmp_path, 
     other.write_text(bench_cost.json.dumps(result([("original", "", 85.0, 0)], seed=1)))
     with pytest.raises(SystemExit, match="other settings"):
         bench_cost.merge(main, [other])
+
+
+def test_judge_scratch_reads_train_resnet50s_process_cpu_seconds():
+    record = {"cpu_s": 400.0, "epochs_done": 2, "test_top1": 88.0,
+              "history": [{"epoch": 1, "test_top1": 70.0, "cpu_s": 190.0}, {"epoch": 2, "test_top1": 88.0, "cpu_s": 400.0}]}
+    curve = bench_cost.judge_scratch(record, "v1")
+    assert [p["percent"] for p in curve["points"]] == [47.5, 100.0] and curve["cpu_seconds"] == 400.0
+    assert curve["layout"] == "v1.5" and curve["stand_in"]  # only v1.5 was trained: it stands in for v1
+    assert not bench_cost.judge_scratch(record, "v1.5")["stand_in"]

@@ -1,6 +1,8 @@
 """Recovery's cheaper and larger steps: reconstruction units that reach past the rewritten block, bfloat16
 autocast and channels-last memory format for reconstruction and fine-tuning."""
 
+import warnings
+
 import torch
 from test_recovery import quiet_convert
 from torch import nn
@@ -8,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 import resnet_surgery.recovery.reconstruct as reconstruct
 from resnet_surgery import history, save
+from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.store import load_into
@@ -89,3 +92,77 @@ def test_channels_last_finetuning_leaves_the_teacher_alone_and_returns_contiguou
     assert all(p.is_contiguous() for p in tuned.parameters())
     assert all(p.is_contiguous() for p in original.parameters())
     assert all(torch.isfinite(p).all() for p in tuned.parameters())
+
+
+def wide_maps(to="v1"):
+    """A tiny random model on 56x56 images: its first stages' maps are wider than RECONSTRUCT_CROP."""
+    torch.manual_seed(0)
+    original = cifar_resnet("v1.5", widths=(4, 8, 8), blocks=(1, 1, 1), stem_width=4)
+    for m in original.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    original.train()
+    with torch.no_grad():
+        for _ in range(3):
+            original(torch.randn(8, 3, 56, 56))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return original.eval(), convert(original, to, input_size=(3, 56, 56))
+
+
+class Centred(nn.Module):
+    """Subtracts each map's mean: every output pixel reads the whole map."""
+
+    def forward(self, x):
+        return x - x.mean((2, 3), keepdim=True)
+
+
+def test_wide_maps_train_on_crops_whose_interior_is_the_whole_maps_output():
+    original, converted = wide_maps()
+    unit = nn.Sequential(converted.layer1[0], converted.layer2[0]).eval()
+    x = torch.randn(4, 4, 56, 56)
+    with torch.no_grad():
+        y = unit(x)
+    crop = reconstruct._crop_plan(unit, x, y, reconstruct.CROP_MARGIN, "cpu")
+    assert crop is not None and (crop.side, crop.stride) == (reconstruct.RECONSTRUCT_CROP, 2)
+    # a drawn crop's interior reproduces exactly the target pixels it is paired with
+    part, target = crop.draw(x, y, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(crop.interior(unit(part)), target, atol=1e-5)
+    # a map no wider than the crop, or an op that reads the whole map, trains on whole maps
+    assert reconstruct._crop_plan(unit, x[..., :24, :24], y[..., :12, :12], 2, "cpu") is None
+    for reads_all in (nn.LayerNorm([28, 28]), Centred()):
+        whole = nn.Sequential(unit, reads_all)
+        with torch.no_grad():
+            assert reconstruct._crop_plan(whole, x, whole(x), 2, "cpu") is None
+
+
+def test_default_iterations_stop_at_the_work_cap_and_an_explicit_count_is_kept(monkeypatch):
+    original, converted = wide_maps()
+    data = TensorDataset(torch.randn(48, 3, 56, 56, generator=torch.Generator().manual_seed(1)))
+    unit = nn.Sequential(converted.layer1[0], converted.layer2[0])
+    side = reconstruct.RECONSTRUCT_CROP
+    crop_macs = reconstruct._unit_macs(unit, torch.zeros(1, 4, side, side))
+    monkeypatch.setattr(reconstruct, "RECONSTRUCT_WORK", crop_macs * 37)  # 37 iterations of the cropped unit
+    model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), progress=False)
+    first = history(model).calibration.blocks[0]
+    assert first.block == "layer2.0" and first.iterations == 37
+    # the report says so, and an explicit count is never capped
+    assert "37 iterations" in str(history(model).calibration)
+    model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), iterations=60,
+                      progress=False)
+    assert [b.iterations for b in history(model).calibration.blocks] == [60, 60]
+
+
+def test_calibration_runs_channels_last_on_copies_and_returns_contiguous_weights():
+    original, converted = two_block_stages()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    model = calibrate(converted, original, images(64, 2), num_images=None, iterations=5, progress=False)
+    assert all(p.is_contiguous() for p in model.parameters())
+    # the caller's original is neither changed nor re-laid out
+    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())
+    assert all(p.is_contiguous() for p in original.parameters())
+    # every step is measured on the held-back eighth of the images, the step's own images are all of them
+    report = history(model).calibration
+    assert report.num_images == 64 and [s.agreement.num_images for s in report.steps] == [8, 8, 8]
+    assert [s.images for s in report.steps] == [0, 64, 64]

@@ -24,8 +24,9 @@ from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
 
-__all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_ITERATIONS",
-           "RECONSTRUCT_LR", "BlockFit", "previous_blocks", "reconstruct_blocks"]
+__all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_CROP",
+           "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECONSTRUCT_WORK", "BlockFit", "previous_blocks",
+           "reconstruct_blocks"]
 
 # Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
 # each tensor's RMS magnitude, mini-batch.
@@ -39,8 +40,18 @@ RECONSTRUCT_CHECKS = 10
 BACK_OFF = 1 / 3
 # A tensor whose RMS is below this (a zero-initialised bias) moves as if it were this large.
 RMS_FLOOR = 1e-3
-# Cached block inputs and targets stay under this size; past it, fewer calibration images are used.
-RECONSTRUCT_BYTES = 2 << 30
+# Cached block inputs and targets stay under this size; past it, fewer calibration images are used (all 2,048
+# for the CIFAR models' blocks; at 224 px, 106 to 426 of ResNet-50's, whose capture passes cost minutes).
+RECONSTRUCT_BYTES = 512 << 20
+# The default iterations stop where iterations x the unit's MACs per (cropped) image would pass this: all 500
+# for the CIFAR models' blocks (12M MACs), 20 to 70 for ResNet-50's at 224 px (170M-590M MACs), so a large
+# model's reconstruction costs minutes of CPU, not an hour. An explicit ``iterations`` is never capped.
+RECONSTRUCT_WORK = 12_000_000_000
+# Maps wider than this (ResNet-50's 56x56 at 224 px; not the CIFAR models' 32x32) are trained on stride-aligned
+# crops of this side, about 3x cheaper a step; the loss leaves out CROP_MARGIN output pixels at each border (plus
+# one per following block), which the crop's zero padding reaches. Held-back errors are always on whole maps.
+RECONSTRUCT_CROP = 32
+CROP_MARGIN = 2
 
 
 @dataclasses.dataclass
@@ -192,9 +203,77 @@ class _Best:
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class _Crop:
+    """Train on crops: ``side`` input pixels at offsets that are multiples of ``stride`` (input side / output
+    side); the loss skips ``margin`` output pixels at each border."""
+
+    side: int
+    stride: int
+    margin: int
+
+    def draw(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random crop of the input batch and the target pixels its interior yields."""
+        (h, w), s, m = x.shape[-2:], self.stride, self.margin
+        top, left = (int(torch.randint(0, (n - self.side) // s + 1, (), generator=generator)) * s for n in (h, w))
+        out = self.side // s
+        return (x[..., top : top + self.side, left : left + self.side],
+                y[..., top // s + m : top // s + out - m, left // s + m : left // s + out - m])
+
+    def interior(self, out: torch.Tensor) -> torch.Tensor:
+        return out[..., self.margin : out.shape[-2] - self.margin, self.margin : out.shape[-1] - self.margin]
+
+
+def _crop_plan(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, margin: int, device) -> _Crop | None:
+    """How ``unit`` can be trained on crops of its cached inputs ``x`` (targets ``y``), or None: maps no wider
+    than RECONSTRUCT_CROP, an output that is not the input shrunk by a whole stride, or a probe on which the
+    crop's interior differs from the same pixels of the whole map (an op that reads the whole map)."""
+    if x.dim() != 4 or y.dim() != 4 or min(x.shape[-2:]) <= RECONSTRUCT_CROP:
+        return None
+    stride = x.shape[-1] // y.shape[-1]
+    if stride < 1 or tuple(y.shape[-2:]) != (x.shape[-2] // stride, x.shape[-1] // stride) or x.shape[-1] % stride:
+        return None
+    crop = _Crop(RECONSTRUCT_CROP - RECONSTRUCT_CROP % stride, stride, margin)
+    if crop.side // stride <= 2 * margin:
+        return None
+    probe = x[:2].to(device)
+    with torch.no_grad():
+        whole = unit(probe).float()
+        part, target = crop.draw(probe, whole, torch.Generator().manual_seed(0))
+        try:
+            part = crop.interior(unit(part).float())
+        except RuntimeError:  # a layer that takes one map size only
+            return None
+    scale = float(target.abs().max()) or 1.0
+    return crop if part.shape == target.shape and float((part - target).abs().max()) <= 1e-4 * scale else None
+
+
+def _unit_macs(unit: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of ``unit`` on one image shaped like ``x[0]`` (torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        unit(x[:1])
+    return counter.get_total_flops() // 2
+
+
+def default_iterations(unit: nn.Module, x: torch.Tensor) -> int:
+    """RECONSTRUCT_ITERATIONS, or fewer where the unit's MACs per image ``x[:1]`` would pass RECONSTRUCT_WORK.
+
+    Args:
+        unit: the blocks trained together.
+        x: an input batch as the unit is trained on (a crop when it trains on crops).
+
+    Returns:
+        int: the iterations, at least RECONSTRUCT_CHECKS.
+    """
+    return max(RECONSTRUCT_CHECKS, min(RECONSTRUCT_ITERATIONS, RECONSTRUCT_WORK // max(1, _unit_macs(unit, x))))
+
+
 def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr: float, batch_size: int,
               generator: torch.Generator, device, desc: str, progress: bool, bf16: bool = False,
-              channels_last: bool = False) -> _Best:
+              channels_last: bool = False, crop: _Crop | None = None) -> _Best:
     """Train every parameter of ``unit`` (in place) to map ``train``'s inputs to its targets: MSE, Adam at ``lr``
     relative to each tensor's RMS with a cosine schedule, ``iterations`` mini-batches drawn with ``generator``.
     Every ``iterations // RECONSTRUCT_CHECKS`` steps and at the end the error on ``held`` is measured; an error
@@ -210,9 +289,12 @@ def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr
         with torch.enable_grad():
             for i in tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False):
                 pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
+                inputs, targets = crop.draw(x[pick], y[pick], generator) if crop else (x[pick], y[pick])
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                    out = unit(_batch(x[pick], device, channels_last))
-                loss = F.mse_loss(out.float(), y[pick].to(device))
+                    out = unit(_batch(inputs, device, channels_last))
+                if crop:
+                    out = crop.interior(out)
+                loss = F.mse_loss(out.float(), targets.to(device))
                 finite = bool(torch.isfinite(loss))
                 if finite:
                     opt.zero_grad(set_to_none=True)
@@ -258,7 +340,7 @@ def reconstruct_blocks(
     blocks: Sequence[str],
     batches,
     *,
-    iterations: int = RECONSTRUCT_ITERATIONS,
+    iterations: int | None = None,
     lr: float = RECONSTRUCT_LR,
     batch_size: int = RECONSTRUCT_BATCH,
     previous: bool = True,
@@ -272,7 +354,9 @@ def reconstruct_blocks(
     """Optimise every parameter of each block ``name`` of ``model`` (in place) so that, fed with the input
     ``model`` now gives it, it reproduces the output of ``original``'s block of the same name (MSE; Adam at
     ``lr`` times each tensor's RMS, so 3e-2 moves a weight ~3% of its typical size a step; cosine schedule;
-    ``iterations`` mini-batches of ``batch_size`` from the cached activations of ``batches``). Blocks go in
+    ``iterations`` mini-batches of ``batch_size`` from the cached activations of ``batches``; None: 500, fewer
+    where a unit's MACs would pass RECONSTRUCT_WORK; maps wider than RECONSTRUCT_CROP are trained on crops).
+    Blocks go in
     forward order, each on the inputs left by the ones before it (BRECQ). A seeded ``HOLD_BACK`` fraction of
     the images is never trained on; the block's error on them is measured ``RECONSTRUCT_CHECKS`` times and at
     the end: an error above the best so far restarts from the best iterate at ``BACK_OFF`` of the rate
@@ -287,7 +371,7 @@ def reconstruct_blocks(
         original: the original model, with blocks of the same names.
         blocks: the blocks to reconstruct.
         batches: re-iterable (images, labels) batches.
-        iterations: optimiser steps per block.
+        iterations: optimiser steps per block (None: RECONSTRUCT_ITERATIONS, capped by RECONSTRUCT_WORK).
         lr: peak learning rate, relative to each parameter tensor's RMS.
         batch_size: mini-batch of cached activations per step.
         previous: optimise the block before each one with it.
@@ -335,7 +419,7 @@ def _units(model: nn.Module, order: list[str], images: torch.Tensor, previous: b
     return units
 
 
-def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, iterations: int, lr: float,
+def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, iterations: int | None, lr: float,
               batch_size: int, max_bytes: int, seed: int, generator, device, progress: bool, bf16: bool,
               channels_last: bool) -> BlockFit:
     """Train one chain of blocks of ``model`` (in place) to reproduce ``original``'s output after its last block."""
@@ -348,10 +432,14 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
     fit, held = held_back(len(x), seed)
     if channels_last:
         unit.to(memory_format=torch.channels_last)
+    crop = _crop_plan(unit, x, y, CROP_MARGIN + len(following), device)
+    if iterations is None:
+        iterations = default_iterations(unit, _batch(x[:1], device, channels_last)[..., : crop.side, : crop.side]
+                                        if crop else _batch(x[:1], device, channels_last))
     try:
         best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
                          batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
-                         progress=progress, bf16=bf16, channels_last=channels_last)
+                         progress=progress, bf16=bf16, channels_last=channels_last, crop=crop)
     finally:
         unit.to(memory_format=torch.contiguous_format)  # saved weights must be contiguous
     return BlockFit(name, prev, len(x), iterations, best.before, best.error, time.process_time() - start,

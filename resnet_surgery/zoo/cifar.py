@@ -31,17 +31,25 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 DEFAULT_BLOCKS = (1, 2, 2, 2)
 DEFAULT_STEM_WIDTH = 16
+STEMS = ("cifar", "imagenet")
 
 
 class CifarResNet(nn.Module):
     """torchvision's ResNet with a 3x3 stride-1 stem and no max-pool, for 32x32 inputs."""
 
-    def __init__(self, widths: Sequence[int], blocks: Sequence[int], num_classes: int, stem_width: int):
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], num_classes: int, stem_width: int,
+                 stem: str = "cifar"):
         super().__init__()
         self.inplanes = stem_width
-        self.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.stem = stem
+        if stem == "imagenet":  # torchvision's stem: 7x7 stride 2, then a 3x3 stride-2 max-pool
+            self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, stem_width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
+        if stem == "imagenet":
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for i, (planes, n) in enumerate(zip(widths, blocks)):
             setattr(self, f"layer{i + 1}", self._make_layer(planes, n, stride=1 if i == 0 else 2))
         self.num_stages = len(widths)
@@ -70,6 +78,8 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
+        if self.stem == "imagenet":
+            x = self.maxpool(x)
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = torch.flatten(self.avgpool(x), 1)
@@ -91,13 +101,29 @@ def cifar_resnet(
     blocks: Sequence[int] = DEFAULT_BLOCKS,
     num_classes: int = 10,
     stem_width: int = DEFAULT_STEM_WIDTH,
+    stem: str = "cifar",
 ) -> nn.Module:
-    """A Bottleneck ResNet for 32x32 images; ``layout`` "v1.5" strides the 3x3, "v1" the first 1x1."""
+    """A Bottleneck ResNet; ``layout`` "v1.5" strides the 3x3, "v1" the first 1x1.
+
+    Args:
+        layout: "v1.5" or "v1".
+        widths: each stage's bottleneck width (its output is 4x that).
+        blocks: each stage's number of blocks.
+        num_classes: outputs of the classifier.
+        stem_width: channels of the stem conv.
+        stem: "cifar" (3x3 stride 1, no max-pool: for 32x32 images) or "imagenet" (torchvision's 7x7 stride 2
+            and max-pool: the ResNet-50 stand-in, fed upsampled images).
+
+    Returns:
+        Module: the model with random weights.
+    """
     if layout not in LAYOUTS:
         raise SurgeryError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if len(widths) != len(blocks) or len(widths) < 3:
         raise SurgeryError("widths and blocks need one entry per stage and at least 3 stages")
-    model = CifarResNet(widths, blocks, num_classes, stem_width)
+    if stem not in STEMS:
+        raise SurgeryError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    model = CifarResNet(widths, blocks, num_classes, stem_width, stem)
     if layout == Variant.V1:
         _to_v1(model)
     return model

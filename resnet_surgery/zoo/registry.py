@@ -14,6 +14,7 @@ from ..errors import SurgeryError, first_line
 from ..history import Source, history, record
 from ..utils import freeze_batchnorms
 from .cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+from .judge import JUDGE_NAME, build_judge, load_judge
 from .weights import WEIGHT_FILE_SUFFIXES, check_cached_hash, file_sha256, load_state_into, read_state_dict
 
 __all__ = [
@@ -99,9 +100,20 @@ def load_timm(name: str, weights: str = "none") -> nn.Module:
 
 
 def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
-    """The project's CIFAR-10 models: DEFAULT is the committed trained weights, none a random init."""
+    """The project's CIFAR-10 models: DEFAULT is the committed trained weights, none a random init.
+
+    Args:
+        name: cifar10-resnet-v1, cifar10-resnet-v1.5 or cifar10-resnet50 (the trained ResNet-50 that recovery is
+            judged by: see `zoo.judge`).
+        weights: DEFAULT, none or a weights file.
+
+    Returns:
+        Module: the model; ``model.input_size`` is the image side it was trained at.
+    """
+    if name == JUDGE_NAME:
+        return _load_judge_weights(weights)
     if name not in CIFAR_MODELS:
-        raise SurgeryError(f"unknown model {name!r}: the CIFAR-10 models are {', '.join(CIFAR_MODELS)}")
+        raise SurgeryError(f"unknown model {name!r}: the CIFAR-10 models are {', '.join((*CIFAR_MODELS, JUDGE_NAME))}")
     if weights.upper() == "DEFAULT":
         return load_cifar_resnet(CIFAR_MODELS[name])
     model = cifar_resnet(CIFAR_MODELS[name])
@@ -109,7 +121,23 @@ def load_zoo(name: str, weights: str = "DEFAULT") -> nn.Module:
         load_state_into(model, read_state_dict(weights), name, weights)
     elif weights.lower() != "none":
         raise SurgeryError(f"{name} weights must be DEFAULT, none or a file path, not {weights!r}")
+    model.input_size = 32
     return model
+
+
+def _load_judge_weights(weights: str) -> nn.Module:
+    """cifar10-resnet50: DEFAULT is the checkout's (or RESNET_SURGERY_WEIGHTS') file, a path any file that
+    benchmarks/train_resnet50.py wrote (its metadata names the architecture), none the stand-in at random."""
+    if weights.upper() == "DEFAULT":
+        return load_judge()
+    if Path(weights).suffix == ".safetensors":
+        return load_judge(weights)
+    if weights.lower() == "none":
+        model = build_judge()
+        model.input_size = 64  # the stand-in's training size
+        return model
+    raise SurgeryError(f"{JUDGE_NAME} weights must be DEFAULT, none or a .safetensors file written by "
+                       f"benchmarks/train_resnet50.py, not {weights!r}")
 
 
 def _is_torchvision(spec: str) -> bool:
@@ -141,7 +169,8 @@ def load_named(spec: str, weights: str = "none") -> nn.Module:
     if found is None:
         raise SurgeryError(f"unknown model {spec!r}: use one of {', '.join(TORCHVISION_MODELS)}, a detection or "
                            f"segmentation model ({', '.join(DETECTION_MODELS + SEGMENTATION_MODELS)}), timm:NAME, "
-                           "cifar10-resnet-v1, cifar10-resnet-v1.5, or a folder written by `resnet-surgery convert`")
+                           "cifar10-resnet-v1, cifar10-resnet-v1.5, cifar10-resnet50, or a folder written by "
+                           "`resnet-surgery convert`")
     kind, build = found
     model = build(spec, weights).eval()
     if Path(weights).suffix in WEIGHT_FILE_SUFFIXES:  # a file: recorded so another folder finds the same one
