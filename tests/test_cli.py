@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,4 +112,8 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
     assert report["calibration"]["num_images"] == 8 and all(p["passed"] for p in report["parity"].values())
     assert report["macs"]["converted"] < report["macs"]["original"]
     assert result["latency"]["batch_sizes"] == [1]
+    # every path the reports record is the final one, not the temporary folder renamed away
+    latency = json.loads((out / "latency.json").read_text())
+    paths = [p["path"] for p in report["parity"].values()] + list(latency["models"].values())
+    assert len(paths) == 4 and all(Path(p).is_file() and Path(p).parent == out for p in paths), paths
     assert resnet_surgery.history(resnet_surgery.load(out / "converted")).recipe.calibration["num_images"] == 8

@@ -1,6 +1,7 @@
 """The trained ResNet-50 that recovery is judged by (cifar10-resnet50): its layout, and loading it offline by
 name or path from a small file placed in a temporary folder."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from resnet_surgery.data import model_transform
+from resnet_surgery.data import cifar10_tensors, model_transform, normalize_uint8
 from resnet_surgery.errors import SurgeryError
 from resnet_surgery.history import history
 from resnet_surgery.zoo.judge import JUDGE_NAME, build_judge, judge_info, load_judge
@@ -87,3 +88,19 @@ def test_the_training_script_writes_a_loadable_fp16_file_and_its_record(tmp_path
     model = load_judge(out)
     assert model.input_size == 40 and all(v.dtype == torch.float32 for v in model.state_dict().values()
                                           if v.is_floating_point())
+
+
+def test_the_committed_judge_is_the_recorded_file_and_scores_as_recorded(shared_data, monkeypatch):
+    monkeypatch.delenv("RESNET_SURGERY_WEIGHTS", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    record = json.loads((repo / "benchmarks" / "results" / "train_resnet50.json").read_text())
+    path = repo / record["weights"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"] and path.stat().st_size <= 50 << 20
+    model = load_named(JUDGE_NAME, "DEFAULT")  # offline, by name
+    assert model.input_size == record["settings"]["size"] == int(judge_info()["input_size"])
+    images, labels = cifar10_tensors(shared_data, "test")
+    x = torch.nn.functional.interpolate(normalize_uint8(images[::20]), size=(model.input_size,) * 2,
+                                        mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        top1 = 100.0 * float((model(x).argmax(1) == labels[::20]).float().mean())
+    assert abs(top1 - record["test_top1"]) < 4.0  # 500 of the 10,000 test images

@@ -25,7 +25,8 @@ def test_a_diverging_rate_falls_back_to_the_block_as_it_was():
     original, converted = tiny_conversion("v1")
     calib, held_out = images(64, 1), images(64, 2)
     bn = calibrate(converted, original, calib, num_images=None, steps=("bn",), batch_size=32, progress=False)
-    model = calibrate(converted, original, calib, num_images=None, iterations=20, lr=1e4, batch_size=32,
+    # 1e6: even after the nine cuts 20 iterations allow (to 1e6 / 3**9 = 51x a weight a step) it diverges
+    model = calibrate(converted, original, calib, num_images=None, iterations=20, lr=1e6, batch_size=32,
                       progress=False)
     report = history(model).calibration
     assert report.blocks and all(b.error_after <= b.error_before for b in report.blocks), str(report)
@@ -162,6 +163,7 @@ def test_a_reconstruction_that_worsens_the_model_is_undone(monkeypatch):
     model = calibrate(converted, original, calib, num_images=None, iterations=10, lr=3e-2, batch_size=32,
                       progress=False)
     report = history(model).calibration
-    assert all(b.kept.startswith("original (the model's KL on held-back images rose") for b in report.blocks)
+    # 8 held-back images are too few to judge on (MEASURE_MIN): the KL is measured on all 64
+    assert all(b.kept.startswith("original (the model's KL on the calibration images rose") for b in report.blocks)
     assert all(b.error_after == b.error_before for b in report.blocks)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.state_dict().items())

@@ -28,17 +28,20 @@ from ..errors import SurgeryError
 from ..history import history, record_result
 from ..utils import eval_mode, model_device
 from .activations import named_module
-from .batches import Batches
+from .batches import Batches, first_images, select_batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
 from .reconstruct import RECONSTRUCT_LR, BlockFit, held_back, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 
-__all__ = ["BN_WORK", "CALIBRATION_STEPS", "DEFAULT_STEPS", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
+__all__ = ["BN_WORK", "CALIBRATION_STEPS", "DEFAULT_STEPS", "MEASURE_MIN", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
            "calibrate", "check_steps"]
 
 CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
 DEFAULT_STEPS = ("bn", "reconstruct")
+# Steps are measured on the images reconstruction holds back when there are at least this many of them (512
+# calibration images and up), else on all the calibration images (a few held-back images are noise).
+MEASURE_MIN = 64
 # BatchNorm re-estimation (two passes: the model and the original) reads at most this many MACs' worth of images
 # per model: all 2,048 for the CIFAR models, about 490 for a ResNet-50 at 224 px, whose statistics over 49 to
 # 3,136 positions an image are settled long before (the pass over all 1,024 took 350 CPU s there).
@@ -48,7 +51,8 @@ BN_WORK = 2_000_000_000_000
 @dataclasses.dataclass
 class CalibrationStep:
     """One calibration step: what it cost and where it left the model (measured on the held-back calibration
-    images: the seeded eighth that reconstruction never trains on).
+    images, the seeded eighth that reconstruction never trains on; on all of them when that is fewer than
+    MEASURE_MIN images).
 
     Args:
         step: "naive copy", "bn", "transfer" or "reconstruct".
@@ -77,7 +81,7 @@ class CalibrationReport:
     Args:
         num_images: calibration images.
         ridge: the refit's ridge.
-        steps: the naive copy, then each step, measured on the held-back calibration images.
+        steps: the naive copy, then each step, measured on the held-back calibration images (see MEASURE_MIN).
         fits: the refit of every rewritten conv ("transfer").
         blocks: the reconstruction of every rewritten block ("reconstruct").
     """
@@ -309,7 +313,7 @@ class _Run:
     spec: DataSpec
     settings: _Settings
     report: CalibrationReport
-    held: list  # the held-back calibration images, (images, labels) batches: every measurement is on them
+    held: list | Batches  # what every step is measured on: the held-back images (see MEASURE_MIN), in batches
     reference: object = None  # reference_body, replaced by its logits on the held-back images once measured
     measured: EvalReport | None = None  # a step's measurement taken by the step itself (the guard's)
 
@@ -331,24 +335,17 @@ def _prepare(converted: nn.Module, original: nn.Module, records: list, spec: Dat
     report = CalibrationReport(num_images=sum(len(images) for images, _ in batches), ridge=settings.ridge, steps=[],
                                fits=[])
     held = _held_batches(batches, report.num_images, spec.seed, spec.batch_size)
+    if sum(len(images) for images, _ in held) < MEASURE_MIN:
+        held = batches
     return _Run(model, body, reference_body, trunk, norms, convs, blocks, batches, logits, spec, settings, report,
                 held, reference=reference_body)
 
 
 def _held_batches(batches: Batches, n: int, seed: int, batch_size: int) -> list:
     """The calibration images reconstruction holds back (its seeded split of all ``n``), with their labels, in
-    batches: the steps are measured on them (images no step trains on, and a pass over an eighth of the images
-    instead of all of them: at 224 px each full pass costs minutes of CPU)."""
-    held, images, labels, start = set(held_back(n, seed)[1].tolist()), [], [], 0
-    for x, y in batches:
-        keep = [i for i in range(len(x)) if start + i in held]
-        images.append(x[keep])
-        labels.append(y[keep] if y is not None else None)
-        start += len(x)
-    images = torch.cat(images)
-    labels = torch.cat(labels) if all(y is not None for y in labels) else None
-    return [(images[i : i + batch_size], labels[i : i + batch_size] if labels is not None else None)
-            for i in range(0, len(images), max(1, batch_size))]
+    batches: the steps are measured on them (images reconstruction never trains on, and a pass over an eighth
+    of the images instead of all of them: at 224 px each full pass costs minutes of CPU)."""
+    return select_batches(batches, held_back(n, seed)[1].tolist(), batch_size)
 
 
 def _measure(run: _Run, step: str, timer: _CPUTimer | None, images: int, passes: int) -> None:
@@ -361,6 +358,10 @@ def _measure(run: _Run, step: str, timer: _CPUTimer | None, images: int, passes:
         return
     measured, run.measured = run.measured or _agreement(run, step), None
     run.report.steps.append(CalibrationStep(step, images, passes, cpu, wall, measured))
+
+
+def _measured_on(run: _Run) -> str:
+    return "calibration images" if run.held is run.batches else "held-back images"
 
 
 def _agreement(run: _Run, step: str) -> EvalReport:
@@ -389,21 +390,15 @@ def _bn_step(run: _Run) -> tuple[int, int]:
     return images, 1
 
 
-def _bn_batches(run: _Run):
-    """The calibration batches BatchNorm re-estimation reads: the first images up to BN_WORK MACs."""
+def _bn_batches(run: _Run) -> list:
+    """The calibration batches BatchNorm re-estimation reads: the first images up to BN_WORK MACs (counted
+    here, before the re-estimation hooks its norms)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    first = next(iter(run.batches))[0][:1].to(model_device(run.body))
     counter = FlopCounterMode(display=False)
     with eval_mode(run.body), torch.no_grad(), counter:
-        run.body(first)
-    limit, seen = max(1, BN_WORK // max(1, counter.get_total_flops() // 2)), 0
-    for images, labels in run.batches:
-        if seen >= limit:
-            return
-        take = min(len(images), limit - seen)
-        yield images[:take], (labels[:take] if labels is not None else None)
-        seen += take
+        run.body(next(iter(run.batches))[0][:1].to(model_device(run.body)))
+    return first_images(run.batches, max(1, BN_WORK // max(1, counter.get_total_flops() // 2)))
 
 
 def _transfer_step(run: _Run) -> tuple[int, int]:
@@ -423,7 +418,7 @@ def _reconstruct_step(run: _Run) -> tuple[int, int]:
     """The "reconstruct" step; undone when it left the model's KL to the original on the held-back images worse
     (each block improved its own error, but the model's outputs are what counts). Judged on the whole step:
     a block's repair can raise the KL until the blocks after it are repaired too. The KLs are the measurements
-    of the step before and of this one (the same held-back images), so the guard costs no pass of its own."""
+    of the step before and of this one (on the same images), so the guard costs no pass of its own."""
     s = run.settings
     state = copy.deepcopy(run.body.state_dict())
     run.report.blocks = reconstruct_blocks(run.body, run.reference_body, run.blocks, run.batches,
@@ -438,7 +433,8 @@ def _reconstruct_step(run: _Run) -> tuple[int, int]:
             run.measured = before
             for b in run.report.blocks:
                 b.error_after = b.error_before
-                b.kept = f"original (the model's KL on held-back images rose {before.kl:.4g} -> {after.kl:.4g})"
+                b.kept = (f"original (the model's KL on the {_measured_on(run)} rose {before.kl:.4g} -> "
+                          f"{after.kl:.4g})")
     return min(b.images for b in run.report.blocks), len(run.blocks)
 
 

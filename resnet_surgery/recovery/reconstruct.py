@@ -23,6 +23,7 @@ from ..engine.blocks import find_blocks, find_trunk, trace
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
+from .crops import CROP_MARGIN, RECONSTRUCT_CROP, Crop, crop_plan
 
 __all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_CROP",
            "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECONSTRUCT_WORK", "BlockFit", "previous_blocks",
@@ -47,11 +48,6 @@ RECONSTRUCT_BYTES = 512 << 20
 # for the CIFAR models' blocks (12M MACs), 20 to 70 for ResNet-50's at 224 px (170M-590M MACs), so a large
 # model's reconstruction costs minutes of CPU, not an hour. An explicit ``iterations`` is never capped.
 RECONSTRUCT_WORK = 12_000_000_000
-# Maps wider than this (ResNet-50's 56x56 at 224 px; not the CIFAR models' 32x32) are trained on stride-aligned
-# crops of this side, about 3x cheaper a step; the loss leaves out CROP_MARGIN output pixels at each border (plus
-# one per following block), which the crop's zero padding reaches. Held-back errors are always on whole maps.
-RECONSTRUCT_CROP = 32
-CROP_MARGIN = 2
 
 
 @dataclasses.dataclass
@@ -203,51 +199,6 @@ class _Best:
         return True
 
 
-@dataclasses.dataclass(frozen=True)
-class _Crop:
-    """Train on crops: ``side`` input pixels at offsets that are multiples of ``stride`` (input side / output
-    side); the loss skips ``margin`` output pixels at each border."""
-
-    side: int
-    stride: int
-    margin: int
-
-    def draw(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random crop of the input batch and the target pixels its interior yields."""
-        (h, w), s, m = x.shape[-2:], self.stride, self.margin
-        top, left = (int(torch.randint(0, (n - self.side) // s + 1, (), generator=generator)) * s for n in (h, w))
-        out = self.side // s
-        return (x[..., top : top + self.side, left : left + self.side],
-                y[..., top // s + m : top // s + out - m, left // s + m : left // s + out - m])
-
-    def interior(self, out: torch.Tensor) -> torch.Tensor:
-        return out[..., self.margin : out.shape[-2] - self.margin, self.margin : out.shape[-1] - self.margin]
-
-
-def _crop_plan(unit: nn.Module, x: torch.Tensor, y: torch.Tensor, margin: int, device) -> _Crop | None:
-    """How ``unit`` can be trained on crops of its cached inputs ``x`` (targets ``y``), or None: maps no wider
-    than RECONSTRUCT_CROP, an output that is not the input shrunk by a whole stride, or a probe on which the
-    crop's interior differs from the same pixels of the whole map (an op that reads the whole map)."""
-    if x.dim() != 4 or y.dim() != 4 or min(x.shape[-2:]) <= RECONSTRUCT_CROP:
-        return None
-    stride = x.shape[-1] // y.shape[-1]
-    if stride < 1 or tuple(y.shape[-2:]) != (x.shape[-2] // stride, x.shape[-1] // stride) or x.shape[-1] % stride:
-        return None
-    crop = _Crop(RECONSTRUCT_CROP - RECONSTRUCT_CROP % stride, stride, margin)
-    if crop.side // stride <= 2 * margin:
-        return None
-    probe = x[:2].to(device)
-    with torch.no_grad():
-        whole = unit(probe).float()
-        part, target = crop.draw(probe, whole, torch.Generator().manual_seed(0))
-        try:
-            part = crop.interior(unit(part).float())
-        except RuntimeError:  # a layer that takes one map size only
-            return None
-    scale = float(target.abs().max()) or 1.0
-    return crop if part.shape == target.shape and float((part - target).abs().max()) <= 1e-4 * scale else None
-
-
 def _unit_macs(unit: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of ``unit`` on one image shaped like ``x[0]`` (torch's flop counter)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -273,7 +224,7 @@ def default_iterations(unit: nn.Module, x: torch.Tensor) -> int:
 
 def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr: float, batch_size: int,
               generator: torch.Generator, device, desc: str, progress: bool, bf16: bool = False,
-              channels_last: bool = False, crop: _Crop | None = None) -> _Best:
+              channels_last: bool = False, crop: Crop | None = None) -> _Best:
     """Train every parameter of ``unit`` (in place) to map ``train``'s inputs to its targets: MSE, Adam at ``lr``
     relative to each tensor's RMS with a cosine schedule, ``iterations`` mini-batches drawn with ``generator``.
     Every ``iterations // RECONSTRUCT_CHECKS`` steps and at the end the error on ``held`` is measured; an error
@@ -432,7 +383,7 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
     fit, held = held_back(len(x), seed)
     if channels_last:
         unit.to(memory_format=torch.channels_last)
-    crop = _crop_plan(unit, x, y, CROP_MARGIN + len(following), device)
+    crop = crop_plan(unit, x, y, CROP_MARGIN + len(following), device)
     if iterations is None:
         iterations = default_iterations(unit, _batch(x[:1], device, channels_last)[..., : crop.side, : crop.side]
                                         if crop else _batch(x[:1], device, channels_last))

@@ -116,7 +116,7 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         converted = _recover(conversion, recovery, tmp, result, bar, progress, echo)
         save(converted, tmp / "converted", summary=json.dumps(result, indent=2, default=str))
         size = (3, input_size, input_size)
-        latency = _export_and_time(conversion.original, converted, tmp, result, bar, size,
+        latency = _export_and_time(conversion.original, converted, tmp, Path(out), result, bar, size,
                                    dict(batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
                                         progress=progress))
     result["out"] = str(out)
@@ -188,22 +188,44 @@ def _recover(conversion: Conversion, settings: RecoverySettings, tmp: Path, resu
     return converted
 
 
-def _export_and_time(original: nn.Module, converted: nn.Module, tmp: Path, result: dict, bar, size,
+def _export_and_time(original: nn.Module, converted: nn.Module, tmp: Path, out: Path, result: dict, bar, size,
                      timing: dict) -> LatencyReport:
-    """Export both models with parity, time them, and write latency.json, latency.png and report.json."""
+    """Export both models with parity, time them, and write latency.json, latency.png and report.json (their
+    paths named as they will be once ``tmp`` is renamed to ``out``)."""
     parity = {}
     for name, m in (("original", original), ("converted", converted)):
         _step(bar, f"export {name}")
         parity[name] = export_onnx(m, tmp / f"{name}.onnx", input_size=size).to_dict()
         bar.update()
-    result["parity"] = parity
+    result["parity"] = final_paths(parity, tmp, out)
     _step(bar, "latency")
     latency = compare_latency({"original": tmp / "original.onnx", "converted": tmp / "converted.onnx"},
                               macs=result["macs"], **timing)
     bar.update()
     bar.close()
-    (tmp / "latency.json").write_text(json.dumps(latency.to_dict(), indent=2, default=str) + "\n")
+    result["latency"] = final_paths(latency.to_dict(), tmp, out)
+    (tmp / "latency.json").write_text(json.dumps(result["latency"], indent=2, default=str) + "\n")
     latency.plot(tmp / "latency.png")
-    result["latency"] = latency.to_dict()
     (tmp / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return latency
+
+
+def final_paths(value, tmp: Path, out: Path):
+    """``value`` (JSON-ready data) with every path inside the temporary folder ``tmp`` named as it will be once
+    ``tmp`` is renamed to ``out``: a report never points at a folder that is gone.
+
+    Args:
+        value: dicts, lists, strings and paths, nested.
+        tmp: the temporary output folder.
+        out: the final one.
+
+    Returns:
+        The same structure, paths under ``tmp`` rewritten (as strings).
+    """
+    if isinstance(value, dict):
+        return {k: final_paths(v, tmp, out) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [final_paths(v, tmp, out) for v in value]
+    if isinstance(value, str | Path) and Path(value).is_relative_to(tmp):
+        return str(out / Path(value).relative_to(tmp))
+    return value
