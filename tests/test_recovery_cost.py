@@ -143,7 +143,7 @@ def test_default_iterations_stop_at_the_work_cap_and_an_explicit_count_is_kept(m
     data = TensorDataset(torch.randn(48, 3, 56, 56, generator=torch.Generator().manual_seed(1)))
     unit = nn.Sequential(converted.layer1[0], converted.layer2[0])
     side = crops.RECONSTRUCT_CROP
-    crop_macs = reconstruct._unit_macs(unit, torch.zeros(1, 4, side, side))
+    crop_macs = reconstruct.macs_per_image(unit, torch.zeros(1, 4, side, side))
     monkeypatch.setattr(reconstruct, "RECONSTRUCT_WORK", crop_macs * 37)  # 37 iterations of the cropped unit
     model = calibrate(converted, original, data, num_images=None, steps=("reconstruct",), progress=False)
     first = history(model).calibration.blocks[0]

@@ -26,12 +26,12 @@ from ..data import DataSpec
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
-from ..utils import eval_mode, model_device
+from ..utils import model_device
 from .activations import named_module
 from .batches import Batches, first_images, select_batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
-from .reconstruct import RECONSTRUCT_LR, BlockFit, held_back, reconstruct_blocks
+from .reconstruct import RECONSTRUCT_LR, BlockFit, held_back, macs_per_image, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 
 __all__ = ["BN_WORK", "CALIBRATION_STEPS", "DEFAULT_STEPS", "MEASURE_MIN", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
@@ -393,12 +393,8 @@ def _bn_step(run: _Run) -> tuple[int, int]:
 def _bn_batches(run: _Run) -> list:
     """The calibration batches BatchNorm re-estimation reads: the first images up to BN_WORK MACs (counted
     here, before the re-estimation hooks its norms)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with eval_mode(run.body), torch.no_grad(), counter:
-        run.body(next(iter(run.batches))[0][:1].to(model_device(run.body)))
-    return first_images(run.batches, max(1, BN_WORK // max(1, counter.get_total_flops() // 2)))
+    macs = macs_per_image(run.body, next(iter(run.batches))[0][:1].to(model_device(run.body)))
+    return first_images(run.batches, max(1, BN_WORK // max(1, macs)))
 
 
 def _transfer_step(run: _Run) -> tuple[int, int]:

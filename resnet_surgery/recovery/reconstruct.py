@@ -26,7 +26,7 @@ from .activations import capture, execution_order, named_module, run_hooked, sub
 from .crops import CROP_MARGIN, RECONSTRUCT_CROP, Crop, crop_plan
 
 __all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_CROP",
-           "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECONSTRUCT_WORK", "BlockFit", "previous_blocks",
+           "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECONSTRUCT_WORK", "BlockFit", "macs_per_image", "previous_blocks",
            "reconstruct_blocks"]
 
 # Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
@@ -199,13 +199,22 @@ class _Best:
         return True
 
 
-def _unit_macs(unit: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of ``unit`` on one image shaped like ``x[0]`` (torch's flop counter)."""
+def macs_per_image(module: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of ``module`` on one image shaped like ``x[0]`` (torch's flop counter; eval mode,
+    no gradients: the module does not change).
+
+    Args:
+        module: the module to count.
+        x: a batch of its input (only the first image runs).
+
+    Returns:
+        int: the MACs.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        unit(x[:1])
+    with eval_mode(module), torch.no_grad(), counter:
+        module(x[:1])
     return counter.get_total_flops() // 2
 
 
@@ -219,7 +228,7 @@ def default_iterations(unit: nn.Module, x: torch.Tensor) -> int:
     Returns:
         int: the iterations, at least RECONSTRUCT_CHECKS.
     """
-    return max(RECONSTRUCT_CHECKS, min(RECONSTRUCT_ITERATIONS, RECONSTRUCT_WORK // max(1, _unit_macs(unit, x))))
+    return max(RECONSTRUCT_CHECKS, min(RECONSTRUCT_ITERATIONS, RECONSTRUCT_WORK // max(1, macs_per_image(unit, x))))
 
 
 def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr: float, batch_size: int,
@@ -385,8 +394,8 @@ def _fit_unit(model: nn.Module, original: nn.Module, chain: list, batches, *, it
         unit.to(memory_format=torch.channels_last)
     crop = crop_plan(unit, x, y, CROP_MARGIN + len(following), device)
     if iterations is None:
-        iterations = default_iterations(unit, _batch(x[:1], device, channels_last)[..., : crop.side, : crop.side]
-                                        if crop else _batch(x[:1], device, channels_last))
+        first = x[:1, ..., : crop.side, : crop.side] if crop else x[:1]  # as the unit trains on it
+        iterations = default_iterations(unit, _batch(first, device, channels_last))
     try:
         best = _optimise(unit, (x[fit], y[fit]), (x[held], y[held]), iterations=iterations, lr=lr,
                          batch_size=batch_size, generator=generator, device=device, desc=f"reconstruct {name}",
