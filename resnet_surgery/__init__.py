@@ -1,41 +1,111 @@
-"""resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did."""
+"""resnet-surgery: turn a pretrained ResNet into another downsampling variant and prove what that did.
 
-from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
-from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
-from .deploy.latency import LatencyReport, compare_latency
-from .deploy.onnxfile import onnx_input_shape
-from .deploy.parity import ParityReport
-from .deploy.quantize import QuantizationError, QuantReport, export_int8, quantize_onnx
-from .deploy.stats import RatioCI, ratio_ci
-from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
-from .engine.inspect import Report, count_macs, inspect
-from .engine.layers import Subsample
-from .engine.probe import max_difference
-from .engine.prune import prune_dead_compute
-from .engine.reads import ConvReads, SiteReads, grid_text, site_reads
-from .engine.reads_plot import plot_sites
-from .engine.recipe import Options, Recipe, Rewrite
-from .engine.rewrite import SurgeryNotice, convert
-from .engine.transplant import transplant
-from .errors import NotExactError, SurgeryError, TraceError
+The public API, imported on first use (PEP 562): ``import resnet_surgery`` and the command line's help and
+argument errors stay well under a second, where importing torch, torchvision and onnx takes several.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Imported now: the function `history` shares its name with the submodule, and the submodule's first import
+# would otherwise leave the package attribute pointing at the module.
 from .history import History, Source, history
-from .recovery.calibrate import CalibrationReport, calibrate
-from .recovery.evaluate import EvalReport, evaluate, predict
-from .recovery.finetune import finetune
-from .recovery.finetune_report import FinetuneReport
-from .store import apply_recipe, load, load_model, read_recipe, save
-from .vocab import Layout, Op, Shortcut, Variant
-from .workflows.explore import ExploreReport, explore, pareto_front
-from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
 
-__all__ = [
-    "BadImageError", "Block", "CIFAR_MODELS", "CalibrationReport", "ConvReads", "EvalReport", "ExploreReport", "ExportError",
-    "FinetuneReport", "History", "LatencyReport", "Layout", "NotExactError", "OnnxModule", "Op", "Options",
-    "ParityError", "ParityReport", "QuantReport", "QuantizationError", "RatioCI", "Recipe", "Report", "Rewrite",
-    "Shortcut", "SiteReads", "Source", "Subsample", "SurgeryError", "SurgeryNotice", "TraceError", "Trunk", "Variant", "apply_recipe",
-    "as_loader", "calibrate", "cifar10_tensors", "cifar_resnet", "compare_latency", "convert", "count_macs",
-    "evaluate", "explore", "export_int8", "export_onnx", "extract_cifar10", "find_blocks", "find_trunk", "finetune", "grid_text", "history", "inspect", "load",
-    "load_cifar_resnet", "load_model", "max_difference", "model_transform", "onnx_input_shape", "pareto_front",
-    "plot_sites", "predict", "prune_dead_compute", "quantize_onnx", "ratio_ci", "read_recipe", "save", "site_reads", "split_batch", "trace",
-    "transplant",
+# name -> the module (under resnet_surgery) that defines it
+_EXPORTS = {
+    "as_loader": "data", "BadImageError": "data", "cifar10_tensors": "data", "extract_cifar10": "data",
+    "model_transform": "data", "split_batch": "data",
+    "export_onnx": "deploy.export", "ExportError": "deploy.export", "OnnxModule": "deploy.export",
+    "ParityError": "deploy.export",
+    "compare_latency": "deploy.latency", "LatencyReport": "deploy.latency",
+    "onnx_input_shape": "deploy.onnxfile",
+    "ParityReport": "deploy.parity",
+    "export_int8": "deploy.quantize", "QuantizationError": "deploy.quantize", "quantize_onnx": "deploy.quantize",
+    "QuantReport": "deploy.quantize",
+    "ratio_ci": "deploy.stats", "RatioCI": "deploy.stats",
+    "Block": "engine.blocks", "find_blocks": "engine.blocks", "find_trunk": "engine.blocks",
+    "trace": "engine.blocks", "Trunk": "engine.blocks",
+    "count_macs": "engine.inspect", "inspect": "engine.inspect", "Report": "engine.inspect",
+    "Subsample": "engine.layers",
+    "max_difference": "engine.probe",
+    "prune_dead_compute": "engine.prune",
+    "ConvReads": "engine.reads", "grid_text": "engine.reads", "site_reads": "engine.reads",
+    "SiteReads": "engine.reads",
+    "plot_sites": "engine.reads_plot",
+    "Options": "engine.recipe", "Recipe": "engine.recipe", "Rewrite": "engine.recipe",
+    "convert": "engine.rewrite", "SurgeryNotice": "engine.rewrite",
+    "transplant": "engine.transplant",
+    "NotExactError": "errors", "SurgeryError": "errors", "TraceError": "errors",
+    "History": "history", "history": "history", "Source": "history",
+    "calibrate": "recovery.calibrate", "CalibrationReport": "recovery.calibrate",
+    "EvalReport": "recovery.evaluate", "evaluate": "recovery.evaluate", "predict": "recovery.evaluate",
+    "finetune": "recovery.finetune",
+    "FinetuneReport": "recovery.finetune_report",
+    "recover": "recovery.recover", "RecoverOptions": "recovery.recover",
+    "RecoveryReport": "recovery.recover_report", "RecoveryStage": "recovery.recover_report",
+    "apply_recipe": "store", "load": "store", "load_model": "store", "read_recipe": "store", "save": "store",
+    "Layout": "vocab", "Op": "vocab", "Shortcut": "vocab", "Variant": "vocab",
+    "explore": "workflows.explore", "ExploreReport": "workflows.explore", "pareto_front": "workflows.explore",
+    "CIFAR_MODELS": "zoo.cifar", "cifar_resnet": "zoo.cifar", "load_cifar_resnet": "zoo.cifar",
+}
+
+__all__ = [  # the keys of _EXPORTS (a test checks)
+    "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrationReport", "cifar10_tensors",
+    "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "EvalReport",
+    "evaluate", "explore", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
+    "find_blocks", "find_trunk", "finetune", "FinetuneReport", "grid_text", "History", "history", "inspect",
+    "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform",
+    "NotExactError", "onnx_input_shape", "OnnxModule", "Op", "Options", "pareto_front", "ParityError",
+    "ParityReport", "plot_sites", "predict", "prune_dead_compute", "QuantizationError", "quantize_onnx",
+    "QuantReport", "ratio_ci", "RatioCI", "read_recipe", "Recipe", "recover", "RecoverOptions", "RecoveryReport",
+    "RecoveryStage", "Report", "Rewrite", "save", "Shortcut", "site_reads", "SiteReads", "Source", "split_batch",
+    "Subsample", "SurgeryError", "SurgeryNotice", "trace", "TraceError", "transplant", "Trunk", "Variant",
 ]
+
+
+def __getattr__(name: str):
+    """Import a public name from its module on first use (and keep it)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # what editors and type checkers read
+    from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
+    from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
+    from .deploy.latency import LatencyReport, compare_latency
+    from .deploy.onnxfile import onnx_input_shape
+    from .deploy.parity import ParityReport
+    from .deploy.quantize import QuantizationError, QuantReport, export_int8, quantize_onnx
+    from .deploy.stats import RatioCI, ratio_ci
+    from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
+    from .engine.inspect import Report, count_macs, inspect
+    from .engine.layers import Subsample
+    from .engine.probe import max_difference
+    from .engine.prune import prune_dead_compute
+    from .engine.reads import ConvReads, SiteReads, grid_text, site_reads
+    from .engine.reads_plot import plot_sites
+    from .engine.recipe import Options, Recipe, Rewrite
+    from .engine.rewrite import SurgeryNotice, convert
+    from .engine.transplant import transplant
+    from .errors import NotExactError, SurgeryError, TraceError
+    from .history import History, Source, history
+    from .recovery.calibrate import CalibrationReport, calibrate
+    from .recovery.evaluate import EvalReport, evaluate, predict
+    from .recovery.finetune import finetune
+    from .recovery.finetune_report import FinetuneReport
+    from .recovery.recover import RecoverOptions, recover
+    from .recovery.recover_report import RecoveryReport, RecoveryStage
+    from .store import apply_recipe, load, load_model, read_recipe, save
+    from .vocab import Layout, Op, Shortcut, Variant
+    from .workflows.explore import ExploreReport, explore, pareto_front
+    from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet

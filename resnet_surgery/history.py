@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: this module stays light (the package root imports it)
+    from torch import nn
 
-if TYPE_CHECKING:
     from .engine.recipe import Recipe
 
 __all__ = [
@@ -48,6 +48,7 @@ class History:
     recipe: Recipe | None = None  # convert (and apply_recipe / load)
     calibration: Any = None  # calibrate: a CalibrationReport
     finetune: Any = None  # finetune: a FinetuneReport
+    recovery: Any = None  # recover: a RecoveryReport
 
 
 def history(model: nn.Module) -> History:

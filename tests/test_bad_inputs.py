@@ -17,10 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from util import one_line_error, run
 
-import resnet_surgery.cli.deploy_commands
-import resnet_surgery.cli.recover_commands
-import resnet_surgery.cli.workflow_commands
 import resnet_surgery.deploy.export as export_module
+import resnet_surgery.store
 import resnet_surgery.workflows.pipeline
 from resnet_surgery import (
     ExportError,
@@ -144,10 +142,10 @@ def test_every_command_refuses_an_unwritable_out_up_front(tmp_path, a_file, comm
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
+    # The commands import the library when they run: patching it where it is defined reaches them.
     for module, name in ((resnet_surgery.workflows.pipeline, "load_model"),
-                         (resnet_surgery.cli.deploy_commands, "load_model"),
-                         (resnet_surgery.cli.recover_commands, "load"),
-                         (resnet_surgery.cli.workflow_commands, "load_model")):
+                         (resnet_surgery.store, "load_model"),
+                         (resnet_surgery.store, "load")):
         monkeypatch.setattr(module, name, no_work)
     out = a_file / "out"
     folder = tmp_path / "folder"
@@ -396,7 +394,7 @@ def test_saved_weights_get_ordinary_permissions(tmp_path, umask_022):
 
 
 def test_run_validates_its_options_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(resnet_surgery.cli.workflow_commands, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
+    monkeypatch.setattr(resnet_surgery.workflows.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
     for option in (["--batch", "0"], ["--batch", "1,x"], ["--threads", "-1"], ["--epochs", "0"],
                    ["--num-images", "0"], ["--min-time", "-1"]):
         result = run("run", "resnet18", "--to", "v1", "--out", tmp_path / "out", *option)

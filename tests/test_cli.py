@@ -9,7 +9,7 @@ from util import relative_error, write_random_images
 
 import resnet_surgery
 from resnet_surgery.cli import main
-from resnet_surgery.workflows.pipeline import run_pipeline
+from resnet_surgery.workflows.pipeline import run_pipeline, run_summary
 
 
 def run(*args):
@@ -117,3 +117,71 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
     paths = [p["path"] for p in report["parity"].values()] + list(latency["models"].values())
     assert len(paths) == 4 and all(Path(p).is_file() and Path(p).parent == out for p in paths), paths
     assert resnet_surgery.history(resnet_surgery.load(out / "converted")).recipe.calibration["num_images"] == 8
+    # summary.txt reads like convert's (a text, not JSON), and is what `run` prints
+    summary = (out / "converted" / "summary.txt").read_text()
+    assert summary.startswith("cifar10-resnet-v1.5 (weights DEFAULT): v1.5 -> v1, MACs") and "{" not in summary
+    assert "ONNX parity" in summary and "passed" in summary and "calibration: 2 steps on 8 images" in summary
+    assert summary.strip() == run_summary(result)
+
+
+@pytest.mark.slow
+def test_run_recovers_with_recover_when_given_images_for_it(tmp_path, monkeypatch):
+    from resnet_surgery.recovery import recover as recover_module
+
+    monkeypatch.setattr(recover_module, "FEATURE_STEPS", 10)
+    images = write_random_images(tmp_path / "images", 16, 32)
+    with pytest.raises(resnet_surgery.SurgeryError, match="not both"):
+        run_pipeline("cifar10-resnet-v1.5", to="v1", out=tmp_path / "no", recover_data=images, calibrate_data=images)
+    with pytest.raises(resnet_surgery.SurgeryError, match="target must be a number > 0"):
+        run_pipeline("cifar10-resnet-v1.5", to="v1", out=tmp_path / "no", recover_data=images, target=-1)
+    assert not (tmp_path / "no").exists()
+    result = run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=tmp_path / "run", input_size=32,
+                          recover_data=images, num_images=8, iterations=10, budget=300, min_time_s=0.05,
+                          progress=False, echo=lambda *a: None)
+    stages = [s["stage"] for s in result["recovery"]["stages"]]
+    assert stages[:3] == ["naive copy", "bn", "calibrate"] and result["recovery"]["metric"] == "agreement"
+    assert not (tmp_path / "run" / "recover.pt").exists()
+    recipe = json.loads((tmp_path / "run" / "converted" / "recipe.json").read_text())
+    assert recipe["recovery"]["stopped"] == result["recovery"]["stopped"]
+    assert "recover: " in (tmp_path / "run" / "converted" / "summary.txt").read_text()
+
+
+# --- what a new user meets first -----------------------------------------------------------------------
+
+
+def test_messages_name_the_shell_options_not_the_python_arguments(tmp_path):
+    from resnet_surgery.cli.options import for_the_shell
+
+    assert for_the_shell("pass --force (force=True) to overwrite it") == "pass --force to overwrite it"
+    assert for_the_shell("use `resnet-surgery recover` (Python: resnet_surgery.recover())") == \
+        "use `resnet-surgery recover`"
+    (tmp_path / "out").mkdir()
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", "resnet18", "--to", "v1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "pass --force to overwrite" in result.output and "=True" not in result.output
+    assert for_the_shell("safe loading (weights_only=True) refuses it") == "safe loading (weights_only=True) refuses it"
+    result = runner.invoke(main, ["convert", "resnet50", "--to", "v1", "--input-size", "64", "--out", str(tmp_path / "v1")])
+    assert result.exit_code == 0, result.output
+    assert "recover accuracy with `resnet-surgery recover`" in result.output and "resnet_surgery." not in result.output
+
+
+@pytest.mark.slow
+def test_run_says_when_the_weights_are_random(tmp_path):
+    lines = []
+    run_pipeline("cifar10-resnet-v1.5", to="v1", weights="none", out=tmp_path / "run", input_size=32,
+                 min_time_s=0.05, progress=False, echo=lines.append)
+    assert any("has random weights (--weights none)" in line and "no accuracy" in line for line in lines), lines
+    lines.clear()
+    run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=tmp_path / "run2", input_size=32,
+                 min_time_s=0.05, progress=False, echo=lines.append)
+    assert not any("random weights" in line for line in lines), lines
+
+
+def test_no_progress_bars_when_the_output_is_not_a_terminal(tmp_path):
+    write_random_images(tmp_path / "images", 8, 32)
+    result = CliRunner().invoke(main, ["evaluate", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--data",
+                                       str(tmp_path / "images"), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    # A bar would write carriage returns (and "it/s") into the log; the result is one line.
+    assert "\r" not in result.output and "it/s" not in result.output and "\x1b[" not in result.output
+    assert result.output.count("\n") == 1, result.output

@@ -145,7 +145,7 @@ def onnx_models(tmp_path_factory):
     return paths
 
 
-def test_report_structure(onnx_models, tmp_path):
+def test_report_structure(onnx_models, tmp_path, monkeypatch):
     models = {"small": onnx_models["small"], "big": onnx_models["big"]}
     report = compare_latency(models, batch_sizes=(1, 2), threads=1, **FAST)
     assert isinstance(report, LatencyReport)
@@ -182,6 +182,14 @@ def test_report_structure(onnx_models, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     with pytest.raises(SurgeryError, match="already exists"):
         report.plot(png, force=False)
+    # The title: "1 thread" (not "1 threads"), on short lines that fit the figure (one long line was cut off).
+    import resnet_surgery.deploy.latency as latency_module
+
+    titles = []
+    monkeypatch.setattr(latency_module, "plot_latency", lambda timings, batches, title, path, force: titles.append(title))
+    report.plot(tmp_path / "again.png")
+    assert ", 1 thread\n" in titles[0] and "threads" not in titles[0]
+    assert all(len(line) <= 90 for line in titles[0].splitlines()), titles[0]
 
 
 def test_given_macs_override_the_file_and_busy_machine_warns(onnx_models, monkeypatch):

@@ -109,11 +109,11 @@ def test_grid_text_rows(resnet50_variants):
     assert lines[0].startswith("layer2.0: the block before (layer1.2) spends")
     assert lines[1].strip() == "stride 2 on layer2.0.conv1 = stride 2 on layer1.2.conv2"
     assert "1x1/s2 reads 25%" in lines[3]
-    # The two patterns of a site side by side: x o x o x o, then a row nobody reads.
-    assert lines[4].split() == ["x", "o"] * 6 and lines[5].split() == ["o"] * 12
+    # The two patterns of a site side by side: each position's read count, 1 . 1 . 1 ., then a row nobody reads.
+    assert lines[4].split() == ["1", "."] * 6 and lines[5].split() == ["."] * 12
     # layer2.0 and layer3.0: 3 such rows per 6x6 pattern, 2 patterns each; layer4.0's input is 4x4 at 64x64.
-    assert text.count("x o x o x o") == 2 * 3 * 2
-    assert lines[-4:] == ["  x o x o            x o x o", "  o o o o            o o o o"] * 2
+    assert text.count("1 . 1 . 1 .") == 2 * 3 * 2
+    assert lines[-4:] == ["  1 . 1 .            1 . 1 .", "  . . . .            . . . ."] * 2
 
 
 def test_custom_caffe_resnet():
@@ -171,7 +171,7 @@ def test_cli_inspect_grid_and_plot(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "stride 2 on layer2.0.conv1 = stride 2 on layer1." in result.output
-    assert "x o x o x o" in result.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "1 . 1 . 1 ." in result.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(main, args)  # an existing --plot is kept without --force
     assert again.exit_code == 2 and "--force" in again.output
     alone = CliRunner().invoke(main, ["inspect", "cifar10-resnet-v1", "--compare", "cifar10-resnet-v1.5"])

@@ -10,7 +10,7 @@ import click
 
 from .deploy_commands import bench_command, export_command
 from .model_commands import convert_command, inspect_command, transplant_command
-from .recover_commands import calibrate_command, evaluate_command, finetune_command
+from .recover_commands import calibrate_command, evaluate_command, finetune_command, recover_command
 from .workflow_commands import explore_command, run_command
 
 __all__ = ["main"]
@@ -23,5 +23,5 @@ def main():
 
 
 for command in (inspect_command, convert_command, transplant_command, bench_command, evaluate_command,
-                calibrate_command, finetune_command, run_command, export_command, explore_command):
+                calibrate_command, finetune_command, recover_command, run_command, export_command, explore_command):
     main.add_command(command)

@@ -6,19 +6,14 @@ from pathlib import Path
 
 import click
 
-from ..atomic import check_writable
-from ..deploy.export import ParityError, export_onnx
-from ..deploy.latency import compare_latency
-from ..deploy.quantize import export_int8
 from ..errors import SurgeryError
-from ..store import load_model
-from ..zoo.registry import exportable_part
 from .options import (
     build_preprocessing,
     image_options,
     int8_options,
     parse_batches,
     print_json,
+    show_progress,
     size_option,
     user_errors,
     weights_option,
@@ -43,6 +38,8 @@ __all__ = ["bench_command", "export_command"]
 @user_errors
 def bench_command(models, batches, threads, min_time, max_time, device, plot, force, as_json):
     """Compare the latency of ONNX MODELS in onnxruntime; each is compared with the first."""
+    from ..atomic import check_writable
+    from ..deploy.latency import compare_latency
     if plot:
         check_writable(plot, force)
     if len({Path(m).resolve() for m in models}) != len(models):
@@ -50,7 +47,7 @@ def bench_command(models, batches, threads, min_time, max_time, device, plot, fo
     stems = [Path(m).stem for m in models]
     names = stems if len(set(stems)) == len(stems) else [str(m) for m in models]
     report = compare_latency(dict(zip(names, models)), batch_sizes=batches, threads=threads, min_time_s=min_time,
-                             max_time_s=max_time, device=device)
+                             max_time_s=max_time, device=device, progress=show_progress(as_json))
     if plot:
         report.plot(plot, force=force)
     print_json(report.to_dict()) if as_json else click.echo(str(report))
@@ -84,6 +81,11 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
     the verified fp32 file is quantized and --out is the int8 file, kept only if it agrees with fp32 on at
     least --min-agreement percent of held-out --calibration-data images.
     """
+    from ..atomic import check_writable
+    from ..deploy.export import ParityError, export_onnx
+    from ..deploy.quantize import export_int8
+    from ..store import load_model
+    from ..zoo.registry import exportable_part
     if int8 != bool(calibration_data):
         raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
     out = check_writable(out, force)
@@ -107,7 +109,7 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
             model, out, calibration_data, **export, on_fp32=fp32_done, per_channel=not per_tensor, method=method,
             activations=activations, reduce_range=not full_range_weights, num_images=calibration_images,
             parity_images=parity_images,
-            min_agreement=min_agreement, batch_size=batch_size, progress=not as_json,
+            min_agreement=min_agreement, batch_size=batch_size, progress=show_progress(as_json),
             transform=build_preprocessing(preset, size, resize, mean, std, model))
     except ParityError as e:  # the fp32 file's, or the int8 file's (QuantizationError)
         print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)

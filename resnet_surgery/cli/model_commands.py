@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..atomic import check_writable
-from ..engine.inspect import inspect
-from ..engine.transplant import transplant
-from ..history import history
-from ..store import load_model, save
-from ..utils import table
-from ..workflows.pipeline import convert_model
-from .options import model_argument, print_json, size_option, user_errors, variant_options, weights_option
+from .options import (
+    for_the_shell,
+    model_argument,
+    print_json,
+    size_option,
+    user_errors,
+    variant_options,
+    weights_option,
+)
 
 __all__ = ["convert_command", "convert_summary", "inspect_command", "transplant_command", "transplant_summary"]
 
@@ -31,6 +32,8 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
     Returns:
         The text.
     """
+    from ..history import history
+    from ..utils import table
     recipe = history(converted).recipe
     records = recipe.rewrites
     lines = [f"{name} (weights {weights}): {recipe.variant_before} -> {recipe.variant_after}, "
@@ -44,7 +47,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
     if probe is not None:
         lines.append(f"max |difference| on a probe input: {probe[0]:.3g} (max |logit| {probe[1]:.3g}, "
                      f"relative {probe[0] / max(probe[1], 1e-12):.2g})")
-    lines += [f"note: {n}" for n in recipe.notices]
+    lines += [f"note: {for_the_shell(n)}" for n in recipe.notices]
     return "\n".join(lines)
 
 
@@ -52,7 +55,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @model_argument
 @weights_option
 @size_option
-@click.option("--grid", is_flag=True, help="also print what each downsampling conv reads (x: read, o: never read)")
+@click.option("--grid", is_flag=True, help="also print what each downsampling conv reads: how many output positions read each input position (.: never)")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of what each downsampling conv reads")
 @click.option("--compare", multiple=True, metavar="MODEL",
               help="with --plot: another model (a name, built with random weights, or a folder) in a column beside it")
@@ -61,6 +64,9 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 @user_errors
 def inspect_command(model, weights, input_size, grid, plot, compare, force, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
+    from ..atomic import check_writable
+    from ..engine.inspect import inspect
+    from ..store import load_model
     if compare and not plot:
         raise click.UsageError("--compare goes with --plot PATH")
     if plot:
@@ -76,7 +82,7 @@ def inspect_command(model, weights, input_size, grid, plot, compare, force, as_j
         return
     click.echo(str(report))
     if grid:
-        click.echo("\nwhat each downsampling conv reads (top-left patch of its input; x: read, o: never read):\n"
+        click.echo("\nwhat each downsampling conv reads (top-left patch of its input; each position: how many outputs read it, .: never):\n"
                    + text)
     if plot:
         click.echo(f"plot written: {plot}")
@@ -93,6 +99,9 @@ def inspect_command(model, weights, input_size, grid, plot, compare, force, as_j
 @user_errors
 def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size, out, force, as_json):
     """Convert MODEL to another downsampling variant and write it to --out."""
+    from ..atomic import check_writable
+    from ..store import save
+    from ..workflows.pipeline import convert_model
     check_writable(out, force)
     # The probe when one was asked for: an exact rewrite (or pruning) is expected to keep the function.
     done = convert_model(model, weights, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead,
@@ -120,6 +129,8 @@ def transplant_summary(source: str, source_weights: str, target: str, target_wei
     Returns:
         The text.
     """
+    from ..history import history
+    from ..utils import table
     recipe = history(moved).recipe
     t = recipe.transplant
     blocks = sum(s["section"].startswith("block") for s in t["sections"])
@@ -136,7 +147,7 @@ def transplant_summary(source: str, source_weights: str, target: str, target_wei
     else:
         lines.append(f"max |difference| from the source on a probe input: {probe['max_abs_diff']:.3g} (max |logit| "
                      f"{probe['max_abs']:.3g}, relative {probe['max_abs_diff'] / max(probe['max_abs'], 1e-12):.2g})")
-    lines += [f"note: {n}" for n in recipe.notices]
+    lines += [f"note: {for_the_shell(n)}" for n in recipe.notices]
     return "\n".join(lines)
 
 
@@ -154,6 +165,10 @@ def transplant_summary(source: str, source_weights: str, target: str, target_wei
 def transplant_command(source, target, weights, into_weights, no_head, input_size, out, force, as_json):
     """Copy SOURCE's weights into the layout of --into (another implementation of the same network), matched
     by structure rather than names, converting --into's stride placement or shortcuts to SOURCE's if they differ."""
+    from ..atomic import check_writable
+    from ..engine.transplant import transplant
+    from ..history import history
+    from ..store import load_model, save
     check_writable(out, force)
     size = (3, input_size, input_size)
     src, tgt = load_model(source, weights), load_model(target, into_weights)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 
 import click
 
-from ..data import as_loader, model_transform, preset_transform
 from ..errors import SurgeryError
 from ..vocab import TARGET_SHORTCUTS, TARGET_VARIANTS
 
 __all__ = ["build_preprocessing", "image_loader", "image_options", "int8_options", "is_rank0", "model_argument",
-           "original_options", "parse_batches", "preprocessing_options", "print_json", "size_option",
+           "duration", "for_the_shell", "original_options", "parse_batches", "show_progress", "preprocessing_options", "print_json", "size_option",
            "skip_bad_images_option", "skipped_line", "user_errors", "variant_options", "weights_option",
            "with_options"]
 
@@ -34,7 +34,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except SurgeryError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {for_the_shell(str(e))}", err=True)
             sys.exit(2)
         except FileNotFoundError as e:
             click.echo(f"error: file not found: {e.filename or e}", err=True)
@@ -44,6 +44,21 @@ def user_errors(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def for_the_shell(text: str) -> str:
+    """A library message as the shell user needs it: the Python spellings beside the options dropped
+    ("--force (force=True)" -> "--force", "`resnet-surgery recover` (Python: resnet_surgery.recover())" ->
+    "`resnet-surgery recover`").
+
+    Args:
+        text: the message.
+
+    Returns:
+        The message without its Python asides.
+    """
+    text = re.sub(r"(--[\w-]+) \(\w+=True\)", r"\1", text)  # only an option's own alias: "(weights_only=True)" stays
+    return re.sub(r" \(Python: [\w.]+\(\)\)", "", text)
 
 
 def print_json(obj) -> None:
@@ -138,6 +153,42 @@ preprocessing_options = [
 ]
 
 
+def show_progress(as_json: bool = False) -> bool:
+    """Progress bars only on a terminal and never beside --json: in a saved log a bar is lines of escape codes.
+
+    Args:
+        as_json: whether the command prints JSON.
+
+    Returns:
+        Whether to show progress bars.
+    """
+    return not as_json and sys.stderr.isatty()
+
+
+def duration(ctx, param, value: str | None) -> float | None:
+    """A click callback: "90s", "30m", "1h30m", "2h" or plain seconds -> seconds (None stays None).
+
+    Args:
+        ctx: click's context.
+        param: the option.
+        value: what was typed.
+
+    Returns:
+        The seconds, or None.
+    """
+    if value is None:
+        return None
+    text = value.strip().lower()
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+    if not text or match is None or not any(match.groups()):
+        raise click.BadParameter(f"{value!r} is not a duration; write it as 90s, 30m, 1h30m or a number of seconds")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise click.BadParameter(f"{value!r} is no time at all; give a budget above zero")
+    return total
+
+
 def build_preprocessing(preset, size, resize, mean, std, model=None):
     """--preset and its overrides; with none of them, the preprocessing ``model``'s weights were published with.
 
@@ -152,6 +203,7 @@ def build_preprocessing(preset, size, resize, mean, std, model=None):
     Returns:
         The transform.
     """
+    from ..data import model_transform, preset_transform
     chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
     own = model_transform(model) if model is not None and not chosen else None
     if own is not None:
@@ -192,6 +244,7 @@ def image_loader(data, transform, batch_size, num_images, skip_bad_images, progr
     Returns:
         The DataLoader (its ``skipped_images`` lists what was left out).
     """
+    from ..data import as_loader
     return as_loader(data, transform=transform, batch_size=batch_size, num_images=num_images, seed=seed,
                      skip_bad_images=skip_bad_images, progress=progress)
 

@@ -1,4 +1,4 @@
-"""Commands that measure and recover accuracy: evaluate, calibrate, finetune."""
+"""Commands that measure and recover accuracy: evaluate, calibrate, finetune, and recover (all of them to a target)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,17 @@ from pathlib import Path
 
 import click
 
-from ..atomic import check_writable
+from ..defaults import EVAL_IMAGES, RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, RECOVER_STAGES
 from ..errors import SurgeryError
-from ..history import history
-from ..recovery.calibrate import calibrate
-from ..recovery.evaluate import evaluate
-from ..recovery.finetune import finetune
-from ..recovery.reconstruct import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR
-from ..store import load, load_model, load_source, save
-from ..zoo.registry import classifier_only
 from .options import (
     build_preprocessing,
+    duration,
     image_loader,
     is_rank0,
     original_options,
     preprocessing_options,
     print_json,
+    show_progress,
     skip_bad_images_option,
     skipped_line,
     user_errors,
@@ -29,7 +24,7 @@ from .options import (
     with_options,
 )
 
-__all__ = ["calibrate_command", "evaluate_command", "finetune_command", "load_original"]
+__all__ = ["calibrate_command", "evaluate_command", "finetune_command", "load_original", "recover_command"]
 
 
 def load_original(spec, weights, converted):
@@ -43,6 +38,8 @@ def load_original(spec, weights, converted):
     Returns:
         The loaded original model.
     """
+    from ..history import history
+    from ..store import load_model, load_source
     recipe = history(converted).recipe
     source = recipe.function_source  # a transplant's source: its weights are what the model computes
     if spec is None:
@@ -70,11 +67,13 @@ def load_original(spec, weights, converted):
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
+    from ..recovery.evaluate import evaluate
+    from ..store import load_model
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
     transform = build_preprocessing(preset, size, resize, mean, std, model)
-    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json)
-    report = evaluate(model, loader, reference=ref, progress=not as_json)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, show_progress(as_json))
+    report = evaluate(model, loader, reference=ref, progress=show_progress(as_json))
     if as_json:
         print_json({**report.to_dict(), "skipped_images": loader.skipped_images})
     else:
@@ -116,14 +115,20 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     block reconstruction (each rewritten block trained to reproduce the original block's output). A detection
     model is calibrated on its trunk (images normalised with the imagenet preset, --size sets their size) and,
     like a segmentation model, scored by the relative error of its outputs."""
+    from ..atomic import check_writable
+    from ..history import history
+    from ..recovery.calibrate import calibrate
+    from ..store import load, save
+    from ..zoo.registry import classifier_only
     check_writable(out, force)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
     transform = build_preprocessing(preset, size, resize, mean, std, classifier_only(source))
-    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, not as_json, seed=seed)
+    loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, show_progress(as_json),
+                          seed=seed)
     model = calibrate(converted, source, loader, num_images=None, steps=tuple(s.strip() for s in steps.split(",")),
                       iterations=iterations, lr=lr, previous=not block_only, ridge=ridge, seed=seed,
-                      after=after, bf16=bf16, channels_last=channels_last, progress=not as_json)
+                      after=after, bf16=bf16, channels_last=channels_last, progress=show_progress(as_json))
     report = history(model).calibration
     save(model, out, force=force, summary=f"calibrated {converted_dir} on {data}\n{skipped_line(loader)}{report}")
     if as_json:
@@ -168,6 +173,10 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
     Runs unchanged on several processes: torchrun --nproc_per_node N $(which resnet-surgery) finetune ...
     """
+    from ..atomic import check_writable
+    from ..history import history
+    from ..recovery.finetune import finetune
+    from ..store import load, save
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
     converted = load(converted_dir)
@@ -177,7 +186,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
                      augment=augment, lr=lr, optimizer=optimizer, temperature=temperature,
                      alpha=alpha, freeze=freeze, checkpoint=checkpoint, resume=resume, force=force,
                      num_images=num_images, batch_size=batch_size, transform=transform, bf16=bf16,
-                     channels_last=channels_last, progress=not as_json)
+                     channels_last=channels_last, progress=show_progress(as_json))
     if not is_rank0():
         return
     report = history(model).finetune
@@ -187,3 +196,62 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
 
 
 # --- the whole pipeline: run --------------------------------------------------------------------
+
+
+@click.command("recover")
+@click.argument("converted_dir", type=click.Path(exists=True, file_okay=False))
+@with_options(original_options)
+@with_options(preprocessing_options)
+@click.option("--target", type=float, help="stop once the gap to the original is at most this many points: top-1 "
+              "points with labels (class folders), else the % of images classified otherwise than by the original")
+@click.option("--budget", callback=duration, help="wall time the whole recovery may take: 90s, 30m, 1h30m "
+              "(a stage in flight stops at a step boundary) [default: none]")
+@click.option("--eval-data", type=click.Path(exists=True, file_okay=False),
+              help="held-back images to judge every stage on (default: --eval-images of --data, never trained on)")
+@click.option("--eval-images", default=EVAL_IMAGES, show_default=True, type=click.IntRange(1),
+              help="held-back images taken from --data (or from --eval-data)")
+@click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
+              help="images calibration and feature mimicking use")
+@click.option("--iterations", type=click.IntRange(1), help="reconstruction steps per block [default: calibrate's]")
+@click.option("--stages", default=",".join(RECOVER_STAGES), show_default=True,
+              help="the stages to run (always in this order), comma-separated; finetune needs labels")
+@click.option("--no-labels", is_flag=True, help="ignore the class folders: judge by agreement, skip fine-tuning")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (CPUs with AVX-512 BF16/AMX, GPUs)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of the gap after every stage against time")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint beside --out (<out>.recover.pt)")
+@click.option("--force", is_flag=True, help="overwrite --out and start over from an existing checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table (stage lines go to stderr)")
+@user_errors
+def recover_command(converted_dir, original, weights, data, preset, size, resize, mean, std, batch_size, target,
+                    budget, eval_data, eval_images, calibrate_images, iterations, stages, no_labels, bf16, seed, plot, out,
+                    resume, force, as_json):
+    """Get the accuracy back in one command: BatchNorm, calibration, feature mimicking while it pays, then
+    fine-tuning with labels, judged on held-back images after each stage, until --target is met, --budget is
+    spent or the last stage stops paying. A stage that leaves the model worse is undone."""
+    from ..atomic import check_writable
+    from ..history import history
+    from ..recovery.recover import RecoverOptions, recover
+    from ..store import load, save
+    check_writable(out, force)
+    if plot is not None:
+        check_writable(plot, force)
+    checkpoint = Path(out).with_name(Path(out).name + ".recover.pt")
+    converted = load(converted_dir)
+    source = load_original(original, weights, converted)
+    transform = build_preprocessing(preset, size, resize, mean, std, source)
+    options = RecoverOptions(eval_images=eval_images, calibrate_images=calibrate_images, iterations=iterations,
+                             stages=tuple(s.strip() for s in stages.split(",") if s.strip()), labels=not no_labels,
+                             batch_size=batch_size, transform=transform, seed=seed, bf16=bf16)
+    echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    model = recover(converted, source, data, target=target, budget=budget, eval_data=eval_data, options=options,
+                    checkpoint=checkpoint, resume=resume, force=force, progress=show_progress(as_json), echo=echo)
+    report = history(model).recovery
+    save(model, out, force=force, summary=f"recovered {converted_dir} on {data}\n{report}")
+    if plot is not None:
+        report.plot(plot, force=force)
+    if as_json:
+        print_json({"out": out, **report.to_dict()})
+    else:
+        click.echo(f"{report}\nwritten: {out}/" + (f" and {plot}" if plot else ""))

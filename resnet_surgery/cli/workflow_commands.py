@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import click
 
-from ..data import PRESETS, transform_size
-from ..store import load_model
-from ..workflows.explore import check_explore_out, explore
-from ..workflows.pipeline import run_pipeline
 from .options import (
     build_preprocessing,
+    duration,
+    for_the_shell,
     model_argument,
     parse_batches,
     preprocessing_options,
     print_json,
+    show_progress,
     size_option,
     user_errors,
     variant_options,
@@ -41,6 +40,11 @@ __all__ = ["explore_command", "run_command"]
 @click.option("--objective", type=click.Choice(["logits", "features", "both"]), default="logits", show_default=True,
               help="what fine-tuning matches: the original's logits, its features before global pooling, or both")
 @click.option("--finetune-steps", type=click.IntRange(1), help="fine-tuning optimizer steps instead of --epochs")
+@click.option("--recover", "recover_data", type=click.Path(exists=True, file_okay=False),
+              help="images for `recover` (BN, calibration, feature mimicking, fine-tuning with labels), instead of "
+                   "--calibrate and --finetune")
+@click.option("--target", type=float, help="--recover: stop once the gap to the original is at most this many points")
+@click.option("--budget", callback=duration, help="--recover: wall time it may take (90s, 30m, 1h30m)")
 @click.option("--batch", "batches", default="1", show_default=True, callback=parse_batches,
               help="batch sizes to time, e.g. 1,8")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores)")
@@ -51,23 +55,21 @@ __all__ = ["explore_command", "run_command"]
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @user_errors
 def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, calibrate_data, finetune_data, preset,
-                num_images, iterations, epochs, objective, finetune_steps, batches, threads, min_time, out, force, as_json):
+                num_images, iterations, epochs, objective, finetune_steps, recover_data, target, budget, batches,
+                threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
+    from ..workflows.pipeline import run_pipeline, run_summary
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, iterations=iterations,
                           epochs=epochs, objective=objective, finetune_steps=finetune_steps, augment="auto",
-                          batch_sizes=batches, threads=threads, min_time_s=min_time, echo=click.echo)
+                          recover_data=recover_data, target=target, budget=budget,
+                          batch_sizes=batches, threads=threads, min_time_s=min_time, progress=show_progress(as_json),
+                          echo=lambda line: click.echo(for_the_shell(line)))
     if as_json:
         print_json({k: v for k, v in result.items() if k != "latency_table"})
         return
-    macs = result["macs"]
-    click.echo(f"{model}: {result['variants'][0]} -> {result['variants'][1]}, MACs {macs['original'] / 1e9:.3f} G -> "
-               f"{macs['converted'] / 1e9:.3f} G ({macs['converted'] / macs['original'] - 1:+.1%}), "
-               + ("exact" if result["exact"] else "changes the function"))
-    for name, p in result["parity"].items():
-        click.echo(f"ONNX parity {name}: max |diff| {p.get('max_abs_diff', '?')}, passed {p.get('passed', '?')}")
-    click.echo(result["latency_table"])
+    click.echo(run_summary(result))
     click.echo(f"written: {out}/ (converted/, original.onnx, converted.onnx, latency.json, latency.png, report.json)")
 
 @click.command("explore")
@@ -105,6 +107,9 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
                     min_agreement, batches, threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
+    from ..data import PRESETS, transform_size
+    from ..store import load_model
+    from ..workflows.explore import check_explore_out, explore
     check_explore_out(out)
     original = load_model(model, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, original)
@@ -115,7 +120,7 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
                      finetune_steps=finetune_steps, eval_images=eval_images,
                      quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
                      min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size,
-                     preset=preset or "imagenet", transform=transform, progress=not as_json)
+                     preset=preset or "imagenet", transform=transform, progress=show_progress(as_json))
     if as_json:
         print_json(report.to_dict())
     else:

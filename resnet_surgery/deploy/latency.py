@@ -153,8 +153,10 @@ class LatencyReport:
             ``path``.
         """
         m = self.machine
-        title = (f"onnxruntime {m['onnxruntime']} {m['provider']}, {self.settings['threads']} threads, {m['cpu']}"
-                 " (box: quartiles and median; whiskers: p1-p99)")
+        threads = self.settings["threads"]
+        # Three short lines: one long line was cut off at the figure's edge.
+        title = (f"onnxruntime {m['onnxruntime']} {m['provider']}, {threads} thread{'s' if threads != 1 else ''}\n"
+                 f"{m['cpu']}\nbox: quartiles and median; whiskers: p1-p99")
         return plot_latency(self.timings_s, self.batch_sizes, title, path, force=force)
 
 

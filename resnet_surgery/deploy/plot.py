@@ -58,7 +58,7 @@ def plot_latency(timings_s: dict[str, dict[int, list[float]]], batch_sizes: list
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * (title.count("\n") + 1)))  # room for every line of the title
     with atomic_file(path, force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -132,7 +132,7 @@ def result_rows(timings, batch_sizes: list[int], macs: dict, peak: float | None,
             results.append(row)
     if any(r["peak_fraction"] and r["peak_fraction"] > 1 for r in results):
         warns.append(
-            "a model ran faster than the measured matmul peak: the peak measurement was disturbed (busy "
-            "machine) or too small (raise peak_matmul_n); read '% peak' as approximate"
+            "a model ran faster than the measured matmul peak: the peak measurement was disturbed (a busy "
+            "machine: rerun on an idle one) or too short to reach the machine's peak; read '% peak' as approximate"
         )
     return results, warns

@@ -112,7 +112,7 @@ class Report:
         return "\n".join(lines)
 
     def grid(self, model: nn.Module, *, leaf_modules=(), patch: int = 6) -> str:
-        """What each downsampling site reads, as characters (x: read, o: never read), for a terminal.
+        """What each downsampling site reads, as characters (how many output positions read each input position; ".": never read), for a terminal.
 
         Args:
             model: the model this report describes (the report holds no paddings or pooling shortcuts).

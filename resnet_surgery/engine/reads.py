@@ -193,11 +193,13 @@ def site_title(site: SiteReads) -> str:
 
 
 def _pattern_lines(c: ConvReads) -> list[str]:
-    return [" ".join("x" if r else "o" for r in row) for row in c.read]
+    # How many output positions read each input position, as the figure colours it: "." never, "+" ten or more.
+    return [" ".join("." if n == 0 else str(n) if n < 10 else "+" for n in row) for row in c.count]
 
 
 def grid_text(sites: list[SiteReads]) -> str:
-    """Each site's read patterns as characters (x: read, o: never read), the patterns of one site side by side.
+    """Each site's read counts as characters (how many output positions read each input position, as the figure
+    colours them; ".": never read), the patterns of one site side by side.
 
     Args:
         sites: from ``site_reads``.

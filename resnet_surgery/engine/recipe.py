@@ -108,6 +108,7 @@ class Recipe(_ByKey):
     versions: dict[str, str]
     calibration: dict | None = None  # summary of the last calibrate
     finetune: dict | None = None  # summary of the last finetune
+    recovery: dict | None = None  # summary of the last recover
     transplant: dict | None = None  # transplant: the source, what was paired, the probe difference
     trunk: str | None = None  # the rewritten submodule of a model fx cannot trace whole (a detection backbone)
 

@@ -290,7 +290,8 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     approximate = [r.block for r in rewrites if not r.exact]
     if approximate:
         notices.append(f"this conversion changes the function: {len(approximate)} rewrites are approximate "
-                       f"({', '.join(sorted(set(approximate)))}); recover accuracy with resnet_surgery.calibrate()")
+                       f"({', '.join(sorted(set(approximate)))}); recover accuracy with `resnet-surgery recover` "
+                       "(Python: resnet_surgery.recover())")
     after = model_variant(find_blocks(trace(body, leaf_modules))) if steps else before
     if prune_dead:
         pruned, prune_rewrites, prune_notices = prune_dead_compute(body, leaf_modules, trunk.name)

@@ -431,7 +431,7 @@ def _reconstruct_step(run: _Run) -> tuple[int, int]:
                 b.error_after = b.error_before
                 b.kept = (f"original (the model's KL on the {_measured_on(run)} rose {before.kl:.4g} -> "
                           f"{after.kl:.4g})")
-    return min(b.images for b in run.report.blocks), len(run.blocks)
+    return min((b.images for b in run.report.blocks), default=0), len(run.blocks)
 
 
 _STEPS = {"bn": _bn_step, "transfer": _transfer_step, "reconstruct": _reconstruct_step}

@@ -26,6 +26,7 @@ from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
 from ..utils import eval_mode, model_device, state_digest
+from .budget import expired
 from .calibrate import approximate_rewrites
 from .checkpoint import load_checkpoint, run_identity, save_checkpoint
 from .distill import AUGMENTATIONS, Taps, augmenter, features_text, global_pools, training_loss
@@ -347,8 +348,9 @@ def _epoch(run: _Run, report: FinetuneReport, options: _Options, taps: Taps, aug
     epoch_loss, epoch_steps, finished = 0.0, 0, True
     bar = tqdm(run.loader, desc=f"fine-tune epoch {epoch + 1}/{run.epochs}", disable=not progress or run.rank != 0)
     for batch in bar:
-        if step >= stop:
-            # A budget that ends inside a pass ends the run there; max_steps leaves the pass unfinished.
+        if step >= stop or (run.world == 1 and expired()):
+            # A budget that ends inside a pass ends the run there; max_steps (or recover's time limit) leaves
+            # the pass unfinished.
             finished = step >= run.total_steps
             break
         images, labels = split_batch(batch)

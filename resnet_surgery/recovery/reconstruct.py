@@ -19,20 +19,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..defaults import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR
 from ..engine.blocks import find_blocks, find_trunk, trace
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule
+from .budget import expired
 from .crops import CROP_MARGIN, RECONSTRUCT_CROP, Crop, crop_plan
 
 __all__ = ["HOLD_BACK", "held_back", "RECONSTRUCT_BATCH", "RECONSTRUCT_BYTES", "RECONSTRUCT_CHECKS", "RECONSTRUCT_CROP",
            "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECONSTRUCT_WORK", "BlockFit", "macs_per_image", "previous_blocks",
            "reconstruct_blocks"]
 
-# Block reconstruction: optimiser iterations per block, peak learning rate (Adam, cosine to zero) relative to
-# each tensor's RMS magnitude, mini-batch.
-RECONSTRUCT_ITERATIONS = 500
-RECONSTRUCT_LR = 3e-2
+# Block reconstruction's mini-batch (its iterations per block and peak rate, relative to each tensor's RMS, are
+# in defaults, which the command line reads without importing torch).
 RECONSTRUCT_BATCH = 64
 # Fraction of the cached images held back to choose the best iterate; held-back checks per block.
 HOLD_BACK = 0.125
@@ -248,6 +248,8 @@ def _optimise(unit: nn.Module, train: tuple, held: tuple, *, iterations: int, lr
     try:
         with torch.enable_grad():
             for i in tqdm(range(1, iterations + 1), desc=desc, disable=not progress, leave=False):
+                if expired():  # recover's time limit: keep the best iterate so far
+                    break
                 pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=generator)
                 inputs, targets = crop.draw(x[pick], y[pick], generator) if crop else (x[pick], y[pick])
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
@@ -360,7 +362,8 @@ def reconstruct_blocks(
         with torch.no_grad():
             order = execution_order(model, list(blocks), first[0][:2].to(device))
         units = _units(model, order, first[0][:2].to(device), previous, after)
-        return [_fit_unit(model, original, unit, batches, **settings) for unit in units]
+        # Under recover's time limit the blocks not begun are skipped (left as they are).
+        return [_fit_unit(model, original, unit, batches, **settings) for unit in units if not expired()]
 
 
 def _units(model: nn.Module, order: list[str], images: torch.Tensor, previous: bool, after: int) -> list[list]:

@@ -18,13 +18,15 @@ from ..engine.inspect import count_macs
 from ..engine.probe import max_difference
 from ..engine.recipe import Recipe
 from ..engine.rewrite import convert
+from ..errors import SurgeryError
 from ..history import history
 from ..recovery.calibrate import calibrate
 from ..recovery.finetune import finetune
+from ..recovery.recover import RecoverOptions, check_target_and_budget, recover
 from ..store import load_model, save
 from ..utils import report_dict
 
-__all__ = ["Conversion", "RecoverySettings", "convert_model", "run_pipeline"]
+__all__ = ["Conversion", "RecoverySettings", "convert_model", "run_pipeline", "run_summary"]
 
 
 @dataclasses.dataclass
@@ -76,8 +78,8 @@ def convert_model(model: str, weights: str = "none", *, to=None, shortcut=None, 
 def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=False, weights="none",
                  out: str | os.PathLike, force=False, input_size=224, calibrate_data=None, finetune_data=None,
                  preset=None, num_images=2048, iterations=None, epochs=1, finetune_images=None, objective="logits",
-                 finetune_steps=None, augment="auto", batch_sizes=(1,), threads=None, min_time_s=5.0, progress=True,
-                 echo=print) -> dict:
+                 finetune_steps=None, augment="auto", recover_data=None, target=None, budget=None, batch_sizes=(1,),
+                 threads=None, min_time_s=5.0, progress=True, echo=print) -> dict:
     """Convert ``model`` and prove what that did; everything lands in ``out`` atomically: converted/ (a folder
     ``resnet_surgery.load`` reads), original.onnx, converted.onnx (both parity-checked against PyTorch),
     latency.json, latency.png and report.json. An exact conversion has nothing to recover: calibration and
@@ -93,6 +95,8 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
             (``data.model_transform``), else "imagenet".
         num_images, iterations: calibration images and reconstruction steps per block (None: `calibrate`'s).
         epochs, finetune_images, objective, finetune_steps, augment: as `finetune` takes them.
+        recover_data: images for `recover` (instead of ``calibrate_data`` and ``finetune_data``), or None.
+        target, budget: `recover`'s target gap (points) and wall-time budget (seconds), or None.
         batch_sizes, threads, min_time_s: as `compare_latency` takes them.
         progress: show progress bars.
         echo: prints the notes.
@@ -101,7 +105,12 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         The report (also written as report.json), with "out" and the printable "latency_table".
     """
     check_writable(out, force)
+    if recover_data is not None and (calibrate_data or finetune_data):
+        raise SurgeryError("recover runs calibration and fine-tuning itself: give --recover, or --calibrate and "
+                           "--finetune, not both")
+    check_target_and_budget(target, budget)
     steps = ["convert"] + (["calibrate"] if calibrate_data else []) + (["finetune"] if finetune_data else [])
+    steps += ["recover"] if recover_data is not None else []
     bar = tqdm(steps + ["export original", "export converted", "latency"], desc="run", disable=not progress,
                leave=False)
     result: dict = {"model": model, "weights": weights}
@@ -110,18 +119,64 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         conversion = convert_model(model, weights, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead,
                                    input_size=input_size)
         result.update(_conversion_result(conversion, echo))
+        if weights == "none" and not Path(model).is_dir():  # the demo's case: its figures must not read as pretrained
+            echo(f"note: {model} has random weights (--weights none): conversion, parity and latency hold, but "
+                 "no accuracy is measured or implied; pass --weights DEFAULT for the pretrained model")
         bar.update()
         recovery = RecoverySettings(calibrate_data, finetune_data, preset, num_images, iterations, epochs,
-                                    finetune_images, objective, finetune_steps, augment)
+                                    finetune_images, objective, finetune_steps, augment, recover_data, target, budget)
         converted = _recover(conversion, recovery, tmp, result, bar, progress, echo)
-        save(converted, tmp / "converted", summary=json.dumps(result, indent=2, default=str))
+        save(converted, tmp / "converted")
         size = (3, input_size, input_size)
         latency = _export_and_time(conversion.original, converted, tmp, Path(out), result, bar, size,
                                    dict(batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
                                         progress=progress))
+        result["latency_table"] = str(latency)
+        # The same text the command prints, as convert's summary.txt is (report.json holds the figures).
+        (tmp / "converted" / "summary.txt").write_text(run_summary(result) + "\n")
     result["out"] = str(out)
-    result["latency_table"] = str(latency)
     return result
+
+
+def run_summary(result: dict) -> str:
+    """`run_pipeline`'s result as text: the conversion, what recovery did, ONNX parity and the latency table.
+
+    Args:
+        result: what `run_pipeline` returned.
+
+    Returns:
+        The text (printed by `resnet-surgery run` and saved as the converted folder's summary.txt).
+    """
+    macs = result["macs"]
+    lines = [f"{result['model']} (weights {result['weights']}): {result['variants'][0]} -> {result['variants'][1]}, "
+             f"MACs {macs['original'] / 1e9:.3f} G -> {macs['converted'] / 1e9:.3f} G "
+             f"({macs['converted'] / macs['original'] - 1:+.1%}), "
+             + ("exact" if result["exact"] else "changes the function")]
+    for step in ("calibration", "finetune"):
+        if step in result:
+            lines.append(f"{step}: {_recovery_line(result[step])}")
+    if "recovery" in result:
+        r = result["recovery"]
+        lines.append(f"recover: {len(r['stages']) - 1} stages, stopped: {r['stopped']}, gap "
+                     f"{[s for s in r['stages'] if s['kept']][-1]['gap']:.2f} ({r['metric']} points)")
+    lines.append(f"{'ONNX parity':<20} {'max |diff|':>10} {'rel diff':>9} {'tolerance':>9}  result")
+    for name, p in result["parity"].items():
+        tolerance = max(c["tolerance"] for c in p["checks"])
+        lines.append(f"{name:<20} {p['max_abs_diff']:>10.2e} {p['max_rel_diff']:>9.2e} {tolerance:>9.2e}  "
+                     f"{'passed' if p['passed'] else 'FAILED'}")
+    lines.append(result["latency_table"])
+    return "\n".join(lines)
+
+
+def _recovery_line(report: dict) -> str:
+    """One line of a calibration's or fine-tuning's report dict: where it ended."""
+    steps = report.get("steps")
+    if isinstance(steps, list) and steps and isinstance(steps[-1], dict):  # a calibration: its last step
+        last = steps[-1]
+        agreement = last.get("agreement") or {}
+        return f"{len(steps) - 1} steps on {report.get('num_images')} images, agreement with the original " \
+               f"{agreement.get('agreement', float('nan')):.2f}% after {last.get('step')}"
+    return f"{report.get('steps')} steps, kept {report.get('kept')}"
 
 
 @dataclasses.dataclass
@@ -138,6 +193,9 @@ class RecoverySettings:
     objective: str = "logits"
     finetune_steps: int | None = None
     augment: str = "auto"
+    recover_data: object = None
+    target: float | None = None
+    budget: float | None = None
 
 
 def _step(bar, name: str) -> None:
@@ -162,12 +220,21 @@ def _recover(conversion: Conversion, settings: RecoverySettings, tmp: Path, resu
     """Calibrate and fine-tune the converted model as ``settings`` ask (nothing for an exact conversion)."""
     original, converted = conversion.original, conversion.converted
     calibrate_data, finetune_data = settings.calibrate_data, settings.finetune_data
-    if conversion.recipe.exact and (calibrate_data or finetune_data):
+    if conversion.recipe.exact and (calibrate_data or finetune_data or settings.recover_data is not None):
         echo("note: the conversion is exact, so there is nothing to calibrate or fine-tune; skipped")
-        bar.update(bool(calibrate_data) + bool(finetune_data))
+        bar.update(bool(calibrate_data) + bool(finetune_data) + (settings.recover_data is not None))
         return converted
     transform = model_transform(original) if settings.preset is None else None
     preset = settings.preset or "imagenet"
+    if settings.recover_data is not None:
+        _step(bar, "recover")
+        options = RecoverOptions(calibrate_images=settings.num_images, iterations=settings.iterations, preset=preset,
+                                 transform=transform)
+        converted = recover(converted, original, settings.recover_data, target=settings.target,
+                            budget=settings.budget, options=options, checkpoint=tmp / "recover.pt", progress=progress,
+                            echo=echo)
+        result["recovery"] = report_dict(history(converted).recovery)
+        bar.update()
     if calibrate_data:
         _step(bar, "calibrate")
         iterations = {} if settings.iterations is None else {"iterations": settings.iterations}

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -67,8 +68,10 @@ def torch_load(path: Path, map_location="cpu"):
             raise SurgeryError(f"{path} is not a readable PyTorch checkpoint; is it corrupt or truncated?") from None
         raise SurgeryError(f"{path} holds pickled Python objects (a whole model?), not just tensors; "
                            "save model.state_dict() instead: resnet-surgery never unpickles code") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
-        # A damaged file can fail anywhere in the unpickler, even with a bare opcode (KeyError: 101).
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError, IndexError, TypeError,
+            AttributeError, struct.error) as e:
+        # A damaged file can fail anywhere in the unpickler, even with a bare opcode (KeyError: 101) or an
+        # empty stack (IndexError: a zip header with one bit flipped reads as a legacy pickle; found by fuzzing).
         raise SurgeryError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}); is it corrupt, truncated "
                            "or not a checkpoint at all?") from None
 
