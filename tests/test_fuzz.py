@@ -144,6 +144,16 @@ def load_recover_checkpoint(root: Path):
     return load_state(root / "ckpt.pt", converted, {"run": 1})
 
 
+def onnx_file(root: Path) -> Path:
+    """The CIFAR model exported (parity-checked) once, and a copy to time it against."""
+    if not (root / "a.onnx").is_file():
+        result = CliRunner().invoke(main, ["export", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--input-size",
+                                           "32", "--out", str(root / "a.onnx")])
+        assert result.exit_code == 0, result.output
+        shutil.copy(root / "a.onnx", root / "b.onnx")
+    return root / "a.onnx"
+
+
 def image_folder(root: Path) -> Path:
     return root / "images" / "cat" / "0.png"  # the pristine folder's
 
@@ -156,6 +166,9 @@ TARGETS = {
     "a recover checkpoint": Target(recover_checkpoint, mutated_bytes, call=load_recover_checkpoint),
     "an image": Target(image_folder, mutated_bytes,
                        command=["evaluate", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--data", "{root}/images"]),
+    "an ONNX file, for bench": Target(onnx_file, mutated_bytes,
+                                      command=["bench", "{root}/a.onnx", "{root}/b.onnx", "--threads", "1",
+                                               "--min-time", "0.02", "--max-time", "0.1"]),
     "an image, for calibrate": Target(image_folder, mutated_bytes,
                                       command=["calibrate", "{root}/conv", "--data", "{root}/images", "--steps", "bn",
                                                "--out", "{out}"]),
@@ -167,6 +180,7 @@ def pristine():
     """Every target's valid input, made once, in one folder the cases copy."""
     root = Path(tempfile.mkdtemp(prefix="fuzz-"))
     converted_folder(root)
+    onnx_file(root)
     write_random_images(root / "images" / "cat", 3, 32)
     write_random_images(root / "images" / "dog", 3, 32, seed=1)
     yield root
