@@ -24,7 +24,8 @@ from resnet_surgery.atomic import atomic_file
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.deploy.cpu import cpu_extensions
 from resnet_surgery.deploy.export import export_onnx
-from resnet_surgery.deploy.latency import _cpu_model, compare_latency
+from resnet_surgery.deploy.latency import compare_latency
+from resnet_surgery.deploy.machine import cpu_model
 from resnet_surgery.deploy.quantize import quantize_onnx
 from resnet_surgery.store import load_model
 from resnet_surgery.zoo.cifar import load_cifar_resnet
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, default=SHARED)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"benchmark": "int8-reduce-range", "date": time.strftime("%Y-%m-%d"), "cpu": _cpu_model(),
+    result = {"benchmark": "int8-reduce-range", "date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(),
               "cpu_extensions": cpu_extensions()}
     with tempfile.TemporaryDirectory() as work:
         if "cifar" in args.parts:
