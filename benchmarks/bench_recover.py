@@ -45,14 +45,18 @@ def machine() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
+def cifar_set(args, split: str) -> TensorDataset:
+    """A CIFAR-10 split as normalised images and labels."""
+    images, labels = cifar10_tensors(args.data, split)
+    return TensorDataset(normalize_uint8(images), labels)
+
+
 def part_recover(args) -> dict:
     """recover on the training set, its model scored on the test set."""
     source, target = args.rewrite.split(":")
     original = load_cifar_resnet(source)
     converted = convert(original, target, input_size=(3, 32, 32), warn=False)
-    images, labels = cifar10_tensors(args.data, "train")
-    train = TensorDataset(normalize_uint8(images), labels)
-    test = TensorDataset(normalize_uint8(cifar10_tensors(args.data, "test")[0]), cifar10_tensors(args.data, "test")[1])
+    train, test = cifar_set(args, "train"), cifar_set(args, "test")
     options = RecoverOptions(eval_images=args.eval_images, calibrate_images=args.calib_images,
                              labels=not args.no_labels, bf16=args.bf16, seed=args.seed)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -79,9 +83,7 @@ def part_steps(args) -> dict:
     data = bench_cost.load_data(cost_args)
     # The images recover itself uses (the training set less its held-back images; calibration on its seeded
     # subset of them), so that the comparison is of the methods, not of two draws of 2,048 images.
-    images, labels = cifar10_tensors(args.data, "train")
-    train = TensorDataset(normalize_uint8(images), labels)
-    work, _ = held_out_split(train, None, keep=None, hold=args.eval_images, seed=args.seed)
+    work, _ = held_out_split(cifar_set(args, "train"), None, keep=None, hold=args.eval_images, seed=args.seed)
     calib = disjoint_subsets(work, [args.calib_images], args.seed)[0]
     data["calib"] = TensorDataset(torch.stack([calib[i][0] for i in range(len(calib))]))  # no labels
     data["train"] = work

@@ -98,7 +98,6 @@ if TYPE_CHECKING:  # what editors and type checkers read
     from .engine.rewrite import SurgeryNotice, convert
     from .engine.transplant import transplant
     from .errors import NotExactError, SurgeryError, TraceError
-    from .history import History, Source, history
     from .recovery.calibrate import CalibrationReport, calibrate
     from .recovery.evaluate import EvalReport, evaluate, predict
     from .recovery.finetune import finetune

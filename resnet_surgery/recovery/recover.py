@@ -31,7 +31,6 @@ from .batches import Batches
 from .budget import expired, time_limit
 from .calibrate import BN_WORK, approximate_rewrites, calibrate
 from .checkpoint import run_identity
-from .distill import AUTO_CIFAR_SIZE
 from .evaluate import Scores, check_label_classes, score
 from .finetune import finetune
 from .reconstruct import macs_per_image
@@ -200,8 +199,7 @@ def _check_arguments(converted: nn.Module, target, budget, options: RecoverOptio
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SurgeryError("recover runs in one process; under torchrun use `resnet-surgery finetune` for the "
                            "fine-tuning itself")
-    approximate_rewrites(converted)  # a model without a recipe is an error
-    if not approximate_rewrites(converted):
+    if not approximate_rewrites(converted):  # (a model without a recipe is an error there)
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "
                            "original's function, so there is nothing to recover")
 
@@ -220,8 +218,10 @@ def _prepare(converted, original, data, eval_data, target, budget, options: Reco
     else:
         work, held = _ImagesOnly(work), _ImagesOnly(held)
     calib = disjoint_subsets(work, [o.calibrate_images], o.seed)[0]
-    image_seconds = _probe(original, held)
-    _check_budget(budget, converted, original, calib, held, image_seconds)
+    item = held[0]
+    image = (item[0] if isinstance(item, tuple | list) else item)[None].to(model_device(original))
+    image_seconds = _probe(original, image)
+    _check_budget(budget, original, image, len(calib), len(held), image_seconds)
     batches = list(Batches(torch.utils.data.DataLoader(held, batch_size=o.batch_size)))
     reference, top1 = _reference(original, batches, progress)
     report = RecoveryReport(target, budget, "top-1" if labelled else "agreement", len(held), top1)
@@ -253,10 +253,8 @@ def _has_labels(dataset: Dataset) -> bool:
             and (isinstance(item[1], int) or (isinstance(item[1], torch.Tensor) and item[1].dim() == 0)))
 
 
-def _probe(original: nn.Module, held: Dataset) -> float:
-    """Seconds of one image's forward pass through ``original`` (a batch of up to 8, after one warm-up)."""
-    item = held[0]
-    image = (item[0] if isinstance(item, tuple | list) else item)[None].to(model_device(original))
+def _probe(original: nn.Module, image: torch.Tensor) -> float:
+    """Seconds of one image's forward pass through ``original`` (``image`` 8 times, after one warm-up)."""
     images = image.expand(8, *image.shape[1:]).contiguous()
     with eval_mode(original), torch.no_grad():
         original(images[:1])
@@ -265,17 +263,14 @@ def _probe(original: nn.Module, held: Dataset) -> float:
     return (time.perf_counter() - start) / len(images)
 
 
-def _check_budget(budget, converted, original, calib, held, image_seconds: float) -> None:
+def _check_budget(budget, original: nn.Module, image: torch.Tensor, calib_images: int, held_images: int,
+                  image_seconds: float) -> None:
     """A budget that cannot fit one BatchNorm pass and the measurements around it is refused before any work."""
     if budget is None:
         return
-    item = held[0]
-    image = (item[0] if isinstance(item, tuple | list) else item)[None].to(model_device(original))
-    with eval_mode(original), torch.no_grad():
-        macs = macs_per_image(original, image)
-    bn_images = min(len(calib), max(1, BN_WORK // max(1, macs)))
+    bn_images = min(calib_images, max(1, BN_WORK // max(1, macs_per_image(original, image))))
     # The original once and the model twice over the held-back images; the BN pass runs both models.
-    need = image_seconds * (3 * len(held) + 2 * bn_images)
+    need = image_seconds * (3 * held_images + 2 * bn_images)
     if budget < need:
         raise SurgeryError(f"a budget of {format_seconds(budget)} cannot fit one BatchNorm pass and its measurements "
                            f"on this machine (about {format_seconds(need)}); give --budget "
@@ -329,10 +324,9 @@ def _finetune(run: _Run, steps: int) -> tuple[nn.Module, str]:
 
 def _train(run: _Run, data: Dataset, objective: str, steps: int) -> tuple[nn.Module, str]:
     o = run.options
-    size = min(run.held[0][0].shape[-2:])
-    # Fine-tuning augments too (the "auto" rule of features): many steps on few images need it.
-    augment = "cifar" if size <= AUTO_CIFAR_SIZE else "imagenet"
-    model = finetune(run.model, run.original, data, objective=objective, steps=steps, augment=augment,
+    # "auto" augments "features" and "both" by image size (pad-crop up to 64 px, else random resized crops):
+    # many steps on few images need it.
+    model = finetune(run.model, run.original, data, objective=objective, steps=steps, augment="auto",
                      batch_size=o.batch_size, seed=o.seed, bf16=o.bf16, channels_last=o.channels_last,
                      progress=run.progress)
     ran = history(model).finetune.steps  # fewer when the time limit stopped it

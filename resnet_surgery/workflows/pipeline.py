@@ -126,14 +126,13 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         recovery = RecoverySettings(calibrate_data, finetune_data, preset, num_images, iterations, epochs,
                                     finetune_images, objective, finetune_steps, augment, recover_data, target, budget)
         converted = _recover(conversion, recovery, tmp, result, bar, progress, echo)
-        save(converted, tmp / "converted")
         size = (3, input_size, input_size)
         latency = _export_and_time(conversion.original, converted, tmp, Path(out), result, bar, size,
                                    dict(batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s,
                                         progress=progress))
         result["latency_table"] = str(latency)
-        # The same text the command prints, as convert's summary.txt is (report.json holds the figures).
-        (tmp / "converted" / "summary.txt").write_text(run_summary(result) + "\n")
+        # Saved last, with the text the command prints as its summary.txt (report.json holds the figures).
+        save(converted, tmp / "converted", summary=run_summary(result))
     result["out"] = str(out)
     return result
 
@@ -152,9 +151,10 @@ def run_summary(result: dict) -> str:
              f"MACs {macs['original'] / 1e9:.3f} G -> {macs['converted'] / 1e9:.3f} G "
              f"({macs['converted'] / macs['original'] - 1:+.1%}), "
              + ("exact" if result["exact"] else "changes the function")]
-    for step in ("calibration", "finetune"):
-        if step in result:
-            lines.append(f"{step}: {_recovery_line(result[step])}")
+    if "calibration" in result:
+        lines.append(f"calibration: {_calibration_line(result['calibration'])}")
+    if "finetune" in result:
+        lines.append(f"finetune: {result['finetune']['steps']} steps, kept {result['finetune']['kept']}")
     if "recovery" in result:
         r = result["recovery"]
         lines.append(f"recover: {len(r['stages']) - 1} stages, stopped: {r['stopped']}, gap "
@@ -168,15 +168,13 @@ def run_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _recovery_line(report: dict) -> str:
-    """One line of a calibration's or fine-tuning's report dict: where it ended."""
-    steps = report.get("steps")
-    if isinstance(steps, list) and steps and isinstance(steps[-1], dict):  # a calibration: its last step
-        last = steps[-1]
-        agreement = last.get("agreement") or {}
-        return f"{len(steps) - 1} steps on {report.get('num_images')} images, agreement with the original " \
-               f"{agreement.get('agreement', float('nan')):.2f}% after {last.get('step')}"
-    return f"{report.get('steps')} steps, kept {report.get('kept')}"
+def _calibration_line(report: dict) -> str:
+    """A calibration report's dict in one line: where its last step left the model (agreement with the original,
+    or the relative output error of a model whose outputs are not class logits)."""
+    last = report["steps"][-1]
+    measure = (f"output error {last['output_error']:.4f}" if last["output_error"] is not None
+               else f"agreement with the original {last['agreement']['agreement']:.2f}%")
+    return f"{len(report['steps']) - 1} steps on {report['num_images']} images, {measure} after {last['step']}"
 
 
 @dataclasses.dataclass
