@@ -11,6 +11,7 @@ seeds); `make test` the short one (a dozen, derandomized: the same cases every r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -123,25 +124,28 @@ def converted_folder(root: Path) -> Path:
     return root / "conv"
 
 
-def recover_checkpoint(root: Path) -> Path:
+@functools.cache
+def tiny_converted():
+    """The converted model the recover checkpoint belongs to (built once; load_state copies it)."""
     from test_recovery import tiny_conversion
 
+    return tiny_conversion("v1")[1]
+
+
+def recover_checkpoint(root: Path) -> Path:
     from resnet_surgery.recovery.recover_report import RecoveryStage
     from resnet_surgery.recovery.recover_state import save_state
 
-    _, converted = tiny_conversion("v1")
     stage = RecoveryStage("naive copy", "", 0.1, 0.1, 5.0, 90.0, 92.0, 0.1, True, 0.1, 0.1)
-    save_state(root / "ckpt.pt", converted, identity={"run": 1}, position=(1, 0), spent=(1.0, 1.0), stages=[stage],
-               step_seconds={"features": 0.01}, measure_seconds=0.1)
-    torch.save(converted, root / "converted.pt")  # the fixture's own file, read back with weights_only=False
+    save_state(root / "ckpt.pt", tiny_converted(), identity={"run": 1}, position=(1, 0), spent=(1.0, 1.0),
+               stages=[stage], step_seconds={"features": 0.01}, measure_seconds=0.1)
     return root / "ckpt.pt"
 
 
 def load_recover_checkpoint(root: Path):
     from resnet_surgery.recovery.recover_state import load_state
 
-    converted = torch.load(root / "converted.pt", weights_only=False)
-    return load_state(root / "ckpt.pt", converted, {"run": 1})
+    return load_state(root / "ckpt.pt", tiny_converted(), {"run": 1})
 
 
 def onnx_file(root: Path) -> Path:
