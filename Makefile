@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint bench fuzz clean
+.PHONY: demo test test-fast lint docs bench fuzz clean
 
 # CPU=1 takes torch and torchvision from PyTorch's CPU-only wheel index first (under 1 GB instead of a 5.8 GB
 # CUDA build); the rest comes from PyPI as usual.
@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 	$(BIN)/resnet-surgery inspect resnet50
 	$(BIN)/resnet-surgery run resnet50 --to v1 --out runs/r50 --force
 
-test: $(BIN)/.installed lint
+test: $(BIN)/.installed lint docs
 	$(BIN)/pytest -q -n 2 --durations=15
 
 test-fast: $(BIN)/.installed
@@ -33,9 +33,13 @@ fuzz: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# The manual (docs/, mkdocs.yml) as a site in site/: --strict fails on a broken link or a docstring griffe cannot read.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_trace.py
 	$(BIN)/python benchmarks/bench_latency.py
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs site

@@ -103,7 +103,7 @@ def run_resnet50(args, results: Path) -> dict:
     images = TensorDataset(torch.randn(args.r50_images, 3, args.r50_size, args.r50_size, generator=g))
     print("explore resnet50 (random weights, latency only) ...", flush=True)
     report = explore(load_model("resnet50", "none"), images, input_size=(3, args.r50_size, args.r50_size),
-                     calibrate_images=args.r50_images // 2, calibrate_steps=("bn",), eval_images=args.r50_images // 4,
+                     calibrate_images=args.r50_images // 2, stages=("bn",), eval_images=args.r50_images // 4,
                      quant_images=args.r50_images // 2, min_agreement=0, batch_sizes=args.r50_batch,
                      threads=args.threads,
                      min_time_s=args.min_time, out=args.runs / "resnet50", force=not args.resume, batch_size=16,

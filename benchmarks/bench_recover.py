@@ -1,5 +1,10 @@
 """`recover` to a target within a budget against today's separate steps at the same CPU cost, on the CIFAR models.
 
+    python benchmarks/bench_recover.py --part recover --rewrite v1.5:v1 --model cifar10-resnet50 --budget 383
+
+``--model cifar10-resnet50`` runs it on the trained ResNet-50 stand-in (`train_resnet50.py`, its images upsampled
+as it was trained); its results are named ``recover-resnet50-part-*.json`` and are not part of --combine.
+
     python benchmarks/bench_recover.py --part recover --rewrite v1.5:v1      # one process
     python benchmarks/bench_recover.py --part steps --rewrite v1.5:v1        # another (or after)
     python benchmarks/bench_recover.py --combine                             # results/recover.{json,md,png}
@@ -33,6 +38,7 @@ from resnet_surgery.recovery.evaluate import evaluate
 from resnet_surgery.recovery.recover import RecoverOptions, recover
 from resnet_surgery.recovery.recover_report import RecoveryReport, RecoveryStage
 from resnet_surgery.zoo.cifar import load_cifar_resnet
+from resnet_surgery.zoo.judge import JUDGE_NAME, load_judge
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -45,18 +51,30 @@ def machine() -> dict:
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
 
 
-def cifar_set(args, split: str) -> TensorDataset:
-    """A CIFAR-10 split as normalised images and labels."""
+def cifar_set(args, split: str, size: int = 32) -> TensorDataset:
+    """A CIFAR-10 split as normalised images and labels, upsampled to `size` as bench_cost.py does."""
+    from bench_cost import resized
+
     images, labels = cifar10_tensors(args.data, split)
-    return TensorDataset(normalize_uint8(images), labels)
+    return TensorDataset(resized(normalize_uint8(images), size), labels)
+
+
+def load_model(args, layout: str) -> tuple[torch.nn.Module, int]:
+    """The original model and its input size: a committed CIFAR model, or the trained ResNet-50 (v1.5 only)."""
+    if args.model == JUDGE_NAME:
+        if layout != "v1.5":
+            raise SystemExit(f"{JUDGE_NAME} was trained as v1.5; use --rewrite v1.5:<target>")
+        model = load_judge()
+        return model, model.input_size
+    return load_cifar_resnet(layout), 32
 
 
 def part_recover(args) -> dict:
     """recover on the training set, its model scored on the test set."""
     source, target = args.rewrite.split(":")
-    original = load_cifar_resnet(source)
-    converted = convert(original, target, input_size=(3, 32, 32), warn=False)
-    train, test = cifar_set(args, "train"), cifar_set(args, "test")
+    original, size = load_model(args, source)
+    converted = convert(original, target, input_size=(3, size, size), warn=False)
+    train, test = cifar_set(args, "train", size), cifar_set(args, "test", size)
     options = RecoverOptions(eval_images=args.eval_images, calibrate_images=args.calib_images,
                              labels=not args.no_labels, bf16=args.bf16, seed=args.seed)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -66,7 +84,8 @@ def part_recover(args) -> dict:
     report = history(model).recovery
     base = evaluate(original, test, batch_size=500, progress=False).top1
     final = evaluate(model, test, batch_size=500, progress=False).top1
-    return {"rewrite": args.rewrite, "target": args.target, "budget_s": args.budget, "labels": not args.no_labels,
+    return {"rewrite": args.rewrite, "model": args.model, "target": args.target, "budget_s": args.budget,
+            "labels": not args.no_labels,
             "cpu_seconds": cpu, "wall_seconds": wall, "original_top1": base, "test_top1": final,
             "report": report.to_dict(), "table": str(report), "machine": machine()}
 
@@ -162,6 +181,8 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=SHARED)
+    p.add_argument("--model", default="cifar", choices=("cifar", JUDGE_NAME),
+                   help="the committed CIFAR models, or the trained ResNet-50 stand-in")
     return p.parse_args(argv)
 
 
@@ -173,6 +194,10 @@ def main(argv=None) -> None:
         return
     name = args.rewrite.replace(":", "-") + ("-nolabels" if args.no_labels else "")
     out = RESULTS / f"recover-part-{args.part}-{name}.json"
+    if args.model == JUDGE_NAME:  # not part of --combine (whose tables are the CIFAR models')
+        if args.part != "recover":
+            raise SystemExit("--model cifar10-resnet50 runs --part recover (its separate steps: bench_cost.py)")
+        out = RESULTS / f"recover-resnet50-{name}-budget{args.budget:g}.json"
     result = part_recover(args) if args.part == "recover" else part_steps(args)
     with atomic_file(out, force=True) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -3,9 +3,12 @@ them for its help text without importing torch (which takes seconds)."""
 
 from __future__ import annotations
 
-__all__ = ["EVAL_IMAGES", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
+__all__ = ["EVAL_IMAGES", "EXPLORE_STAGES", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
 
 RECONSTRUCT_ITERATIONS = 500  # optimizer steps per rewritten block (fewer where the block's MACs make that minutes)
 RECONSTRUCT_LR = 3e-2  # reconstruction's peak rate, relative to each parameter tensor's RMS
 RECOVER_STAGES = ("bn", "calibrate", "features", "finetune")  # recover's stages, in the order they run
 EVAL_IMAGES = 2000  # recover's held-back images: the paired gap's noise is about sqrt(disagreements) / n
+# explore's recover stages for every candidate unless told otherwise: calibration, the step that pays for every
+# rewrite (README, "What recovery costs"); --budget/--target and more stages buy the rest
+EXPLORE_STAGES = ("bn", "calibrate")

@@ -49,7 +49,8 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [n for n, c in rows.items() if c["status"] == "ok"] == ok
     assert rows["v1.5"]["status"].startswith("skipped") and "made from a v1 model" in rows["v1.5-exact"]["status"]
     assert report.metric == "top1" and rows["original"]["eval"]["agreement"] == 100.0
-    assert rows["v1"]["recovery"] == "calibrate" and rows["v1-pruned"]["exact"] is False
+    assert rows["v1"]["recovery"].startswith("recover: ") and rows["v1-pruned"]["exact"] is False
+    assert [st["stage"] for st in rows["v1"]["recover"]["stages"]] == ["naive copy", "bn", "calibrate"]
     assert rows["v1-pruned"]["macs"] < rows["v1"]["macs"] and rows["d-int8"]["quantization"]["parity_images"] == 32
     # One latency run timed every kept candidate against the original.
     assert list(report.latency["models"]) == ok and report.latency["batch_sizes"] == [1]
@@ -63,14 +64,14 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = json.loads((out / "explore.json").read_text())
     assert set(saved) == {"model", "metric", "settings", "candidates", "latency", "seconds", "latency_seconds"}
     assert 0 < saved["latency_seconds"] <= saved["seconds"]
-    assert saved["candidates"][2]["name"] == "v1" and "calibration" in saved["candidates"][2]
+    assert saved["candidates"][2]["name"] == "v1" and "recover" in saved["candidates"][2]
     assert (out / "explore.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "v1-pruned-int8" in str(report) and "front b1" in str(report)
 
     # A rerun reuses every finished candidate; a candidate killed half-way (no folder) is rebuilt alone.
     shutil.rmtree(out / "candidates" / "d-int8")
     calls = []
-    monkeypatch.setattr(explore_module, "calibrate", lambda *a, **k: pytest.fail("recalibrated a finished candidate"))
+    monkeypatch.setattr(explore_module, "recover", lambda *a, **k: pytest.fail("recovered a finished candidate"))
     monkeypatch.setattr(explore_module, "export_onnx", lambda *a, **k: pytest.fail("re-exported a finished candidate"))
     real_quantize = explore_module.quantize_onnx
     monkeypatch.setattr(explore_module, "quantize_onnx", lambda fp32, *a, **k: calls.append(fp32) or real_quantize(fp32, *a, **k))
@@ -84,8 +85,9 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
 def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeypatch):
     images = TensorDataset(labelled().tensors[0])
     calls = []
-    real_calibrate = explore_module.calibrate
-    monkeypatch.setattr(explore_module, "calibrate", lambda *a, **k: calls.append((k["num_images"], tuple(k["steps"]))) or real_calibrate(*a, **k))
+    real_recover = explore_module.recover
+    monkeypatch.setattr(explore_module, "recover", lambda *a, **k: calls.append(
+        (k["options"].calibrate_images, k["options"].stages, k["budget"])) or real_recover(*a, **k))
     report = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=16,
                      eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
     assert report.metric == "agreement" and [c["name"] for c in report.candidates] == ["original", "d"]
@@ -93,10 +95,10 @@ def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeyp
     # Other settings: the finished candidate is not reused.
     again = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
                     eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
-    # Other calibration steps: rebuilt too, with those steps.
+    # Other recover stages and a budget: rebuilt too, with those.
     explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
-            calibrate_steps=("bn",), eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
-    assert calls == [(16, ("bn", "reconstruct")), (8, ("bn", "reconstruct")), (8, ("bn",))]
+            stages=("bn",), budget=600, eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
+    assert calls == [(16, ("bn", "calibrate"), None), (8, ("bn", "calibrate"), None), (8, ("bn",), 600)]
     assert again.settings["calibrate_images"] == 8
 
 
@@ -108,8 +110,10 @@ def test_explore_bad_input(tmp_path):
         explore(model, TensorDataset(torch.randn(0, *SIZE)), input_size=SIZE, out=tmp_path / "b")
     with pytest.raises(SurgeryError, match="unknown variant 'v2'"):
         explore(model, labelled(), variants=["v2"], out=tmp_path / "c")
-    with pytest.raises(SurgeryError, match="unknown calibration step 'bm'"):
-        explore(model, labelled(), calibrate_steps=("bm",), out=tmp_path / "c")
+    with pytest.raises(SurgeryError, match="unknown recover stage 'bm'"):
+        explore(model, labelled(), stages=("bm",), out=tmp_path / "c")
+    with pytest.raises(SurgeryError, match="budget must be a number > 0"):
+        explore(model, labelled(), budget=0, out=tmp_path / "c")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(SurgeryError, match="is not an explore folder"):

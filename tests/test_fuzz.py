@@ -1,7 +1,8 @@
 """Fuzzing the files the tool reads back (Hypothesis): a valid input is made once, mutated case by case, fed
 to the command that reads it, and the properties every command owes its user are checked on every case.
 
-Properties: the command succeeds, or ends with exit code 2 and one line on stderr ("error: ..."); no
+Properties: the command succeeds, or ends with exit code 2 and one line on stderr ("error: ...", after any
+progress line); no
 traceback; nothing is written outside its --out (and nothing at all by a command without one); the input
 it read is left as it was; a library call raises SurgeryError and nothing else. A new input is fuzzed by
 adding a row to TARGETS. `make fuzz` runs the long profile (RESNET_SURGERY_FUZZ=long, a thousand cases per input, random
@@ -15,6 +16,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -195,6 +197,12 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _one_error_line(stderr: str) -> bool:
+    """One "error: ..." line, ending stderr (a progress line such as "exporting ..." may come before it)."""
+    lines = stderr.strip().splitlines()
+    return bool(lines) and lines[-1].startswith("error: ") and stderr.count("error: ") == 1 and stderr.endswith("\n")
+
+
 def _check_command(target: Target, root: Path, case: Path) -> None:
     out = root / "out"
     args = [a.format(root=root, out=out) for a in target.command]
@@ -205,7 +213,7 @@ def _check_command(target: Target, root: Path, case: Path) -> None:
     assert result.exit_code in (0, 2), (result.exit_code, result.output)
     assert "Traceback" not in result.output
     if result.exit_code == 2:
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+        assert _one_error_line(result.stderr), result.stderr
     after = _files(root)
     assert after.get(str(case.relative_to(root))) == before.get(str(case.relative_to(root))), "the input changed"
     new = {p for p in set(after) - set(before) if not p.startswith("out/") and not p.startswith("out" + os.sep)}
@@ -240,6 +248,231 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
     case()
 
 
+# --- every option of every command ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Command:
+    """A valid, cheap invocation of one command, whose options the fuzzer varies.
+
+    Args:
+        args: the arguments ({root}: the folder of valid inputs; {out}: an output path inside it).
+        seconds: a case still running after this long accepted its options and is doing the work: it is
+            interrupted there (what it left is then checked: nothing half-written beside --out).
+    """
+
+    args: list[str]
+    seconds: float = 5.0
+
+
+C32 = ["cifar10-resnet-v1.5", "--input-size", "32"]
+COMMANDS = {
+    "inspect": Command(["inspect", *C32]),
+    "convert": Command(["convert", *C32, "--to", "v1", "--out", "{out}"]),
+    "transplant": Command(["transplant", "cifar10-resnet-v1.5", "--into", "cifar10-resnet-v1", "--input-size", "32",
+                           "--out", "{out}"]),
+    "evaluate": Command(["evaluate", "{root}/conv", "--data", "{root}/images", "--num-images", "2"]),
+    "export": Command(["export", "{root}/conv", "--input-size", "32", "--out", "{out}.onnx"]),
+    "calibrate": Command(["calibrate", "{root}/conv", "--data", "{root}/images", "--steps", "bn", "--out", "{out}"]),
+    "finetune": Command(["finetune", "{root}/conv", "--data", "{root}/images", "--steps", "2", "--batch-size", "2",
+                         "--out", "{out}"]),
+    "recover": Command(["recover", "{root}/conv", "--data", "{root}/images", "--stages", "bn", "--eval-images", "2",
+                        "--out", "{out}"]),
+    "bench": Command(["bench", "{root}/a.onnx", "{root}/b.onnx", "--threads", "1", "--min-time", "0.02",
+                      "--max-time", "0.1"]),
+    "run": Command(["run", *C32, "--to", "d", "--min-time", "0.02", "--threads", "1", "--out", "{out}"], 15.0),
+    "explore": Command(["explore", *C32, "--data", "{root}/images", "--variants", "d", "--no-int8", "--stages", "bn",
+                        "--eval-images", "2", "--min-time", "0.02", "--threads", "1", "--out", "{out}"], 15.0),
+}
+
+ODD_ARGUMENT = ["", "-1", "0", "1", "2", "0.5", "nan", "inf", "-inf", "1e308", "9223372036854775808", "abc",
+                "1,,8", ",", "0s", "-5m", "30m", "a\x00b", "x" * 300, "☃", "--json"]
+ODD_PATH = ["", "{root}/new", "{root}/conv", "{root}/images", "{root}/images/cat/0.png", "{root}/a.onnx",
+            "{root}/a\x00b", "{root}/" + "x" * 300, "{root}/conv/recipe.json/x"]
+
+
+def option_values(option) -> st.SearchStrategy:
+    """Odd values for one click option, by its type (valid choices among them)."""
+    import click
+
+    if isinstance(option.type, click.Path):
+        return st.sampled_from(ODD_PATH)
+    if isinstance(option.type, click.Choice):
+        return st.sampled_from([*option.type.choices, *ODD_ARGUMENT])
+    return st.sampled_from(ODD_ARGUMENT)
+
+
+@st.composite
+def mutated_options(draw, command) -> list[str]:
+    """One or two of ``command``'s options, flags set or given odd values."""
+    import click
+
+    options = [p for p in command.params if isinstance(p, click.Option) and p.name != "help"]
+    chosen = draw(st.lists(st.sampled_from(options), min_size=1, max_size=2, unique_by=lambda o: o.name))
+    args = []
+    for option in chosen:
+        name = draw(st.sampled_from([o for o in option.opts + option.secondary_opts if o.startswith("--")]))
+        args += [name] if option.is_flag else [name, draw(option_values(option))]
+    return args
+
+
+class _TooLong(BaseException):
+    """Raised by the alarm in a case that accepted its options and is still working (not an Exception, so that
+    nothing inside the command catches it: its cleanup runs as on Ctrl-C)."""
+
+
+def _invoke(args: list[str], seconds: float):
+    """The CLI's result, or None when the case ran past ``seconds`` (interrupted there)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise _TooLong
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return CliRunner().invoke(main, args)
+    except _TooLong:
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_factory):
+    command = COMMANDS[name]
+    base = tmp_path_factory.mktemp("base")
+    shutil.copytree(pristine, base, dirs_exist_ok=True)
+    click_command = main.commands[name]
+
+    @FUZZ
+    @given(extra=mutated_options(click_command))
+    def case(extra):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            shutil.copytree(base, root, dirs_exist_ok=True)
+            out = root / "out"
+            args = [a.format(root=root, out=out) for a in command.args + extra]
+            before = _files(root)
+            result = _invoke(args, command.seconds)
+            after = _files(root)
+            if "--force" not in extra:  # --force with an input as --out may replace it: that is what it is for
+                changed = [p for p in before if not p.startswith("out") and after.get(p) != before[p]]
+                assert not changed, f"{args} changed its inputs: {changed}"
+            new = [p for p in set(after) - set(before) if not p.startswith("out")]
+            if result is None:  # interrupted while working: only its temporary files may be left (none beside out)
+                assert not [p for p in new if not Path(p).name.startswith(".out")], f"{args} wrote {new}"
+                return
+            assert result.exception is None or isinstance(result.exception, SystemExit), \
+                f"{args} raised {type(result.exception).__name__}: {result.exception}"
+            assert result.exit_code in (0, 2), (args, result.exit_code, result.output)
+            assert "Traceback" not in result.output
+            if result.exit_code == 2:
+                assert _one_error_line(result.stderr), (args, result.stderr)
+                assert not [p for p in after if p.startswith("out")] or "--force" in extra or \
+                    {p for p in after if p.startswith("out")} <= set(before), f"a refused {args} left --out behind"
+            allowed = {"--plot", "--out", "--reads-plot", "--save-plot"}  # options that name an output file
+            if not any(e in allowed for e in extra):
+                assert not new, f"{args} wrote outside --out: {sorted(new)}"
+
+    case()
+
+
+# --- killed at a random point -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Kill:
+    """A command killed (SIGKILL, from this process) at a random point of its work, then run again.
+
+    Args:
+        args: the command ({root}, {out} as in COMMANDS).
+        seconds: about how long it runs here; the kill falls between 40% and 95% of it (the first seconds are
+            Python starting and importing torch).
+        output: "folder" (a model folder), "file" (an ONNX file at {out}.onnx) or "explore" (candidate folders).
+        resume: the option that continues a killed run when it left a checkpoint (None: run it again).
+    """
+
+    args: list[str]
+    seconds: float
+    output: str = "folder"
+    resume: str | None = None
+
+
+KILLS = {
+    "convert": Kill(["convert", *C32, "--weights", "DEFAULT", "--to", "v1", "--out", "{out}"], 5.5),
+    "calibrate": Kill(["calibrate", "{root}/conv", "--data", "{root}/images", "--iterations", "40", "--out", "{out}"],
+                      12.0),
+    "finetune": Kill(["finetune", "{root}/conv", "--data", "{root}/images", "--steps", "30", "--batch-size", "2",
+                      "--out", "{out}"], 12.0, resume="--resume"),
+    "export": Kill(["export", "{root}/conv", "--input-size", "32", "--out", "{out}.onnx"], 10.0, output="file"),
+    "explore": Kill(["explore", *C32, "--weights", "DEFAULT", "--data", "{root}/images", "--variants", "d",
+                     "--no-int8", "--stages", "bn", "--eval-images", "2", "--min-time", "0.05", "--threads", "1",
+                     "--out", "{out}"], 18.0, output="explore"),
+}
+CLI = [sys.executable, "-c", "from resnet_surgery.cli import main; main()"]
+
+
+def _complete(kill: Kill, out: Path) -> str | None:
+    """What is wrong with what a (killed or finished) run left at ``out``; None when it is absent or whole."""
+    import onnx
+
+    from resnet_surgery.store import load
+
+    try:
+        if kill.output == "file":
+            if (out.parent / (out.name + ".onnx")).exists():
+                onnx.checker.check_model(onnx.load(str(out.parent / (out.name + ".onnx"))))
+        elif kill.output == "folder":
+            if out.exists():
+                load(out)
+        else:
+            for folder in (out / "candidates").glob("[!.]*") if out.exists() else []:  # .*: temporary
+                json.loads((folder / "result.json").read_text())
+                onnx.checker.check_model(onnx.load(str(folder / "model.onnx")))
+    except Exception as e:  # noqa: BLE001 - any failure to read it back is the finding
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KILLS))
+def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pristine, tmp_path_factory):
+    import subprocess
+    import time
+
+    kill = KILLS[name]
+    base = tmp_path_factory.mktemp("base")
+    shutil.copytree(pristine, base, dirs_exist_ok=True)
+
+    @settings(FUZZ, max_examples=max(1, EXAMPLES // 12))
+    @given(fraction=st.floats(0.4, 0.95))
+    def case(fraction):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            shutil.copytree(base, root, dirs_exist_ok=True)
+            out = root / "out"
+            args = [a.format(root=root, out=out) for a in kill.args]
+            before = _files(root)
+            proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(fraction * kill.seconds)
+            proc.kill()
+            proc.wait()
+            assert (problem := _complete(kill, out)) is None, f"killed at {fraction:.2f}: {problem}"
+            assert all(_files(root).get(p) == before[p] for p in before), "a killed run changed its inputs"
+            again = args + ["--force"] if kill.output != "explore" else list(args)
+            if kill.resume and (root / "out.checkpoint.pt").exists():
+                again.append(kill.resume)
+            result = subprocess.run(CLI + again, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, f"killed at {fraction:.2f}, then {again}: {result.stderr[-2000:]}"
+            assert _complete(kill, out) is None and (out.exists() or (root / "out.onnx").exists())
+            left = [p for p in _files(root) if any(part.startswith(".") for part in Path(p).parts)]
+            assert not left, f"killed at {fraction:.2f}: the next run left the killed run's temporary files {left}"
+
+    case()
+
+
 # --- what the fuzzing found, one test each ---------------------------------------------------------------------
 
 
@@ -255,3 +488,22 @@ def test_a_checkpoint_whose_zip_header_lost_a_bit_is_one_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(SurgeryError, match="not a readable PyTorch checkpoint"):
         torch_load(path)
+
+
+def test_a_usage_error_is_one_line_naming_the_help():
+    """Found by fuzzing the options: click's own usage errors (a bad value, a missing option) were four lines
+    (usage, hint, blank, error)."""
+    for args, needle in ((["inspect", "resnet18", "--input-size", ""], "Invalid value for '--input-size'"),
+                         (["convert", "resnet18"], "Missing option '--out'"),
+                         (["nosuch"], "No such command 'nosuch'")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {needle}") and "--help`" in result.stderr, result.stderr
+    assert CliRunner().invoke(main, ["--version"]).exit_code == 0
+
+
+def test_a_nul_byte_in_an_argument_is_one_line():
+    """Found by fuzzing the options: `run --calibrate 'a<NUL>b'` raised ValueError (embedded null byte) from
+    click's path check."""
+    result = CliRunner().invoke(main, ["run", "resnet18", "--to", "v1", "--calibrate", "a\x00b", "--out", "x"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "holds a NUL byte" in result.stderr

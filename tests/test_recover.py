@@ -63,7 +63,7 @@ def test_the_stages_run_in_order_and_the_model_is_never_worse_than_before():
     assert stages.index("finetune") > max(i for i, s in enumerate(stages) if s == "features")
     assert report.metric == "top-1" and report.original_top1 == 100.0 and report.eval_images == 64
     kept = [s for s in report.stages if s.kept]
-    assert all(b.gap <= a.gap for a, b in zip(kept, kept[1:])), str(report)
+    assert all(b.kl <= a.kl or b.gap < a.gap for a, b in zip(kept, kept[1:])), str(report)
     assert report.gap < report.stages[0].gap  # it recovered something
     assert report.stopped in ("stopped paying", "all stages run") and not report.met
     assert len(lines) == len(report.stages) and lines[1].startswith("recover: bn")

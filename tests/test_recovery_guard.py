@@ -120,6 +120,24 @@ def test_finetune_that_makes_the_model_worse_returns_the_input_and_says_so():
     assert all(torch.equal(v, out.state_dict()[k]) for k, v in student.state_dict().items())
 
 
+def test_unguarded_finetune_returns_the_trained_model_whose_error_rose():
+    # recover judges its rounds on held-back images itself: the same run as above, with guard=False
+    import warnings
+
+    from test_finetune import synthetic, tiny_pair
+
+    from resnet_surgery.recovery.finetune import finetune
+
+    teacher, student = tiny_pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice: nothing was undone
+        out = finetune(student, teacher, synthetic(labels=False), objective="features", steps=8, batch_size=16,
+                       lr=0.3, optimizer="adamw", guard=False, progress=False)
+    report = history(out).finetune
+    assert report.error_after > report.error_before and report.kept == "trained (unguarded)"
+    assert finite(out) and any(not torch.equal(v, out.state_dict()[k]) for k, v in student.state_dict().items())
+
+
 def test_finetune_that_helps_keeps_the_trained_model():
     from test_finetune import synthetic, tiny_pair
 

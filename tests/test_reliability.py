@@ -19,7 +19,7 @@ explore_module = importlib.import_module("resnet_surgery.workflows.explore")
 quantize_module = importlib.import_module("resnet_surgery.deploy.quantize")
 FAST = {"min_time_s": 0.05, "max_time_s": 0.1, "progress": False}
 SIZE = (3, 16, 16)
-EXPLORE = dict(input_size=SIZE, variants=["d"], calibrate_images=16, calibrate_steps=("bn",), eval_images=16,
+EXPLORE = dict(input_size=SIZE, variants=["d"], calibrate_images=16, stages=("bn",), eval_images=16,
                quant_images=8, min_agreement=0, batch_size=16, **FAST)
 TIMING = ["--min-time", "0.05", "--max-time", "0.1"]
 
@@ -193,12 +193,13 @@ def test_explore_checks_the_input_size_before_building_the_original(tmp_path, mo
 
 @pytest.mark.parametrize("option, value, needle", [
     ("batch_sizes", (0,), "batch sizes must be positive"), ("calibrate_images", 0, "calibrate_images"),
-    ("quant_images", 0, "quant_images"), ("finetune_steps", -1, "finetune_steps"),
+    ("quant_images", 0, "quant_images"), ("stages", ("bn", "features", "fine"), "unknown recover stage 'fine'"),
+    ("target", float("nan"), "target must be a number > 0"), ("budget", -1.0, "budget must be a number > 0"),
     ("min_agreement", 101, "min_agreement"), ("threads", 0, "threads"),
 ])
 def test_explore_checks_options_before_any_candidate(tmp_path, monkeypatch, option, value, needle):
     monkeypatch.setattr(explore_module, "export_onnx", no_work)
-    monkeypatch.setattr(explore_module, "calibrate", no_work)
+    monkeypatch.setattr(explore_module, "recover", no_work)
     with pytest.raises(SurgeryError, match=needle):
         explore_module.explore(tiny_model(), labelled(), out=tmp_path / "ex", **{**EXPLORE, option: value})
     assert not (tmp_path / "ex" / "candidates").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..defaults import EXPLORE_STAGES, RECOVER_STAGES
 from .options import (
     build_preprocessing,
     duration,
@@ -85,10 +86,13 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
 @click.option("--int8/--no-int8", default=True, show_default=True, help="also quantize every candidate to int8")
 @click.option("--calibrate-images", default=2048, show_default=True, type=click.IntRange(1),
               help="images that calibrate each approximate rewrite")
-@click.option("--calibrate-steps", default="bn,reconstruct", show_default=True,
-              help="calibration steps, comma-separated (bn alone is the cheap one, when only latency matters)")
-@click.option("--finetune-steps", default=0, show_default=True, type=click.IntRange(0),
-              help="distillation fine-tuning steps after calibration (0: none)")
+@click.option("--stages", default=",".join(EXPLORE_STAGES), show_default=True,
+              help="recover's stages for each candidate, comma-separated, from " + ",".join(RECOVER_STAGES)
+              + " (bn alone is the cheap one, when only latency matters)")
+@click.option("--target", type=float, help="stop recovering a candidate once its gap to the original is at most "
+              "this many points (as recover's --target)")
+@click.option("--budget", callback=duration, help="wall time each candidate's recovery may take: 90s, 30m "
+              "[default: none]")
 @click.option("--quant-images", default=512, show_default=True, type=click.IntRange(1), help="int8 calibration images")
 @click.option("--min-agreement", default=98.0, show_default=True, type=click.FloatRange(0, 100),
               help="drop an int8 candidate whose top-1 agrees with its fp32 file on fewer held-out images (percent)")
@@ -103,7 +107,7 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
 @user_errors
 def explore_command(model, weights, data, preset, size, resize, mean, std, batch_size, eval_data, eval_images,
-                    input_size, variants, int8, calibrate_images, calibrate_steps, finetune_steps, quant_images,
+                    input_size, variants, int8, calibrate_images, stages, target, budget, quant_images,
                     min_agreement, batches, threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
@@ -116,8 +120,8 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
     side = input_size or transform_size(transform) or PRESETS[preset or "imagenet"]["size"]
     report = explore(original, data, eval_data=eval_data, input_size=(3, side, side),
                      variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
-                     calibrate_images=calibrate_images, calibrate_steps=[s.strip() for s in calibrate_steps.split(",")],
-                     finetune_steps=finetune_steps, eval_images=eval_images,
+                     calibrate_images=calibrate_images, stages=[s.strip() for s in stages.split(",") if s.strip()],
+                     target=target, budget=budget, eval_images=eval_images,
                      quant_images=quant_images, min_agreement=min_agreement, batch_sizes=batches, threads=threads,
                      min_time_s=min_time, max_time_s=max_time, out=out, force=force, batch_size=batch_size,
                      preset=preset or "imagenet", transform=transform, progress=show_progress(as_json))

@@ -116,7 +116,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
              train_norms: bool | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
              force: bool = False, max_steps: int | None = None, num_images: int | None = None, batch_size: int = 64,
              preset: str = "imagenet", transform=None, seed: int = 0, bf16: bool = False,
-             channels_last: bool = False, progress: bool = True) -> nn.Module:
+             channels_last: bool = False, guard: bool = True, progress: bool = True) -> nn.Module:
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
     With labels the loss is ``alpha`` * the objective's + (1 - ``alpha``) * cross-entropy. A NaN/inf loss raises
@@ -157,6 +157,9 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         seed: seed of the subset, the shuffling and the augmentation.
         bf16: run the forward passes under bfloat16 autocast.
         channels_last: train in channels-last memory format (the result comes back contiguous).
+        guard: return the input when training left the objective's error worse; False returns the trained
+            model all the same when its error is finite (the report has both errors), for a caller that judges
+            the result on held-back images of its own, as `recover` does.
         progress: show progress bars (rank 0).
 
     Returns:
@@ -177,7 +180,10 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     finally:
         if started_group:
             dist.destroy_process_group()
-    model, report.kept = keep_better(run.student, converted, report.error_before, report.error_after)
+    if guard or not math.isfinite(report.error_after):  # a non-finite model is never returned
+        model, report.kept = keep_better(run.student, converted, report.error_before, report.error_after)
+    else:
+        model, report.kept = run.student, "trained (unguarded)"
     return _finish(model, report)
 
 

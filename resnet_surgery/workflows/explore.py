@@ -5,7 +5,8 @@ Candidates (those that change nothing are skipped, and the report says why):
 
 - ``original``: the model as given;
 - ``v1``, ``v1.5``, ``d``: the other downsampling variants (plain, approximate rewrites), each recovered with
-  `resnet_surgery.calibrate` (its default steps) and, with ``finetune_steps``, `resnet_surgery.finetune`;
+  `resnet_surgery.recover` (by default its BatchNorm and calibration stages; ``stages``, ``target`` and a
+  per-candidate ``budget`` as `recover` takes them);
 - ``v1-pruned``: v1 (recovered, when the original is not v1) with its dead computation removed (exact);
 - ``v1.5-exact``: the dilated v1.5 form of a v1 original (exact);
 - ``<name>-int8``: each of them quantized by `resnet_surgery.quantize_onnx` (7-bit weights: the table's "int8 w7"),
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, atomic_file
 from ..data import held_out_split, split_batch
+from ..defaults import EVAL_IMAGES, EXPLORE_STAGES
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
 from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
@@ -40,9 +42,8 @@ from ..engine.blocks import Trunk, find_trunk, model_variant
 from ..engine.rewrite import convert
 from ..errors import NotExactError, SurgeryError
 from ..history import history
-from ..recovery.calibrate import DEFAULT_STEPS, calibrate, check_steps
 from ..recovery.evaluate import evaluate, predict
-from ..recovery.finetune import finetune
+from ..recovery.recover import RecoverOptions, check_stages, check_target_and_budget, recover
 from ..store import load_into, save
 from ..utils import check_model, image_size, report_dict, state_digest, table
 from .explore_inputs import (
@@ -145,8 +146,9 @@ def explore(
     variants: Sequence[str] | None = None,
     int8: bool = True,
     calibrate_images: int = 2048,
-    calibrate_steps: Sequence[str] = DEFAULT_STEPS,
-    finetune_steps: int = 0,
+    stages: Sequence[str] = EXPLORE_STAGES,
+    target: float | None = None,
+    budget: float | None = None,
     eval_images: int | None = None,
     quant_images: int = 512,
     min_agreement: float = 98.0,
@@ -165,14 +167,16 @@ def explore(
     """Every variant of ``model`` (module docstring), recovered on ``data``, exported, optionally int8,
     evaluated and timed together; writes ``out``/explore.json, explore.png and candidates/.
 
-    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds calibration,
-    fine-tuning and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
+    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds recovery (which holds
+    back a quarter of it, at most 2,000 images, to judge its stages) and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
     of it, default all); without it ``eval_images`` (default 1000, at most half) of ``data`` are held out.
     ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
-    ``calibrate_steps`` are `calibrate`'s steps (("bn",) is the cheap one). ``force`` rebuilds finished candidates.
+    ``stages``, ``target`` and ``budget`` (wall seconds per candidate) are `recover`'s (("bn",) is the cheap
+    one, when only latency matters). ``force`` rebuilds finished candidates.
     """
     start = time.perf_counter()
-    check_steps(calibrate_steps)  # before any work, not at the first candidate
+    check_stages(stages)  # before any work, not at the first candidate
+    check_target_and_budget(target, budget)
     wanted = _wanted(variants)
     input_size = image_size(input_size)
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
@@ -187,11 +191,10 @@ def explore(
     name = source.model if source is not None else type(model).__name__
     settings = {
         "model": name, "weights": state_digest(model), "data": _describe(data), "eval_data": _describe(eval_data),
-        "input_size": list(input_size), "calibrate_images": calibrate_images, "finetune_steps": finetune_steps,
+        "input_size": list(input_size), "calibrate_images": calibrate_images, "stages": list(stages),
+        "target": target, "budget": budget,
         "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
-        # only when not the default: folders explored with the default stay reusable
-        **({"calibrate_steps": list(calibrate_steps)} if tuple(calibrate_steps) != DEFAULT_STEPS else {}),
     }
     check_explore_request(model, calib_set, eval_set, input_size, {**settings, "batch_sizes": batch_sizes, "threads": threads})
     build = _Builder(model, variant, calib_set, eval_loader, out, settings, force, input_size, progress)
@@ -353,17 +356,18 @@ class _Builder:
         return convert(model, to, input_size=self.size, warn=False, **kwargs)
 
     def recover(self, converted: nn.Module) -> tuple[nn.Module, dict]:
-        steps = self.settings["finetune_steps"]
-        model = calibrate(converted, self.original, self.calib_set, num_images=self.settings["calibrate_images"],
-                          steps=self.settings.get("calibrate_steps", DEFAULT_STEPS),
-                          batch_size=self.settings["batch_size"], progress=self.progress)
-        how = {"recovery": "calibrate", "calibration": report_dict(history(model).calibration)}
-        if steps:
-            # The calibration images, seen many times: feature mimicking with augmentation (README, recovery).
-            model = finetune(model, self.original, self.calib_set, objective="features", steps=steps, augment="auto",
-                             batch_size=self.settings["batch_size"], seed=self.settings["seed"], progress=self.progress)
-            how.update(recovery=f"calibrate + {steps} feature-mimicking steps",
-                       finetune=report_dict(history(model).finetune))
+        s = self.settings
+        # recover judges its stages on images of its own (a quarter of the data, at most EVAL_IMAGES), never on
+        # the held-out images explore ranks by: a choice made on those would flatter the candidate.
+        options = RecoverOptions(eval_images=max(1, min(EVAL_IMAGES, len(self.calib_set) // 4)),
+                                 calibrate_images=s["calibrate_images"], stages=tuple(s["stages"]),
+                                 batch_size=s["batch_size"], seed=s["seed"])
+        model = recover(converted, self.original, self.calib_set, target=s["target"], budget=s["budget"],
+                        options=options, progress=self.progress, echo=lambda line: None)
+        report = history(model).recovery
+        kept = [st.stage for st in report.stages[1:] if st.kept]
+        how = {"recovery": f"recover: {', '.join(dict.fromkeys(kept)) or 'nothing kept'} ({report.stopped})",
+               "recover": report_dict(report)}
         return model, how
 
     def recovered(self, name: str) -> nn.Module | None:

@@ -33,12 +33,11 @@ def check_explore_request(model, calib_set: Dataset, eval_set: Dataset, input_si
         calib_set: the calibration images.
         eval_set: the held-out images.
         input_size: the size every candidate is exported at.
-        options: explore's numeric options by name (calibrate_images, quant_images, finetune_steps,
-            min_agreement, batch_sizes, threads).
+        options: explore's numeric options by name (calibrate_images, quant_images, min_agreement,
+            batch_sizes, threads).
     """
     for name in ("calibrate_images", "quant_images"):
         _check_int(options[name], name, low=1)
-    _check_int(options["finetune_steps"], "finetune_steps", low=0)
     agreement = options["min_agreement"]
     if not isinstance(agreement, (int, float)) or not 0 <= agreement <= 100:
         raise SurgeryError(f"min_agreement (--min-agreement) is a percentage from 0 to 100, got {agreement!r}")
