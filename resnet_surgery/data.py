@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .arguments import checked_arguments
 from .atomic import atomic_dir, atomic_file
 from .errors import SurgeryError, first_line
 
@@ -59,6 +60,7 @@ def _cifar_tar(shared_dir: str | os.PathLike, split: str) -> Path:
     return tar
 
 
+@checked_arguments
 def extract_cifar10(shared_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Extract cifar10/<split>.tar once into the cache and return the ImageFolder root (<cache>/cifar10/<split>).
 
@@ -82,6 +84,7 @@ def extract_cifar10(shared_dir: str | os.PathLike, split: str, cache_dir: str | 
     return root
 
 
+@checked_arguments
 def cifar10_tensors(
     shared_dir: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +149,7 @@ def preset_transform(preset: str = "imagenet", **overrides):
     return build_transform(**opts)
 
 
+@checked_arguments
 def model_transform(model):
     """The preprocessing ``model``'s weights were published with, or None when it is not known: torchvision
     enum weights carry theirs (``weights.transforms()``: resize 232 for IMAGENET1K_V2), timm models their
@@ -252,8 +256,13 @@ def image_folder(path: str | os.PathLike, transform) -> Dataset:
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
-    if not path.is_dir():
-        raise SurgeryError(f"data folder {path} not found; pass a folder of images or an ImageFolder (<root>/<class>/<image>)")
+    try:
+        found = path.is_dir()
+    except OSError as e:  # a name too long, a loop of links: not a folder to read either
+        raise SurgeryError(f"data folder {str(path)[:200]} cannot be read ({e.strerror})") from None
+    if not found:
+        raise SurgeryError(f"data folder {str(path)[:200]} not found; pass a folder of images or an ImageFolder "
+                           "(<root>/<class>/<image>)")
     flat = sorted(p for p in path.iterdir() if _is_image(p))
     if flat:
         return ImageFiles(flat, transform)
@@ -292,6 +301,7 @@ def _subset(dataset: Dataset, num_images: int | None, seed: int) -> Dataset:
     return Subset(dataset, idx.tolist())
 
 
+@checked_arguments
 def as_loader(
     data,
     *,
@@ -313,6 +323,8 @@ def as_loader(
 
     Batches may be image tensors or (images, labels); read them with `split_batch`.
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise SurgeryError(f"batch_size (--batch-size) takes a positive integer, got {batch_size!r}")
     if isinstance(data, DataLoader):
         if num_images is None:
             return data

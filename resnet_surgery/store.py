@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from .arguments import checked_arguments
 from .atomic import atomic_dir
 from .engine.recipe import Recipe
 from .engine.rewrite import convert
@@ -32,6 +33,7 @@ RECIPE_FILE = "recipe.json"
 SUMMARY_FILE = "summary.txt"
 
 
+@checked_arguments
 def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
     """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically."""
     recipe = history(check_model(model)).recipe
@@ -45,6 +47,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summa
     return Path(out)
 
 
+@checked_arguments
 def read_recipe(path: str | os.PathLike) -> Recipe:
     """The validated recipe of a folder written by ``save`` (or of a recipe.json file)."""
     path = Path(path)
@@ -58,6 +61,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     return Recipe.from_json(data, str(file))
 
 
+@checked_arguments
 def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) -> nn.Module:
     """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites."""
     check_model(model)
@@ -80,6 +84,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) ->
     return record(converted, recipe=recipe)
 
 
+@checked_arguments
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild a model saved by ``save`` (or ``convert --out``).
 
@@ -132,6 +137,7 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return record(model, source=recipe.source).eval()
 
 
+@checked_arguments
 def load_model(spec: str | os.PathLike, weights: str = "none") -> nn.Module:
     """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
     if Path(spec).is_dir():

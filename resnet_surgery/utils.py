@@ -71,6 +71,9 @@ def report_dict(report):
     return report.to_dict() if hasattr(report, "to_dict") else report
 
 
+MAX_SIDE = 65536  # an input side (or channel count) beyond any image a CNN is run on; torch's sizes overflow later
+
+
 def image_size(input_size) -> tuple[int, int, int]:
     """One type for an input size everywhere: (C, H, W) as a tuple of ints.
 
@@ -83,8 +86,8 @@ def image_size(input_size) -> tuple[int, int, int]:
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (3, input_size, input_size)
     if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
-        raise TypeError(f"input_size takes an int N or (C, H, W) of positive ints, got {input_size!r}")
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in input_size)):
+        raise TypeError(f"input_size takes an int N or (C, H, W) of positive ints up to {MAX_SIDE}, got {input_size!r}")
     return tuple(input_size)
 
 

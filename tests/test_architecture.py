@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "resnet_surgery"
 
 # Layers from the bottom up: a module imports only from its own layer or the ones below.
 LAYERS = {
-    "errors": 0, "vocab": 0, "utils": 0, "atomic": 0, "history": 0, "defaults": 0,
+    "errors": 0, "vocab": 0, "utils": 0, "atomic": 0, "history": 0, "defaults": 0, "arguments": 0,
     "data": 1,
     "zoo": 2,
     "engine": 3,

@@ -32,9 +32,17 @@ from resnet_surgery.cli import main
 from resnet_surgery.errors import SurgeryError
 
 PROFILE = os.environ.get("RESNET_SURGERY_FUZZ", "short")  # "short", "long" or a number of cases per input
-EXAMPLES = {"short": 12, "long": 1000}.get(PROFILE) or int(PROFILE)
+EXAMPLES = {"short": 6, "long": 1000}.get(PROFILE) or int(PROFILE)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=PROFILE == "short",
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def fuzz(seconds: float):
+    """FUZZ for a case that takes about ``seconds``: fewer of the slow ones (the short profile: a dozen seconds
+    a table row at most; the long one: EXAMPLES / seconds, at least a tenth of EXAMPLES)."""
+    if PROFILE == "short":
+        return settings(FUZZ, max_examples=max(1, min(EXAMPLES, int(12 // max(seconds, 1.0)))))
+    return settings(FUZZ, max_examples=max(EXAMPLES // 10, int(EXAMPLES / max(seconds, 1.0))))
 
 # --- mutations ------------------------------------------------------------------------------------------------
 
@@ -109,12 +117,17 @@ class Target:
         mutate: the strategy of mutated contents, given the valid file's bytes.
         command: the CLI arguments that read it ({root}: the folder holding it; {out}: an output folder), or
         call: a library call on the root folder that must succeed or raise SurgeryError.
+        rebuilt: the input lives inside --out (a file the command wrote earlier), so the command may replace
+            it: then it must be whole afterwards (valid JSON) rather than unchanged.
+        seconds: about how long a case takes (the short profile runs fewer of the slow ones).
     """
 
     make: Callable[[Path], Path]
     mutate: Callable[[bytes], st.SearchStrategy]
     command: list[str] | None = None
     call: Callable[[Path], object] | None = None
+    rebuilt: bool = False
+    seconds: float = 1.0
 
 
 def converted_folder(root: Path) -> Path:
@@ -164,6 +177,53 @@ def image_folder(root: Path) -> Path:
     return root / "images" / "cat" / "0.png"  # the pristine folder's
 
 
+EXPLORE = ["explore", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--input-size", "32", "--data", "{root}/images",
+           "--variants", "d", "--no-int8", "--stages", "bn", "--eval-images", "2", "--min-time", "0.02", "--threads",
+           "1", "--out", "{root}/ex"]
+
+
+def explore_result(root: Path) -> Path:
+    """A finished explore folder (made once); its candidate d's result.json, which a rerun reads back."""
+    if not (root / "ex" / "candidates" / "d" / "result.json").is_file():
+        result = CliRunner().invoke(main, [a.format(root=root) for a in EXPLORE])
+        assert result.exit_code == 0, result.output
+    return root / "ex" / "candidates" / "d" / "result.json"
+
+
+@functools.cache
+def calibration_images():
+    return torch.rand(4, 3, 32, 32)
+
+
+def quantize(root: Path):
+    """int8 of a (mutated) ONNX file with statistical parity on random images."""
+    from torch.utils.data import TensorDataset
+
+    from resnet_surgery.deploy.quantize import quantize_onnx
+
+    images = TensorDataset(calibration_images())
+    return quantize_onnx(root / "a.onnx", root / "q.onnx", images, num_images=4, parity_data=images, min_agreement=0,
+                         progress=False)
+
+
+@st.composite
+def odd_image(draw, original: bytes) -> bytes:
+    """An image file of an odd kind: grey, 16-bit, with alpha, a palette, one pixel, a long strip, large, or
+    another format under the .png name."""
+    import io
+
+    from PIL import Image
+
+    fmt, mode = draw(st.sampled_from([("PNG", m) for m in ("L", "LA", "I;16", "RGBA", "P", "1", "RGB")]
+                                     + [("TIFF", m) for m in ("I", "F", "CMYK", "I;16")]
+                                     + [(f, m) for f in ("BMP", "GIF", "JPEG") for m in ("L", "RGB")]))
+    size = draw(st.sampled_from([(1, 1), (32, 32), (1, 4000), (4000, 1), (3, 2), (2500, 2500)]))
+    image = Image.new(mode, size)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 TARGETS = {
     "recipe.json": Target(lambda r: converted_folder(r) / "recipe.json", mutated_json,
                           command=["inspect", "{root}/conv", "--input-size", "32", "--json"]),
@@ -178,6 +238,12 @@ TARGETS = {
     "an image, for calibrate": Target(image_folder, mutated_bytes,
                                       command=["calibrate", "{root}/conv", "--data", "{root}/images", "--steps", "bn",
                                                "--out", "{out}"]),
+    "an odd image (grey, 16-bit, alpha, tiny, huge)": Target(
+        image_folder, odd_image, command=["evaluate", "cifar10-resnet-v1.5", "--weights", "DEFAULT", "--preset",
+                                          "cifar10", "--data", "{root}/images"]),
+    "explore's result.json, read back by a rerun": Target(explore_result, mutated_json, command=EXPLORE, rebuilt=True,
+                                                              seconds=14.0),
+    "an ONNX file, for quantize_onnx": Target(onnx_file, mutated_bytes, call=quantize),
 }
 
 
@@ -215,10 +281,17 @@ def _check_command(target: Target, root: Path, case: Path) -> None:
     if result.exit_code == 2:
         assert _one_error_line(result.stderr), result.stderr
     after = _files(root)
-    assert after.get(str(case.relative_to(root))) == before.get(str(case.relative_to(root))), "the input changed"
+    key = str(case.relative_to(root))
+    if target.rebuilt:  # read back from inside its --out: reused as it was, or rebuilt whole
+        if after.get(key) != before.get(key):
+            json.loads(after[key])
+        before = {p: v for p, v in before.items() if not p.startswith("ex" + os.sep)}
+        after = {p: v for p, v in after.items() if not p.startswith("ex" + os.sep)}
+    else:
+        assert after.get(key) == before.get(key), "the input changed"
     new = {p for p in set(after) - set(before) if not p.startswith("out/") and not p.startswith("out" + os.sep)}
     assert not new, f"written outside --out: {sorted(new)}"
-    if result.exit_code == 2:
+    if result.exit_code == 2 and not target.rebuilt:
         assert not out.exists(), "a refused run left --out behind"
 
 
@@ -230,7 +303,7 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
     relative = target.make(base).relative_to(base)  # the valid input, beside everything the commands read
     original = (base / relative).read_bytes()
 
-    @FUZZ
+    @fuzz(target.seconds)
     @given(content=target.mutate(original))
     def case(content):
         with tempfile.TemporaryDirectory() as tmp:
@@ -323,20 +396,10 @@ class _TooLong(BaseException):
 
 def _invoke(args: list[str], seconds: float):
     """The CLI's result, or None when the case ran past ``seconds`` (interrupted there)."""
-    import signal
-
-    def alarm(signum, frame):
-        raise _TooLong
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return CliRunner().invoke(main, args)
+        return _within(seconds, lambda: CliRunner().invoke(main, args))
     except _TooLong:
         return None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -346,7 +409,7 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
     shutil.copytree(pristine, base, dirs_exist_ok=True)
     click_command = main.commands[name]
 
-    @FUZZ
+    @fuzz(command.seconds / 3)  # most cases end in an error long before the limit
     @given(extra=mutated_options(click_command))
     def case(extra):
         with tempfile.TemporaryDirectory() as tmp:
@@ -379,6 +442,113 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
     case()
 
 
+# --- every argument of the Python API ---------------------------------------------------------------------------
+
+
+@functools.cache
+def python_inputs():
+    """A trained model, its v1 conversion and six labelled 32x32 images, made once (cases never change them)."""
+    from torch.utils.data import TensorDataset
+
+    from resnet_surgery.engine.rewrite import convert
+    from resnet_surgery.zoo.cifar import load_cifar_resnet
+
+    original = load_cifar_resnet("v1.5")
+    converted = convert(original, "v1", input_size=(3, 32, 32), warn=False)
+    return original, converted, TensorDataset(torch.randn(6, 3, 32, 32), torch.arange(6) % 10)
+
+
+def _onnx_pair(root: Path) -> dict:
+    return {"a": root / "a.onnx", "b": root / "b.onnx"}
+
+
+# name -> (the call, given (the inputs, root, keyword arguments), and cheap valid keyword arguments it starts from)
+PYTHON_CALLS = {
+    "convert": (lambda i, root, kw: rs_api().convert(i[0], **kw), {"to": "v1", "input_size": (3, 32, 32)}),
+    "inspect": (lambda i, root, kw: rs_api().inspect(i[0], **kw), {"input_size": (3, 32, 32)}),
+    "evaluate": (lambda i, root, kw: rs_api().evaluate(i[1], i[2], **kw), {"reference": None, "progress": False}),
+    "calibrate": (lambda i, root, kw: rs_api().calibrate(i[1], i[0], i[2], **kw),
+                  {"num_images": 4, "steps": ("bn", "reconstruct"), "iterations": 2, "progress": False}),
+    "finetune": (lambda i, root, kw: rs_api().finetune(i[1], i[0], i[2], **kw),
+                 {"steps": 2, "batch_size": 2, "progress": False}),
+    "recover": (lambda i, root, kw: rs_api().recover(i[1], i[0], i[2], echo=lambda line: None, **kw),
+                {"target": 1.0, "progress": False}),
+    "export_onnx": (lambda i, root, kw: rs_api().export_onnx(i[1], root / "x.onnx", **kw), {"input_size": (3, 32, 32)}),
+    "compare_latency": (lambda i, root, kw: rs_api().compare_latency(_onnx_pair(root), **kw),
+                        {"threads": 1, "min_time_s": 0.02, "max_time_s": 0.1, "min_rounds": 2, "progress": False}),
+}
+ODD_PYTHON = st.one_of(ODD_VALUE, st.sampled_from([(3, 32), (0, 0, 0), (3, -1, 32), (3, 2**40, 32), "v2", ("bn",),
+                                                   ["bn", "bm"], b"x", 1j, (1, 0), {"a": "/etc/passwd"}]))
+DOCUMENTED = (SurgeryError, TypeError)  # the package's errors, and TypeError for an argument of the wrong type
+
+
+def rs_api():
+    import resnet_surgery
+
+    return resnet_surgery
+
+
+@st.composite
+def odd_arguments(draw, function, base: dict) -> dict:
+    """``base`` with one or two of ``function``'s keyword arguments replaced by odd values."""
+    import inspect
+
+    names = [n for n, p in inspect.signature(function).parameters.items()
+             if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)]
+    names = [n for n in names if n not in ("progress", "echo", "checkpoint", "force", "resume")]
+    chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
+    return {**base, **{n: draw(ODD_PYTHON) for n in chosen}}
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(PYTHON_CALLS))
+def test_odd_python_arguments_raise_a_documented_error_and_change_no_model(name, pristine, tmp_path_factory):
+    call, base_kwargs = PYTHON_CALLS[name]
+    inputs = python_inputs()
+    base = tmp_path_factory.mktemp("base")
+    shutil.copytree(pristine, base, dirs_exist_ok=True)
+
+    @fuzz(2.0)
+    @given(kwargs=odd_arguments(getattr(rs_api(), name), base_kwargs))
+    def case(kwargs):
+        states = [_state(m) for m in inputs[:2]]
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            shutil.copytree(base, root, dirs_exist_ok=True)
+            try:
+                _within(10.0, lambda: call(inputs, root, kwargs))
+            except _TooLong:
+                pass  # took the arguments and was working
+            except DOCUMENTED as e:
+                assert str(e) and "\n" not in str(e).strip(), f"{name}({kwargs!r:.300}): {e!r:.300}"
+            except Exception as e:  # noqa: BLE001 - any other error is the finding
+                pytest.fail(f"{name}({kwargs!r:.300}) raised {type(e).__name__}: {str(e)[:300]}")
+        for model, state in zip(inputs[:2], states):
+            after = model.state_dict()
+            assert all(torch.equal(v, after[k]) for k, v in state.items()), f"{name}({kwargs}) changed its input model"
+
+    case()
+
+
+def _within(seconds: float, fn):
+    """``fn()``, interrupted with _TooLong after ``seconds``."""
+    import signal
+
+    def alarm(signum, frame):
+        raise _TooLong
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # --- killed at a random point -----------------------------------------------------------------------------------
 
 
@@ -392,12 +562,14 @@ class Kill:
             Python starting and importing torch).
         output: "folder" (a model folder), "file" (an ONNX file at {out}.onnx) or "explore" (candidate folders).
         resume: the option that continues a killed run when it left a checkpoint (None: run it again).
+        checkpoint: the checkpoint's name beside --out.
     """
 
     args: list[str]
     seconds: float
     output: str = "folder"
     resume: str | None = None
+    checkpoint: str = "out.checkpoint.pt"
 
 
 KILLS = {
@@ -406,6 +578,9 @@ KILLS = {
                       12.0),
     "finetune": Kill(["finetune", "{root}/conv", "--data", "{root}/images", "--steps", "30", "--batch-size", "2",
                       "--out", "{out}"], 12.0, resume="--resume"),
+    "recover": Kill(["recover", "{root}/conv", "--data", "{root}/images", "--stages", "bn,calibrate",
+                     "--iterations", "30", "--eval-images", "2", "--out", "{out}"], 14.0, resume="--resume",
+                    checkpoint="out.recover.pt"),
     "export": Kill(["export", "{root}/conv", "--input-size", "32", "--out", "{out}.onnx"], 10.0, output="file"),
     "explore": Kill(["explore", *C32, "--weights", "DEFAULT", "--data", "{root}/images", "--variants", "d",
                      "--no-int8", "--stages", "bn", "--eval-images", "2", "--min-time", "0.05", "--threads", "1",
@@ -446,7 +621,7 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
     base = tmp_path_factory.mktemp("base")
     shutil.copytree(pristine, base, dirs_exist_ok=True)
 
-    @settings(FUZZ, max_examples=max(1, EXAMPLES // 12))
+    @settings(FUZZ, max_examples=max(1, EXAMPLES // 12) if PROFILE != "short" else 1)
     @given(fraction=st.floats(0.4, 0.95))
     def case(fraction):
         with tempfile.TemporaryDirectory() as tmp:
@@ -461,9 +636,11 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
             proc.wait()
             assert (problem := _complete(kill, out)) is None, f"killed at {fraction:.2f}: {problem}"
             assert all(_files(root).get(p) == before[p] for p in before), "a killed run changed its inputs"
-            again = args + ["--force"] if kill.output != "explore" else list(args)
-            if kill.resume and (root / "out.checkpoint.pt").exists():
-                again.append(kill.resume)
+            again = list(args)
+            if kill.output != "explore" and (out.exists() or (root / "out.onnx").exists()):
+                again.append("--force")  # a whole output the killed run finished: replaced
+            elif kill.resume and (root / kill.checkpoint).exists():
+                again.append(kill.resume)  # the killed run's checkpoint: continued
             result = subprocess.run(CLI + again, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, f"killed at {fraction:.2f}, then {again}: {result.stderr[-2000:]}"
             assert _complete(kill, out) is None and (out.exists() or (root / "out.onnx").exists())

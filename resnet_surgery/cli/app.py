@@ -31,7 +31,7 @@ class _Commands(click.Group):
         if not standalone_mode:  # a caller that handles click's exceptions itself
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
@@ -44,6 +44,7 @@ class _Commands(click.Group):
             hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
             click.echo(f"error: {message}{hint}", err=True)
             sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends: --help and --version too
 
 
 @click.group(cls=_Commands)

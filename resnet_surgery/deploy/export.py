@@ -27,6 +27,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..arguments import checked_arguments
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..engine.inspect import count_macs
 from ..engine.probe import output_tensors
@@ -56,11 +57,12 @@ class ParityError(SurgeryError):
         self.report = report
 
 
+@checked_arguments
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: int | tuple[int, int, int] = (3, 224, 224),
     dynamic_batch: bool = True,
     opset: int | None = None,
     atol: float = 1e-4,
@@ -252,7 +254,7 @@ def _export(model, staged, input_size, dynamic_batch, opset, big) -> tuple[str, 
     for p in staged.parent.iterdir():
         p.unlink()
     warnings.warn(
-        f"dynamo ONNX export failed ({reason}); falling back to the TorchScript exporter", stacklevel=4
+        f"dynamo ONNX export failed ({reason}); falling back to the TorchScript exporter", stacklevel=5
     )
     try:
         with warnings.catch_warnings():

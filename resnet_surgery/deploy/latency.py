@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError
 from ..utils import check_argument
 from .cpu import weight_range_warning
@@ -163,6 +165,7 @@ class LatencyReport:
 # --- the measurement ---------------------------------------------------------------------------------
 
 
+@checked_arguments
 def compare_latency(
     models: dict[str, str | os.PathLike],
     *,
@@ -260,10 +263,15 @@ def check_batch_sizes(batch_sizes, threads=None) -> list[int]:
     Returns:
         The batch sizes as a list of ints.
     """
+    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool):
+        batch_sizes = [batch_sizes]
+    if (isinstance(batch_sizes, str | bytes) or not hasattr(batch_sizes, "__iter__")
+            or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes)):
+        raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes!r:.80}")
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1:
         raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if threads is not None and int(threads) < 1:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     return batch_sizes
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError, first_line
 
 __all__ = ["MACS_METADATA_KEY", "QUANT_METADATA_KEY", "input_info", "is_quantized", "load_onnx_header", "metadata", "onnx_input_shape",
@@ -57,6 +58,7 @@ def input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
     return inputs[0].name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
 
 
+@checked_arguments
 def onnx_input_shape(path: str | os.PathLike) -> list:
     """The shape of an ONNX model's single input.
 

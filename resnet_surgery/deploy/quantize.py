@@ -26,6 +26,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..arguments import checked_arguments
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
@@ -169,6 +170,7 @@ def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path | None = None
                            "quantize; export a model whose outputs are finite")
 
 
+@checked_arguments
 def quantize_onnx(
     fp32_onnx: str | os.PathLike,
     out: str | os.PathLike,
@@ -288,11 +290,10 @@ def _raise_unless_agrees(report: QuantReport) -> None:
     raise QuantizationError(
         f"int8 agreement with fp32 is {report.agreement:.2f}% on {report.parity_images} held-out images, "
         f"below the minimum {report.min_agreement:g}%; nothing written to {report.path} (calibrate on more, "
-        "representative images, try --method entropy or percentile, or lower --min-agreement)",
-        report,
-    )
+        "representative images, try --method entropy or percentile, or lower --min-agreement)", report)
 
 
+@checked_arguments
 def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(3, 224, 224),
                 dynamic_batch: bool = True, opset: int | None = None, atol: float = 1e-4, rtol: float = 1e-3,
                 force: bool = False, on_fp32: Callable[[ParityReport], None] | None = None,

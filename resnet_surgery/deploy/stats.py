@@ -6,6 +6,8 @@ import dataclasses
 
 import numpy as np
 
+from ..arguments import checked_arguments
+
 __all__ = ["CI_WARN", "RatioCI", "ratio_ci", "result_rows", "summarize"]
 
 CI_WARN = 0.03  # warn when a ratio's 95% interval is wider than +-3%
@@ -37,6 +39,7 @@ class RatioCI:
         return self.low <= value <= self.high
 
 
+@checked_arguments
 def ratio_ci(
     a,
     b,

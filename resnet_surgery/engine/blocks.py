@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError, TraceError, first_line
 from ..vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 from .layers import Subsample
@@ -54,6 +55,7 @@ class SurgeryTracer(fx.Tracer):
             raise
 
 
+@checked_arguments
 def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     """Symbolically trace ``model``; a failure names the module and how to mark it as a leaf."""
     if isinstance(model, fx.GraphModule):
@@ -259,6 +261,7 @@ def _depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels
 
 
+@checked_arguments
 def find_blocks(gm: fx.GraphModule, prefix: str = "") -> list[Block]:
     """Every residual addition in ``gm`` whose main branch holds at least two convolutions and no other block;
     block names get ``prefix`` (where ``gm`` sits in a larger model)."""
@@ -347,6 +350,7 @@ class Trunk:
         return full_name(self.name, name)
 
 
+@checked_arguments
 def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:
     """``model`` when fx traces it whole, else its one outermost traceable submodule holding residual blocks.
 

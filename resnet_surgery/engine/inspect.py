@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..arguments import checked_arguments
 from ..history import history
 from ..utils import check_model, eval_mode, image_size, model_device, table
 from ..vocab import Layout
@@ -172,11 +173,13 @@ def module_macs(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, dict[s
     return counter.get_total_flops() // 2, per_module
 
 
+@checked_arguments
 def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
     """Multiply-accumulates for one image (torchvision's "GFLOPS"); ``model`` is not changed."""
     return module_macs(model, input_size)[0]
 
 
+@checked_arguments
 def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> Report:
     """Find the residual blocks of ``model`` and report variant, MACs, positions read and dead compute."""
     input_size = image_size(input_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError
 from ..history import history
 from ..utils import check_model, eval_mode, image_size, model_device
@@ -12,6 +13,7 @@ from ..utils import check_model, eval_mode, image_size, model_device
 __all__ = ["max_difference", "output_tensors"]
 
 
+@checked_arguments
 def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: int = 2, seed: int = 0):
     """Max |a(x) - b(x)| and max |a(x)| on a seeded random probe, both models in eval mode; over every output
     tensor (a feature pyramid's levels). When ``b``'s recipe names a trunk (a detection model's backbone), the

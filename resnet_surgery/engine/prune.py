@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..arguments import checked_arguments
 from ..utils import private_copy
 from ..vocab import Layout, Op
 from .blocks import find_blocks, full_name, is_add, model_variant, trace
@@ -109,6 +110,7 @@ class _Pusher:
         self.subsampled.append(node.name)
 
 
+@checked_arguments
 def prune_dead_compute(model: nn.Module, leaf_modules=(), prefix: str = ""):
     """Return (pruned GraphModule, Rewrite records, notices); ``model`` must be a private copy (it is modified).
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .blocks import find_trunk, pool_module
@@ -143,6 +144,7 @@ def _moved_to(reads: list[ConvReads], dead) -> str | None:
     return f"stride {main.stride} on {main.name} = " + ", ".join(f"stride {main.stride} on {a}" for a in dead.absorbed)
 
 
+@checked_arguments
 def site_reads(model: nn.Module, report: Report, *, leaf_modules=(), patch: int = 6) -> list[SiteReads]:
     """The read pattern of every strided module of each downsampling block of ``model``.
 
@@ -197,6 +199,7 @@ def _pattern_lines(c: ConvReads) -> list[str]:
     return [" ".join("." if n == 0 else str(n) if n < 10 else "+" for n in row) for row in c.count]
 
 
+@checked_arguments
 def grid_text(sites: list[SiteReads]) -> str:
     """Each site's read counts as characters (how many output positions read each input position, as the figure
     colours them; ".": never read), the patterns of one site side by side.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import checked_arguments
 from ..atomic import atomic_file
 from .reads import ConvReads, SiteReads, dead_text, overlap_max, site_title
 
@@ -51,6 +52,7 @@ def _draw_site(sub, site: SiteReads | None, vmax: int, n_patterns: int) -> None:
     sub.text(0.5, 0.03, "\n".join(lines), ha="center", va="bottom", fontsize=8)
 
 
+@checked_arguments
 def plot_sites(columns: list[SiteReads] | list[list[SiteReads]], path: str | os.PathLike,
                labels: list[str] | None = None, *, force: bool = True) -> Path:
     """Write a PNG: for each downsampling site, the read pattern of each strided module of its block.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arguments import checked_arguments
 from ..errors import NotExactError, SurgeryError, first_line
 from ..history import history, record
 from ..utils import check_model, eval_mode, image_size, model_device, private_copy
@@ -236,6 +237,7 @@ def _check_unshared(gm, steps: list[Step]) -> None:
                                    "rewrite convolutions that are used once")
 
 
+@checked_arguments
 def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = None, exact: bool = False,
             prune_dead: bool = False, input_size=(3, 224, 224), leaf_modules=(), warn: bool = True) -> nn.Module:
     """A new model converted to another downsampling variant; ``model`` is untouched.
@@ -301,7 +303,7 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     _check_runs(model, new, trunk.name, input_size)
     if warn:
         for note in notices:
-            warnings.warn(note, SurgeryNotice, stacklevel=2)
+            warnings.warn(note, SurgeryNotice, stacklevel=3)
     recipe = new_recipe(model, options, before, after, rewrites, notices)
     if trunk.name:
         recipe.trunk = trunk.name

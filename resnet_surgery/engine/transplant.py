@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError
 from ..history import Source, history, record
 from ..utils import check_model, image_size, model_device, private_copy
@@ -216,6 +217,7 @@ _HEAD_HINT = "; pass head=False (--no-head) to keep the target's head"
 # --- the whole step ----------------------------------------------------------------------------------------
 
 
+@checked_arguments
 def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input_size=(3, 224, 224),
                leaf_modules=(), warn: bool = True) -> nn.Module:
     """A new model of ``target``'s class and layout carrying ``source``'s weights, paired by structure.
@@ -250,7 +252,7 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
     probe = _probe(source, new, input_size, notices) if head else None  # without the head they differ by design
     if warn:
         for note in notices:
-            warnings.warn(note, SurgeryNotice, stacklevel=2)
+            warnings.warn(note, SurgeryNotice, stacklevel=3)
     recipe = history(new).recipe if converted else None
     if recipe is None:  # nothing converted: a recipe that replays nothing, so `save`/`load` still work
         variant = model_variant(tblocks)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..arguments import checked_arguments
 from ..data import DataSpec
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
@@ -193,6 +194,7 @@ def _full_names(report, trunk: str | None) -> None:
         b.block, b.previous, b.following = full(b.block), full(b.previous), [full(n) for n in b.following]
 
 
+@checked_arguments
 def calibrate(
     converted: nn.Module,
     original: nn.Module,

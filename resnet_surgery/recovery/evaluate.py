@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ..arguments import checked_arguments
 from ..data import DataSpec, split_batch
 from ..engine.probe import output_tensors
 from ..engine.rewrite import SurgeryNotice
@@ -159,6 +160,7 @@ def score(model: nn.Module, reference, batches, desc: str, progress: bool) -> Sc
     return scores
 
 
+@checked_arguments
 def evaluate(
     model: nn.Module,
     data,
@@ -199,6 +201,7 @@ def evaluate(
     return scores.report(time.perf_counter() - start)
 
 
+@checked_arguments
 def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imagenet", transform=None,
             num_images: int | None = None, progress: bool = True) -> torch.Tensor:
     """The logits of ``model`` on ``data`` in order, in eval mode, e.g. a reference for `evaluate`.

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ..arguments import checked_arguments
 from ..atomic import check_writable
 from ..data import DataSpec, split_batch
 from ..engine.blocks import NORM_TYPES
@@ -110,6 +111,7 @@ class _Run:
     train_norms: bool  # norms in train mode (batch statistics, running averages updated), else frozen statistics
 
 
+@checked_arguments
 def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str = "logits", epochs: int = 1,
              steps: int | None = None, augment: str = "none", lr: float | None = None, optimizer: str | None = None,
              weight_decay: float = 0.0, temperature: float = 4.0, alpha: float = 0.9, freeze: str = "none",
@@ -157,9 +159,8 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         seed: seed of the subset, the shuffling and the augmentation.
         bf16: run the forward passes under bfloat16 autocast.
         channels_last: train in channels-last memory format (the result comes back contiguous).
-        guard: return the input when training left the objective's error worse; False returns the trained
-            model all the same when its error is finite (the report has both errors), for a caller that judges
-            the result on held-back images of its own, as `recover` does.
+        guard: return the input when training left the objective's error worse; False returns the finite
+            trained model all the same, for a caller that judges it on held-back images, as `recover` does.
         progress: show progress bars (rank 0).
 
     Returns:
@@ -180,11 +181,17 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     finally:
         if started_group:
             dist.destroy_process_group()
-    if guard or not math.isfinite(report.error_after):  # a non-finite model is never returned
-        model, report.kept = keep_better(run.student, converted, report.error_before, report.error_after)
+    return _finish(*_guarded(run.student, converted, report, guard))
+
+
+def _guarded(student: nn.Module, converted: nn.Module, report: FinetuneReport, guard: bool):
+    """The model to return and its report: the trained student, or with the guard the input when training
+    made the error worse; a non-finite student is never returned."""
+    if guard or not math.isfinite(report.error_after):
+        model, report.kept = keep_better(student, converted, report.error_before, report.error_after)
     else:
-        model, report.kept = run.student, "trained (unguarded)"
-    return _finish(model, report)
+        model, report.kept = student, "trained (unguarded)"
+    return model, report
 
 
 def _measured_training(run: _Run, converted: nn.Module, spec: DataSpec, options: _Options) -> FinetuneReport:

@@ -99,5 +99,5 @@ def keep_better(trained: nn.Module, given: nn.Module, before: float, after: floa
         return trained, "trained"
     kept = f"input (training left the error at {after:.4g}, above its {before:.4g})"
     warnings.warn(f"fine-tuning made the model worse by its own measure ({before:.4g} -> {after:.4g}); the input "
-                  "model is returned unchanged: lower the learning rate", SurgeryNotice, stacklevel=3)
+                  "model is returned unchanged: lower the learning rate", SurgeryNotice, stacklevel=5)
     return copy.deepcopy(given).to(next(trained.parameters()).device), kept

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..arguments import checked_arguments
 from ..data import as_dataset, disjoint_subsets, held_out_split
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
@@ -29,11 +30,11 @@ from ..history import history, record_result
 from ..utils import eval_mode, model_device
 from .batches import Batches
 from .budget import expired, time_limit
-from .calibrate import BN_WORK, approximate_rewrites, calibrate
+from .calibrate import approximate_rewrites, calibrate
 from .checkpoint import run_identity
 from .evaluate import Scores, check_label_classes, score
 from .finetune import finetune
-from .reconstruct import macs_per_image
+from .recover_inputs import check_budget, check_stages, check_target_and_budget
 from .recover_report import RecoveryReport, RecoveryStage, format_seconds
 from .recover_state import load_state, save_state
 
@@ -115,6 +116,7 @@ class _Run:
         return math.inf if budget is None else budget - self.total()[1]
 
 
+@checked_arguments
 def recover(converted: nn.Module, original: nn.Module, data, *, target: float | None = None,
             budget: float | None = None, eval_data=None, options: RecoverOptions | None = None,
             checkpoint: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
@@ -171,38 +173,6 @@ def _resume(run: _Run, converted: nn.Module, path: Path | None) -> tuple[int, in
     return state["position"]
 
 
-def check_target_and_budget(target: float | None, budget: float | None) -> None:
-    """`recover`'s target and budget checked on their own (for callers that check before other work).
-
-    Args:
-        target: the target gap in points, or None.
-        budget: the budget in seconds, or None.
-
-    Raises:
-        SurgeryError: either is not a finite number above zero.
-    """
-    for name, value in (("target", target), ("budget", budget)):
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise SurgeryError(f"recover's {name} must be a number > 0, not {value!r}")
-
-
-def check_stages(stages) -> None:
-    """`recover`'s stages checked on their own.
-
-    Args:
-        stages: stage names, a non-empty subset of RECOVER_STAGES.
-
-    Raises:
-        SurgeryError: an unknown stage, or none.
-    """
-    if isinstance(stages, str) or not all(isinstance(s, str) for s in stages):
-        raise SurgeryError(f"recover's stages are a list of names from {', '.join(RECOVER_STAGES)}, not {stages!r}")
-    if unknown := [s for s in stages if s not in RECOVER_STAGES]:
-        raise SurgeryError(f"unknown recover stage {unknown[0]!r}; choose from {', '.join(RECOVER_STAGES)}")
-    if not stages:
-        raise SurgeryError("recover needs at least one stage; choose from " + ", ".join(RECOVER_STAGES))
-
-
 def _check_arguments(converted: nn.Module, target, budget, options: RecoverOptions) -> None:
     """Every option checked before any work."""
     check_target_and_budget(target, budget)
@@ -236,7 +206,7 @@ def _prepare(converted, original, data, eval_data, target, budget, options: Reco
     item = held[0]
     image = (item[0] if isinstance(item, tuple | list) else item)[None].to(model_device(original))
     image_seconds = _probe(original, image)
-    _check_budget(budget, original, image, len(calib), len(held), image_seconds)
+    check_budget(budget, original, image, len(calib), len(held), image_seconds)
     batches = list(Batches(torch.utils.data.DataLoader(held, batch_size=o.batch_size)))
     reference, top1 = _reference(original, batches, progress)
     report = RecoveryReport(target, budget, "top-1" if labelled else "agreement", len(held), top1)
@@ -276,20 +246,6 @@ def _probe(original: nn.Module, image: torch.Tensor) -> float:
         start = time.perf_counter()
         original(images)
     return (time.perf_counter() - start) / len(images)
-
-
-def _check_budget(budget, original: nn.Module, image: torch.Tensor, calib_images: int, held_images: int,
-                  image_seconds: float) -> None:
-    """A budget that cannot fit one BatchNorm pass and the measurements around it is refused before any work."""
-    if budget is None:
-        return
-    bn_images = min(calib_images, max(1, BN_WORK // max(1, macs_per_image(original, image))))
-    # The original once and the model twice over the held-back images; the BN pass runs both models.
-    need = image_seconds * (3 * held_images + 2 * bn_images)
-    if budget < need:
-        raise SurgeryError(f"a budget of {format_seconds(budget)} cannot fit one BatchNorm pass and its measurements "
-                           f"on this machine (about {format_seconds(need)}); give --budget "
-                           f"{format_seconds(math.ceil(need * 1.5))} or more, or fewer --eval-images")
 
 
 def _reference(original: nn.Module, batches: list, progress: bool) -> tuple[torch.Tensor, float | None]:

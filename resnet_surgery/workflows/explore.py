@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..arguments import checked_arguments
 from ..atomic import atomic_dir, atomic_file
 from ..data import held_out_split, split_batch
 from ..defaults import EVAL_IMAGES, EXPLORE_STAGES
@@ -131,18 +132,20 @@ def _num(value, scale: float, fmt: str) -> str:
     return "-" if value is None else fmt.format(value * scale)
 
 
+@checked_arguments
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     """For (cost, value) points: True where no other point costs at most as much and is worth at least as
     much, and is strictly better in one of the two."""
     return [not any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for c2, v2 in points) for c, v in points]
 
 
+@checked_arguments
 def explore(
     model: nn.Module,
     data,
     *,
     eval_data=None,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: int | tuple[int, int, int] = (3, 224, 224),
     variants: Sequence[str] | None = None,
     int8: bool = True,
     calibrate_images: int = 2048,
@@ -167,17 +170,15 @@ def explore(
     """Every variant of ``model`` (module docstring), recovered on ``data``, exported, optionally int8,
     evaluated and timed together; writes ``out``/explore.json, explore.png and candidates/.
 
-    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds recovery (which holds
-    back a quarter of it, at most 2,000 images, to judge its stages) and int8 calibration. ``eval_data``, when given, is the labelled held-out set (``eval_images``
-    of it, default all); without it ``eval_images`` (default 1000, at most half) of ``data`` are held out.
+    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds recovery (a quarter
+    of it, at most 2,000, judges its stages) and int8 calibration. ``eval_data`` is the labelled held-out
+    set (``eval_images`` of it); without it ``eval_images`` (1000, at most half) of ``data`` are held out.
     ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
     ``stages``, ``target`` and ``budget`` (wall seconds per candidate) are `recover`'s (("bn",) is the cheap
     one, when only latency matters). ``force`` rebuilds finished candidates.
     """
-    start = time.perf_counter()
-    check_stages(stages)  # before any work, not at the first candidate
-    check_target_and_budget(target, budget)
-    wanted = _wanted(variants)
+    start, wanted = time.perf_counter(), _wanted(variants)
+    check_stages(stages), check_target_and_budget(target, budget)  # before any work, not at the first candidate
     input_size = image_size(input_size)
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
@@ -191,9 +192,8 @@ def explore(
     name = source.model if source is not None else type(model).__name__
     settings = {
         "model": name, "weights": state_digest(model), "data": _describe(data), "eval_data": _describe(eval_data),
-        "input_size": list(input_size), "calibrate_images": calibrate_images, "stages": list(stages),
-        "target": target, "budget": budget,
-        "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
+        "input_size": list(input_size), "calibrate_images": calibrate_images, "stages": list(stages), "target": target,
+        "budget": budget, "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
         "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
     }
     check_explore_request(model, calib_set, eval_set, input_size, {**settings, "batch_sizes": batch_sizes, "threads": threads})

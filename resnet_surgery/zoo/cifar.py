@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from ..arguments import checked_arguments
 from ..errors import SurgeryError
 from ..vocab import Variant
 
@@ -94,6 +95,7 @@ def _to_v1(model: nn.Module) -> None:
             m.stride = m.conv1.stride[0]
 
 
+@checked_arguments
 def cifar_resnet(
     layout: str = "v1.5",
     *,
@@ -136,6 +138,7 @@ def weights_path(layout: str) -> Path:
     return WEIGHTS_DIR / f"cifar10_resnet_{layout.replace('.', '_')}.safetensors"
 
 
+@checked_arguments
 def load_cifar_resnet(layout: str = "v1.5") -> nn.Module:
     """The committed CIFAR-10-trained model of ``layout`` ("v1" or "v1.5", or a registered name), in eval mode."""
     from safetensors import safe_open

@@ -1,0 +1,121 @@
+"""Public functions check their arguments' types from their annotations, so that a wrong type is one
+TypeError naming the argument, not an AttributeError (or a float seed reaching torch.manual_seed) deep
+inside. Ranges and meanings stay with each function, which knows them.
+
+Only annotations made of plain types are checked: ``int``, ``float``, ``bool``, ``str``, ``None``, tuples
+(a list is taken for one), sequences, ``os.PathLike``, the package's own classes (an options object) and
+unions of them; anything else (a module, data in any of its forms) is left to the function. A bool is not
+taken for an int or a float, nor an int for a bool; an int is taken for a float.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import functools
+import inspect
+import os
+import types
+import typing
+
+__all__ = ["checked_arguments"]
+
+_PLAIN = (int, float, bool, str, type(None), tuple, list, dict, os.PathLike)
+
+
+def checked_arguments(fn):
+    """``fn`` with its plainly annotated arguments checked on every call (see the module docstring).
+
+    Args:
+        fn: a public function.
+
+    Returns:
+        The wrapped function (same signature and docstring).
+    """
+    signature = inspect.signature(fn)
+    hints = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal hints
+        if hints is None:
+            hints = _plain_hints(fn, signature)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{fn.__name__}(): {e}") from None
+        for name, value in bound.arguments.items():
+            hint = hints.get(name)
+            if hint is not None and not _fits(value, hint):
+                raise TypeError(f"{fn.__name__}(): {name} takes {_words(hint)}, got {value!r:.80}")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _plain_hints(fn, signature: inspect.Signature) -> dict:
+    """The parameters whose annotation is made of plain types, resolved; the others are left out."""
+    hints = {}
+    namespace = {**vars(typing), "os": os, **getattr(fn, "__globals__", {})}
+    for name, parameter in signature.parameters.items():
+        annotation = parameter.annotation
+        if annotation is inspect.Parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        try:
+            hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+        except Exception:  # noqa: BLE001 - a name only imported for type checking: not checked
+            continue
+        if _plain(hint):
+            hints[name] = hint
+    return hints
+
+
+def _plain(hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return all(_plain(h) for h in typing.get_args(hint))
+    if origin is not None:
+        return origin in (tuple, list, dict, collections.abc.Sequence) and all(
+            h is Ellipsis or _plain(h) for h in typing.get_args(hint))
+    own = isinstance(hint, type) and hint.__module__.split(".")[0] == __name__.split(".")[0]
+    return hint in _PLAIN or hint is None or hint is collections.abc.Sequence or own
+
+
+def _fits(value, hint) -> bool:
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is not None:
+        container = {collections.abc.Sequence: (list, tuple), tuple: (list, tuple)}.get(origin, origin)
+        if not isinstance(value, container) or isinstance(value, str):
+            return False
+        items = [h for h in typing.get_args(hint) if h is not Ellipsis]
+        if origin is dict:
+            return True
+        if origin is tuple and Ellipsis not in typing.get_args(hint) and items:
+            return len(value) == len(items) and all(_fits(v, h) for v, h in zip(value, items))
+        return not items or all(_fits(v, items[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is collections.abc.Sequence:
+        return isinstance(value, list | tuple)
+    return isinstance(value, hint)
+
+
+def _words(hint) -> str:
+    """An annotation as the error says it: "int or None", "a sequence of str"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_words(h) for h in typing.get_args(hint))
+    if origin is not None:
+        items = [h for h in typing.get_args(hint) if h is not Ellipsis]
+        name = {collections.abc.Sequence: "a sequence"}.get(origin, f"a {origin.__name__}")
+        return name + (f" of {_words(items[0])}" if items else "")
+    if hint is None or hint is type(None):
+        return "None"
+    return {os.PathLike: "a path"}.get(hint, getattr(hint, "__name__", str(hint)))
