@@ -16,7 +16,7 @@ from .history import History, Source, history
 # name -> the module (under resnet_surgery) that defines it
 _EXPORTS = {
     "as_loader": "data", "BadImageError": "data", "cifar10_tensors": "data", "extract_cifar10": "data",
-    "model_transform": "data", "split_batch": "data",
+    "DataSpec": "data", "model_transform": "data", "preprocessing": "data", "split_batch": "data",
     "export_onnx": "deploy.export", "ExportError": "deploy.export", "OnnxModule": "deploy.export",
     "ParityError": "deploy.export",
     "compare_latency": "deploy.latency", "LatencyReport": "deploy.latency",
@@ -53,12 +53,12 @@ _EXPORTS = {
 
 __all__ = [  # the keys of _EXPORTS (a test checks)
     "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrationReport", "cifar10_tensors",
-    "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "EvalReport",
+    "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "DataSpec", "EvalReport",
     "evaluate", "explore", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
     "find_blocks", "find_trunk", "finetune", "FinetuneReport", "grid_text", "History", "history", "inspect",
     "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform",
     "NotExactError", "onnx_input_shape", "OnnxModule", "Op", "Options", "pareto_front", "ParityError",
-    "ParityReport", "plot_sites", "predict", "prune_dead_compute", "QuantizationError", "quantize_onnx",
+    "ParityReport", "plot_sites", "predict", "preprocessing", "prune_dead_compute", "QuantizationError", "quantize_onnx",
     "QuantReport", "ratio_ci", "RatioCI", "read_recipe", "Recipe", "recover", "RecoverOptions", "RecoveryReport",
     "RecoveryStage", "Report", "Rewrite", "save", "Shortcut", "site_reads", "SiteReads", "Source", "split_batch",
     "Subsample", "SurgeryError", "SurgeryNotice", "trace", "TraceError", "transplant", "Trunk", "Variant",
@@ -80,7 +80,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what editors and type checkers read
-    from .data import BadImageError, as_loader, cifar10_tensors, extract_cifar10, model_transform, split_batch
+    from .data import (BadImageError, DataSpec, as_loader, cifar10_tensors, extract_cifar10, model_transform,
+                       preprocessing, split_batch)
     from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
     from .deploy.latency import LatencyReport, compare_latency
     from .deploy.onnxfile import onnx_input_shape

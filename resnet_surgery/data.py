@@ -174,6 +174,26 @@ def model_transform(model):
     return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
 
 
+def preprocessing(model, preset: str | None = None, transform=None):
+    """The one rule by which image files become a model's input, the same from Python and the command line:
+    ``transform`` when given, else ``preset``'s, else the preprocessing ``model``'s weights were published
+    with (`model_transform`), else the imagenet preset.
+
+    Args:
+        model: the model the images are for (its source says how its weights were trained), or None.
+        preset: "imagenet" or "cifar10", or None.
+        transform: a torchvision transform, or None.
+
+    Returns:
+        The transform.
+    """
+    if transform is not None:
+        return transform
+    if preset is not None:
+        return preset_transform(preset)
+    return (model_transform(model) if model is not None else None) or preset_transform("imagenet")
+
+
 def transform_size(transform) -> int | None:
     """The side of the images ``transform`` makes (its centre crop), or None when it does not say."""
     crop = getattr(transform, "crop_size", None)  # torchvision weights' ImageClassification

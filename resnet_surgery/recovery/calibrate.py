@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..arguments import checked_arguments
-from ..data import DataSpec
+from ..data import DataSpec, preprocessing
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
@@ -207,7 +207,7 @@ def calibrate(
     previous: bool = True,
     ridge: float = 1e-3,
     batch_size: int = 64,
-    preset: str = "imagenet",
+    preset: str | None = None,
     transform=None,
     seed: int = 0,
     progress: bool = True,
@@ -238,8 +238,9 @@ def calibrate(
         previous: reconstruct the block before each rewritten block jointly with it.
         ridge: the refit's ridge, relative to the mean input energy.
         batch_size: images per batch.
-        preset: the preprocessing preset of a path.
-        transform: the preprocessing of a path's images (None: the preset's).
+        preset: the preprocessing preset of a path (None: see ``transform``).
+        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
+            weights were published with, else imagenet's; `preprocessing`).
         seed: seed of the subset and of reconstruction's mini-batches.
         progress: show progress bars.
         after: reconstruct up to this many blocks after each rewritten block with it (see `reconstruct_blocks`).
@@ -251,7 +252,7 @@ def calibrate(
         Module: the calibrated copy; ``history(result).calibration`` is its CalibrationReport.
     """
     records = _checked_rewrites(converted, steps, iterations, lr, ridge)
-    spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
+    spec = DataSpec(data, transform=preprocessing(original, preset, transform), num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
     settings = _Settings(tuple(steps), iterations, lr, previous, ridge, after, bf16, channels_last)
     run = _prepare(converted, original, records, spec, settings)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..arguments import checked_arguments
-from ..data import DataSpec, split_batch
+from ..data import DataSpec, preprocessing, split_batch
 from ..engine.probe import output_tensors
 from ..engine.rewrite import SurgeryNotice
 from ..errors import SurgeryError
@@ -167,7 +167,7 @@ def evaluate(
     *,
     reference: nn.Module | torch.Tensor | None = None,
     batch_size: int = 64,
-    preset: str = "imagenet",
+    preset: str | None = None,
     transform=None,
     num_images: int | None = None,
     progress: bool = True,
@@ -181,8 +181,9 @@ def evaluate(
         reference: a model to compare with, or its logits on ``data`` in its order (N x classes), e.g. from
             `predict`, to compare many models with one original.
         batch_size: images per batch.
-        preset: the preprocessing preset of a path.
-        transform: the preprocessing of a path's images (None: the preset's).
+        preset: the preprocessing preset of a path (None: see ``transform``).
+        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
+            weights were published with, else imagenet's; `preprocessing`).
         num_images: evaluate a fixed seeded subset of that many images (None: all).
         progress: show a progress bar.
 
@@ -190,7 +191,7 @@ def evaluate(
         EvalReport: accuracy with labels, agreement and KL with a reference.
     """
     check_model(model)
-    spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
+    spec = DataSpec(data, transform=preprocessing(model, preset, transform), num_images=num_images, batch_size=batch_size,
                     progress=progress)
     loader = spec.loader()
     check_label_classes(model, loader.dataset, "the data")
@@ -202,7 +203,7 @@ def evaluate(
 
 
 @checked_arguments
-def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imagenet", transform=None,
+def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str | None = None, transform=None,
             num_images: int | None = None, progress: bool = True) -> torch.Tensor:
     """The logits of ``model`` on ``data`` in order, in eval mode, e.g. a reference for `evaluate`.
 
@@ -210,8 +211,9 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imag
         model: the model to run.
         data: an ImageFolder path (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
         batch_size: images per batch.
-        preset: the preprocessing preset of a path.
-        transform: the preprocessing of a path's images (None: the preset's).
+        preset: the preprocessing preset of a path (None: see ``transform``).
+        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
+            weights were published with, else imagenet's; `preprocessing`).
         num_images: a fixed seeded subset of that many images (None: all).
         progress: show a progress bar.
 
@@ -219,7 +221,7 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str = "imag
         Tensor: the logits, N x classes.
     """
     check_model(model)
-    spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
+    spec = DataSpec(data, transform=preprocessing(model, preset, transform), num_images=num_images, batch_size=batch_size,
                     progress=progress)
     device = model_device(model)
     with eval_mode(model), torch.no_grad():

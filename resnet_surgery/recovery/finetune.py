@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..arguments import checked_arguments
 from ..atomic import check_writable
-from ..data import DataSpec, split_batch
+from ..data import DataSpec, preprocessing, split_batch
 from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
@@ -117,7 +117,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
              weight_decay: float = 0.0, temperature: float = 4.0, alpha: float = 0.9, freeze: str = "none",
              train_norms: bool | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
              force: bool = False, max_steps: int | None = None, num_images: int | None = None, batch_size: int = 64,
-             preset: str = "imagenet", transform=None, seed: int = 0, bf16: bool = False,
+             preset: str | None = None, transform=None, seed: int = 0, bf16: bool = False,
              channels_last: bool = False, guard: bool = True, progress: bool = True) -> nn.Module:
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
@@ -154,8 +154,9 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         max_steps: stop early (the schedule still spans the budget).
         num_images: train on a seeded subset of that many images.
         batch_size: images per batch, per process.
-        preset: the preprocessing preset of a path.
-        transform: the preprocessing of a path's images (None: the preset's).
+        preset: the preprocessing preset of a path (None: see ``transform``).
+        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
+            weights were published with, else imagenet's; `preprocessing`).
         seed: seed of the subset, the shuffling and the augmentation.
         bf16: run the forward passes under bfloat16 autocast.
         channels_last: train in channels-last memory format (the result comes back contiguous).
@@ -171,7 +172,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         weight_decay=weight_decay, temperature=temperature, alpha=alpha, freeze=freeze, train_norms=train_norms,
         checkpoint=Path(checkpoint) if checkpoint is not None else None, resume=resume, force=force,
         max_steps=max_steps, bf16=bf16, channels_last=channels_last))
-    spec = DataSpec(data, preset=preset, transform=transform, num_images=num_images, batch_size=batch_size,
+    spec = DataSpec(data, transform=preprocessing(original, preset, transform), num_images=num_images, batch_size=batch_size,
                     seed=seed, progress=progress)
     _refuse_non_classifier(converted, spec)
     rank, world, started_group = join_process_group()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..arguments import checked_arguments
-from ..data import as_dataset, disjoint_subsets, held_out_split
+from ..data import as_dataset, disjoint_subsets, held_out_split, preprocessing
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
 from ..history import history, record_result
@@ -63,8 +63,9 @@ class RecoverOptions:
             fine-tuning runs; False measures agreement with the original only.
         min_gain: a round pays when it closes the gap by at least this many points (or cuts KL by 5%).
         batch_size: images per batch.
-        preset: the preprocessing preset of a path.
-        transform: the preprocessing of a path's images (None: the preset's).
+        preset: the preprocessing preset of a path (None: see ``transform``).
+        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
+            weights were published with, else imagenet's; `preprocessing`).
         seed: seed of the splits, subsets and training.
         channels_last: calibrate and train in channels-last memory format (faster on CPUs).
         bf16: train under bfloat16 autocast (CPUs with AVX-512 BF16/AMX, GPUs).
@@ -77,7 +78,7 @@ class RecoverOptions:
     labels: bool = True
     min_gain: float = MIN_GAIN
     batch_size: int = 64
-    preset: str = "imagenet"
+    preset: str | None = None
     transform: object = None
     seed: int = 0
     channels_last: bool = True
@@ -193,9 +194,9 @@ def _prepare(converted, original, data, eval_data, target, budget, options: Reco
              echo) -> _Run:
     """The run's data, the original's logits on the held-back images, and the budget checked against a probe."""
     o = options
-    dataset = as_dataset(data, preset=o.preset, transform=o.transform)
-    work, held = held_out_split(dataset, eval_data, keep=None, hold=o.eval_images, preset=o.preset,
-                                transform=o.transform, seed=o.seed,
+    transform = preprocessing(original, o.preset, o.transform)
+    dataset = as_dataset(data, transform=transform)
+    work, held = held_out_split(dataset, eval_data, keep=None, hold=o.eval_images, transform=transform, seed=o.seed,
                                 too_few="recover needs at least two images: some to recover on, some held back")
     labelled = o.labels and _has_labels(held) and _has_labels(work)
     if labelled:

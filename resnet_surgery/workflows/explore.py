@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..arguments import checked_arguments
 from ..atomic import atomic_dir, atomic_file
-from ..data import held_out_split, split_batch
+from ..data import held_out_split, preprocessing, split_batch
 from ..defaults import EVAL_IMAGES, EXPLORE_STAGES
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
@@ -162,7 +162,7 @@ def explore(
     out: str | os.PathLike = "runs/explore",
     force: bool = False,
     batch_size: int = 64,
-    preset: str = "imagenet",
+    preset: str | None = None,
     transform=None,
     seed: int = 0,
     progress: bool = True,
@@ -182,7 +182,8 @@ def explore(
     input_size = image_size(input_size)
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
-    calib_set, eval_set = _images(data, eval_data, eval_images, preset, transform, seed)
+    transform = preprocessing(model, preset, transform)  # the same rule as every command's
+    calib_set, eval_set = _images(data, eval_data, eval_images, transform, seed)
     eval_loader = DataLoader(eval_set, batch_size=batch_size)
     labelled = _has_labels(eval_loader)
     if eval_data is not None and not labelled:
@@ -253,10 +254,10 @@ def _wanted(variants) -> list[str]:
     return ["original", *[v for v in VARIANTS if v in variants]]
 
 
-def _images(data, eval_data, eval_images, preset, transform, seed):
+def _images(data, eval_data, eval_images, transform, seed):
     """(calibration images, held-out evaluation images), disjoint; 1000 held out of ``data`` by default."""
     return held_out_split(
-        data, eval_data, keep=None, hold=eval_images if eval_data is not None else eval_images or 1000, preset=preset,
+        data, eval_data, keep=None, hold=eval_images if eval_data is not None else eval_images or 1000,
         transform=transform, seed=seed, too_few="the data has one image; explore holds some out for evaluation: "
                                                 "pass more images or --eval-data")
 

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, check_writable
-from ..data import model_transform
+from ..data import preprocessing
 from ..deploy.export import export_onnx
 from ..deploy.latency import LatencyReport, compare_latency
 from ..engine.inspect import count_macs
@@ -92,7 +92,7 @@ def run_pipeline(model: str, *, to=None, shortcut=None, exact=False, prune_dead=
         calibrate_data: images for `calibrate` (its default steps), or None.
         finetune_data: images for `finetune`, or None.
         preset: preprocessing of those images; None: as the model's weights were published
-            (``data.model_transform``), else "imagenet".
+            (``data.preprocessing``), else "imagenet".
         num_images, iterations: calibration images and reconstruction steps per block (None: `calibrate`'s).
         epochs, finetune_images, objective, finetune_steps, augment: as `finetune` takes them.
         recover_data: images for `recover` (instead of ``calibrate_data`` and ``finetune_data``), or None.
@@ -222,8 +222,7 @@ def _recover(conversion: Conversion, settings: RecoverySettings, tmp: Path, resu
         echo("note: the conversion is exact, so there is nothing to calibrate or fine-tune; skipped")
         bar.update(bool(calibrate_data) + bool(finetune_data) + (settings.recover_data is not None))
         return converted
-    transform = model_transform(original) if settings.preset is None else None
-    preset = settings.preset or "imagenet"
+    transform, preset = preprocessing(original, settings.preset), None  # the rule every step follows
     if settings.recover_data is not None:
         _step(bar, "recover")
         options = RecoverOptions(calibrate_images=settings.num_images, iterations=settings.iterations, preset=preset,
