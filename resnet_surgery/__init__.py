@@ -80,8 +80,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what editors and type checkers read
-    from .data import (BadImageError, DataSpec, as_loader, cifar10_tensors, extract_cifar10, model_transform,
-                       preprocessing, split_batch)
+    from .data import (
+        BadImageError,
+        DataSpec,
+        as_loader,
+        cifar10_tensors,
+        extract_cifar10,
+        model_transform,
+        preprocessing,
+        split_batch,
+    )
     from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
     from .deploy.latency import LatencyReport, compare_latency
     from .deploy.onnxfile import onnx_input_shape
