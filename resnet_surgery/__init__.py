@@ -47,14 +47,14 @@ _EXPORTS = {
     "RecoveryReport": "recovery.recover_report", "RecoveryStage": "recovery.recover_report",
     "apply_recipe": "store", "load": "store", "load_model": "store", "read_recipe": "store", "save": "store",
     "Layout": "vocab", "Op": "vocab", "Shortcut": "vocab", "Variant": "vocab",
-    "explore": "workflows.explore", "ExploreReport": "workflows.explore", "pareto_front": "workflows.explore",
+    "explore": "workflows.explore", "ExploreOptions": "workflows.explore", "ExploreReport": "workflows.explore", "pareto_front": "workflows.explore",
     "CIFAR_MODELS": "zoo.cifar", "cifar_resnet": "zoo.cifar", "load_cifar_resnet": "zoo.cifar",
 }
 
 __all__ = [  # the keys of _EXPORTS (a test checks)
     "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrationReport", "cifar10_tensors",
     "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "DataSpec", "EvalReport",
-    "evaluate", "explore", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
+    "evaluate", "explore", "ExploreOptions", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
     "find_blocks", "find_trunk", "finetune", "FinetuneReport", "grid_text", "History", "history", "inspect",
     "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform",
     "NotExactError", "onnx_input_shape", "OnnxModule", "Op", "Options", "pareto_front", "ParityError",
@@ -115,5 +115,5 @@ if TYPE_CHECKING:  # what editors and type checkers read
     from .recovery.recover_report import RecoveryReport, RecoveryStage
     from .store import apply_recipe, load, load_model, read_recipe, save
     from .vocab import Layout, Op, Shortcut, Variant
-    from .workflows.explore import ExploreReport, explore, pareto_front
+    from .workflows.explore import ExploreOptions, ExploreReport, explore, pareto_front
     from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet

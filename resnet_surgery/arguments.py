@@ -17,7 +17,7 @@ import os
 import types
 import typing
 
-__all__ = ["checked_arguments"]
+__all__ = ["check_fields", "checked_arguments"]
 
 _PLAIN = (int, float, bool, str, type(None), tuple, list, dict, os.PathLike)
 
@@ -50,6 +50,30 @@ def checked_arguments(fn):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_fields(options, owner: str) -> None:
+    """The plainly annotated fields of a dataclass of options, checked as `checked_arguments` checks arguments.
+
+    Args:
+        options: a dataclass instance (RecoverOptions, ExploreOptions).
+        owner: who takes it, for the message ("explore()").
+
+    Raises:
+        TypeError: a field of the wrong type, naming it.
+    """
+    import dataclasses
+    import sys
+
+    namespace = {**vars(typing), "os": os, **vars(sys.modules[type(options).__module__])}
+    for field in dataclasses.fields(options):
+        try:
+            hint = eval(field.type, namespace) if isinstance(field.type, str) else field.type  # noqa: S307
+        except Exception:  # noqa: BLE001 - a name only imported for type checking: not checked
+            continue
+        value = getattr(options, field.name)
+        if _plain(hint) and not _fits(value, hint):
+            raise TypeError(f"{owner}: {field.name} takes {_words(hint)}, got {value!r:.80}")
 
 
 def _plain_hints(fn, signature: inspect.Signature) -> dict:

@@ -3,7 +3,7 @@ them for its help text without importing torch (which takes seconds)."""
 
 from __future__ import annotations
 
-__all__ = ["EVAL_IMAGES", "EXPLORE_STAGES", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
+__all__ = ["EVAL_IMAGES", "EXPLORE_STAGES", "MAX_LR", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
 
 RECONSTRUCT_ITERATIONS = 500  # optimizer steps per rewritten block (fewer where the block's MACs make that minutes)
 RECONSTRUCT_LR = 3e-2  # reconstruction's peak rate, relative to each parameter tensor's RMS
@@ -12,3 +12,5 @@ EVAL_IMAGES = 2000  # recover's held-back images: the paired gap's noise is abou
 # explore's recover stages for every candidate unless told otherwise: calibration, the step that pays for every
 # rewrite (README, "What recovery costs"); --budget/--target and more stages buy the rest
 EXPLORE_STAGES = ("bn", "calibrate")
+# a learning rate (or weight decay) above this is a typo, and far above it overflows float32 in the optimizer
+MAX_LR = 10.0

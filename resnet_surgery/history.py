@@ -52,7 +52,14 @@ class History:
 
 
 def history(model: nn.Module) -> History:
-    """What resnet-surgery recorded on ``model`` (an empty History for a model it never touched)."""
+    """What resnet-surgery recorded on ``model`` (an empty History for a model it never touched).
+
+    Args:
+        model: any model.
+
+    Returns:
+        History: the recorded source, recipe and reports (fields None until a step records them).
+    """
     found = getattr(model, ATTRIBUTE, None)
     return found if isinstance(found, History) else History()
 

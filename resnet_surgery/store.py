@@ -35,7 +35,21 @@ SUMMARY_FILE = "summary.txt"
 
 @checked_arguments
 def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
-    """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically."""
+    """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically.
+
+    Args:
+        model: a converted model (it must carry the recipe `convert` recorded).
+        out: the folder to write.
+        force: replace an existing ``out`` (False: an existing folder is an error).
+        summary: the text of ``summary.txt`` ("": an empty file).
+
+    Returns:
+        Path: ``out``.
+
+    Raises:
+        SurgeryError: ``model`` has no recipe, or ``out`` exists without ``force``.
+        TypeError: an argument of the wrong type (``model`` not a torch module).
+    """
     recipe = history(check_model(model)).recipe
     if recipe is None:
         raise SurgeryError("this model has no recipe: save the result of resnet_surgery.convert()")
@@ -49,7 +63,18 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summa
 
 @checked_arguments
 def read_recipe(path: str | os.PathLike) -> Recipe:
-    """The validated recipe of a folder written by ``save`` (or of a recipe.json file)."""
+    """The validated recipe of a folder written by ``save`` (or of a recipe.json file).
+
+    Args:
+        path: a folder written by ``save``, or a recipe.json file.
+
+    Returns:
+        Recipe: the recipe, validated.
+
+    Raises:
+        SurgeryError: no recipe.json there, or one that is not valid JSON or not a valid recipe.
+        TypeError: ``path`` is not a str or path.
+    """
     path = Path(path)
     file = path / RECIPE_FILE if path.is_dir() else path
     if not file.is_file():
@@ -63,7 +88,20 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 
 @checked_arguments
 def apply_recipe(model: nn.Module, recipe: Recipe | dict | str | os.PathLike) -> nn.Module:
-    """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites."""
+    """Re-apply a recipe's conversions to ``model`` (e.g. a custom model) and check it did the same rewrites.
+
+    Args:
+        model: the model the recipe was made from (untouched, unless there is no conversion to replay: then
+            it is returned itself, with the recipe recorded).
+        recipe: a Recipe, its JSON as a dict, or a folder written by ``save`` or recipe.json file.
+
+    Returns:
+        Module: the converted model, with ``recipe`` recorded in its history.
+
+    Raises:
+        SurgeryError: an invalid recipe, a conversion that fails, or rewrites that differ from the recipe's.
+        TypeError: ``model`` is not a torch module, or ``recipe`` of another type.
+    """
     check_model(model)
     if isinstance(recipe, dict):
         recipe = Recipe.from_json(recipe)
@@ -139,7 +177,20 @@ def load_into(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
 @checked_arguments
 def load_model(spec: str | os.PathLike, weights: str = "none") -> nn.Module:
-    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``."""
+    """A model by torchvision name, ``timm:NAME``, CIFAR-10 zoo name, or a folder written by ``convert``.
+
+    Args:
+        spec: the model's name, or a folder written by ``convert`` (or ``save``).
+        weights: a named model's weights: a torchvision enum name (DEFAULT, IMAGENET1K_V2...), a weights file,
+            or "none" (the default: random init); ignored for a folder.
+
+    Returns:
+        Module: the model in eval mode, its source recorded in ``history(model).source``.
+
+    Raises:
+        SurgeryError: an unknown name, weights that cannot be loaded, or a folder that cannot be rebuilt.
+        TypeError: ``spec`` or ``weights`` of the wrong type.
+    """
     if Path(spec).is_dir():
         return load(spec)
     return load_named(str(spec), weights)

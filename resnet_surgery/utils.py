@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device",
+    "MAX_SIDE", "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device",
     "private_copy", "report_dict", "state_digest", "table",
 ]
 

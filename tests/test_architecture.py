@@ -177,3 +177,21 @@ def test_the_root_exports_resolve():
     import resnet_surgery
 
     assert all(hasattr(resnet_surgery, n) for n in resnet_surgery.__all__)
+
+
+def test_the_root_functions_document_their_arguments_and_result():
+    import inspect
+
+    import resnet_surgery
+
+    missing = []
+    for name in resnet_surgery.__all__:
+        fn = getattr(resnet_surgery, name)
+        if not inspect.isfunction(fn):
+            continue
+        doc, signature = inspect.getdoc(fn) or "", inspect.signature(fn)
+        if signature.parameters and "Args:" not in doc:
+            missing.append(f"{name}: Args")
+        if signature.return_annotation not in ("None", None) and "Returns:" not in doc:
+            missing.append(f"{name}: Returns")
+    assert not missing, missing

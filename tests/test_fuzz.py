@@ -684,3 +684,37 @@ def test_a_nul_byte_in_an_argument_is_one_line():
     click's path check."""
     result = CliRunner().invoke(main, ["run", "resnet18", "--to", "v1", "--calibrate", "a\x00b", "--out", "x"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "holds a NUL byte" in result.stderr
+
+
+def test_found_by_the_long_run_each_is_one_line(tmp_path, pristine, monkeypatch):
+    """Found by a run of 150 cases a row: a recipe.json whose input_size was 10^22 (inspect raised TypeError
+    deep inside), `finetune --lr 1e308` (torch's optimizer overflowed float32), `bench --batch 2^63`
+    (numpy's shape limit), compare_latency(seed=-1) (numpy's generator), and an ONNX file, damaged so that
+    onnxruntime failed inside quantize_onnx's parity run (its own exception type came through)."""
+    import resnet_surgery as rs
+    from resnet_surgery.deploy import quantize as quantize_module
+
+    root, damaged = tmp_path / "r", tmp_path / "d"
+    shutil.copytree(pristine, root)
+    shutil.copytree(pristine / "conv", damaged)
+    data = json.loads((damaged / "recipe.json").read_text())
+    data["options"]["input_size"] = [3, 10**22, 32]
+    (damaged / "recipe.json").write_text(json.dumps(data))
+    for args, needle in (
+            (["inspect", str(damaged), "--json"], "input_size must be 3 integers"),
+            (["finetune", str(root / "conv"), "--data", str(root / "images"), "--lr", "1e308", "--out", "x"], "lr must"),
+            (["bench", str(root / "a.onnx"), "--batch", str(2**63)], "batch sizes must be positive integers up to")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and _one_error_line(result.stderr) and needle in result.stderr, result.output
+    with pytest.raises(SurgeryError, match="seed must be >= 0"):
+        rs.compare_latency({"a": root / "a.onnx"}, seed=-1, progress=False)
+
+    class Fail(Exception):  # onnxruntime's own exception types are not SurgeryError
+        pass
+
+    def fails(*args):
+        raise Fail("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid input shape: {32,32}\nmore")
+
+    monkeypatch.setattr(quantize_module, "_measured_parity", fails)
+    with pytest.raises(SurgeryError, match="onnxruntime could not run .*INVALID_ARGUMENT"):
+        quantize(root)

@@ -202,7 +202,7 @@ def compare_latency(
     Returns:
         The report.
     """
-    batch_sizes = _check_request(models, batch_sizes, device, threads)
+    batch_sizes = _check_request(models, batch_sizes, device, threads, seed)
     threads = int(threads) if threads else usable_cores()
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          min_rounds, warmup, ci_target, seed)
@@ -241,10 +241,12 @@ def _settings(threads: int, device: str, rules: StoppingRule, shape: list) -> di
     }
 
 
-def _check_request(models: dict, batch_sizes, device: str, threads=None) -> list[int]:
-    """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device or a
-    thread count below 1."""
+def _check_request(models: dict, batch_sizes, device: str, threads=None, seed: int = 0) -> list[int]:
+    """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device, a
+    thread count below 1 or a negative seed."""
     check_argument(models, "models", dict, "a dict {name: .onnx path}, the first being the baseline")
+    if seed < 0:  # numpy's generators take none
+        raise SurgeryError(f"compare_latency's seed must be >= 0, not {seed}")
     if not models:
         raise SurgeryError("no models to compare; pass at least one .onnx file")
     if device not in ("cpu", "cuda"):
@@ -269,11 +271,14 @@ def check_batch_sizes(batch_sizes, threads=None) -> list[int]:
             or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in batch_sizes)):
         raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes!r:.80}")
     batch_sizes = [int(b) for b in batch_sizes]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise SurgeryError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
+        raise SurgeryError(f"batch sizes must be positive integers up to {MAX_BATCH}, got {batch_sizes}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     return batch_sizes
+
+
+MAX_BATCH = 65536  # a batch beyond this is a typo (its input alone would take gigabytes)
 
 
 @dataclasses.dataclass

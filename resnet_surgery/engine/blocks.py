@@ -57,7 +57,19 @@ class SurgeryTracer(fx.Tracer):
 
 @checked_arguments
 def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
-    """Symbolically trace ``model``; a failure names the module and how to mark it as a leaf."""
+    """Symbolically trace ``model``; a failure names the module and how to mark it as a leaf.
+
+    Args:
+        model: the model to trace (a GraphModule is copied as a plain GraphModule, not traced again).
+        leaf_modules: module classes or names fx should not trace into (their insides are not analysed;
+            default: none).
+
+    Returns:
+        GraphModule: the traced model, sharing ``model``'s modules.
+
+    Raises:
+        TraceError: fx cannot trace ``model``; the message names the module where it failed.
+    """
     if isinstance(model, fx.GraphModule):
         # A plain GraphModule over the same modules: subclasses such as torchvision's DualGraphModule swap
         # their graph back on .train()/.eval(), which would undo a rewrite of the graph.
@@ -264,7 +276,19 @@ def _depthwise(conv: nn.Conv2d) -> bool:
 @checked_arguments
 def find_blocks(gm: fx.GraphModule, prefix: str = "") -> list[Block]:
     """Every residual addition in ``gm`` whose main branch holds at least two convolutions and no other block;
-    block names get ``prefix`` (where ``gm`` sits in a larger model)."""
+    block names get ``prefix`` (where ``gm`` sits in a larger model).
+
+    Args:
+        gm: a traced model (see `trace`).
+        prefix: the module path of ``gm`` in a larger model ("": ``gm`` is the whole model).
+
+    Returns:
+        The blocks in graph order, classified (kind, stride, layout, shortcut type).
+
+    Raises:
+        SurgeryError: ``gm`` holds no residual block.
+        TypeError: ``prefix`` is not a str.
+    """
     modules = dict(gm.named_modules())
     blocks, depthwise, adds = [], 0, set()
     for node in gm.graph.nodes:
@@ -354,8 +378,18 @@ class Trunk:
 def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:
     """``model`` when fx traces it whole, else its one outermost traceable submodule holding residual blocks.
 
-    Raises the whole model's TraceError when no submodule holds blocks, or several do (an untraceable module
-    among the blocks splits the ResNet into pieces: none of them is the trunk)."""
+    Args:
+        model: the model to search.
+        leaf_modules: module classes or names fx should not trace into (default: none).
+
+    Returns:
+        Trunk: the traced trunk and its blocks, with block names as full paths in ``model``.
+
+    Raises:
+        TraceError: ``model`` cannot be traced whole, and no submodule holds blocks, or several do (an
+            untraceable module among the blocks splits the ResNet into pieces: none of them is the trunk).
+        SurgeryError: ``model`` traces whole but holds no residual block.
+    """
     try:
         gm = trace(model, leaf_modules)
     except TraceError as e:

@@ -175,13 +175,37 @@ def module_macs(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, dict[s
 
 @checked_arguments
 def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
-    """Multiply-accumulates for one image (torchvision's "GFLOPS"); ``model`` is not changed."""
+    """Multiply-accumulates for one image (torchvision's "GFLOPS"); ``model`` is not changed.
+
+    Args:
+        model: the model to measure (run once, in eval mode without gradients).
+        input_size: an int N or (C, H, W): the size of the image (default 3 x 224 x 224).
+
+    Returns:
+        int: the multiply-accumulates of one forward pass.
+
+    Raises:
+        TypeError: ``model`` is not a torch module, or ``input_size`` not an int or (C, H, W).
+    """
     return module_macs(model, input_size)[0]
 
 
 @checked_arguments
 def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> Report:
-    """Find the residual blocks of ``model`` and report variant, MACs, positions read and dead compute."""
+    """Find the residual blocks of ``model`` and report variant, MACs, positions read and dead compute.
+
+    Args:
+        model: a ResNet-like model (not changed; a model fx traces only in parts is analysed in its trunk).
+        input_size: an int N or (C, H, W): the image size the shapes and MACs are for (default 3 x 224 x 224).
+        leaf_modules: module classes or names fx should not trace into (default: none).
+
+    Returns:
+        Report: the variant, MACs, blocks, strided convolutions, dead computation and notes.
+
+    Raises:
+        SurgeryError: no residual blocks found (TraceError: the model cannot be traced; see `find_trunk`).
+        TypeError: ``model`` is not a torch module, or ``input_size`` not an int or (C, H, W).
+    """
     input_size = image_size(input_size)
     trunk = find_trunk(check_model(model), leaf_modules)
     gm, blocks, body, path = trunk.gm, trunk.blocks, trunk.module, trunk.path

@@ -19,7 +19,22 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     tensor (a feature pyramid's levels). When ``b``'s recipe names a trunk (a detection model's backbone), the
     two trunks are compared: the rest of the model is not rewritten.
 
-    A NaN or inf output fails (SurgeryError): nothing can be verified with it."""
+    A NaN or inf output fails (SurgeryError): nothing can be verified with it.
+
+    Args:
+        a: the original model (its training flags are given back afterwards, as ``b``'s).
+        b: the converted model.
+        input_size: an int N or (C, H, W): the size of the probe images (default 3 x 224 x 224).
+        batch: how many probe images.
+        seed: the seed of the random probe.
+
+    Returns:
+        (max |a(x) - b(x)|, max |a(x)|).
+
+    Raises:
+        SurgeryError: ``a`` returns no tensor, an output is NaN or inf, or the output shapes differ.
+        TypeError: ``a`` or ``b`` is not a torch module, or another argument of the wrong type.
+    """
     check_model(a, "a"), check_model(b, "b")
     input_size = image_size(input_size)
     recipe = history(b).recipe

@@ -114,9 +114,22 @@ class _Pusher:
 def prune_dead_compute(model: nn.Module, leaf_modules=(), prefix: str = ""):
     """Return (pruned GraphModule, Rewrite records, notices); ``model`` must be a private copy (it is modified).
 
-    ``prefix``: where ``model`` sits in a larger model (a detection model's trunk); records and notices name
-    modules by their full path. A site whose input is also read elsewhere (a feature pyramid's tap, a
-    returned feature map) is left alone, and a notice names those readers."""
+    A site whose input is also read elsewhere (a feature pyramid's tap, a returned feature map) is left alone,
+    and a notice names those readers.
+
+    Args:
+        model: a private copy of the model (its convolutions' strides are changed in place).
+        leaf_modules: module classes or names fx should not trace into (default: none).
+        prefix: where ``model`` sits in a larger model (a detection model's trunk); records and notices name
+            modules by their full path ("": ``model`` is the whole model).
+
+    Returns:
+        (the pruned GraphModule, a Rewrite per pruned site, notices as strings).
+
+    Raises:
+        SurgeryError: ``model`` holds no residual block (TraceError: it cannot be traced).
+        TypeError: ``prefix`` is not a str.
+    """
     gm = trace(model, leaf_modules)
     blocks = find_blocks(gm, prefix)
     path = partial(full_name, prefix)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..history import SOURCE_KINDS, Source, history
-from ..utils import library_versions
+from ..utils import MAX_SIDE, library_versions
 from ..vocab import Op, Shortcut, Variant
 
 __all__ = ["Conversion", "FORMAT_VERSION", "Options", "RECIPE_FORMAT", "Recipe", "Rewrite", "new_recipe"]
@@ -64,6 +64,11 @@ class Options(_ByKey):
     exact: bool
     prune_dead: bool = False
     input_size: list[int] = dataclasses.field(default_factory=lambda: [3, 224, 224])
+
+    def __post_init__(self):
+        # read back from recipe.json too: a size convert could not have written is a damaged file
+        if len(self.input_size) != 3 or not all(isinstance(v, int) and 0 < v <= MAX_SIDE for v in self.input_size):
+            raise _Invalid(f"options.input_size must be 3 integers from 1 to {MAX_SIDE}, got {_short(self.input_size)}")
 
 
 @dataclasses.dataclass

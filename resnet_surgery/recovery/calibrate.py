@@ -24,6 +24,7 @@ from torch import nn
 
 from ..arguments import checked_arguments
 from ..data import DataSpec, preprocessing
+from ..defaults import MAX_LR
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
@@ -239,8 +240,7 @@ def calibrate(
         ridge: the refit's ridge, relative to the mean input energy.
         batch_size: images per batch.
         preset: the preprocessing preset of a path (None: see ``transform``).
-        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
-            weights were published with, else imagenet's; `preprocessing`).
+        transform: the preprocessing of a path's images (None: by the rule of `preprocessing`).
         seed: seed of the subset and of reconstruction's mini-batches.
         progress: show progress bars.
         after: reconstruct up to this many blocks after each rewritten block with it (see `reconstruct_blocks`).
@@ -277,8 +277,8 @@ def _checked_rewrites(converted: nn.Module, steps: Sequence[str], iterations: in
             raise SurgeryError(f"calibrate's {option} must be a finite number, not {value}")
     if ridge < 0:
         raise SurgeryError(f"calibrate's ridge must be >= 0, not {ridge}")
-    if (iterations is not None and iterations < 1) or lr <= 0:
-        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
+    if (iterations is not None and iterations < 1) or not 0 < lr <= MAX_LR:
+        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr in (0, {MAX_LR:g}], not {iterations} and {lr}")
     records = approximate_rewrites(converted)
     if not records:
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "

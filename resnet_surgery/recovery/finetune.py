@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..arguments import checked_arguments
 from ..atomic import check_writable
 from ..data import DataSpec, preprocessing, split_batch
+from ..defaults import MAX_LR
 from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
@@ -155,8 +156,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
         num_images: train on a seeded subset of that many images.
         batch_size: images per batch, per process.
         preset: the preprocessing preset of a path (None: see ``transform``).
-        transform: the preprocessing of a path's images (None: the preset's, else the one the model's
-            weights were published with, else imagenet's; `preprocessing`).
+        transform: the preprocessing of a path's images (None: by the rule of `preprocessing`).
         seed: seed of the subset, the shuffling and the augmentation.
         bf16: run the forward passes under bfloat16 autocast.
         channels_last: train in channels-last memory format (the result comes back contiguous).
@@ -229,6 +229,9 @@ def _checked_options(converted: nn.Module, options: _Options) -> _Options:
     for name, value in (("lr", lr), ("temperature", temperature), ("alpha", alpha), ("weight_decay", options.weight_decay)):
         if not math.isfinite(value):
             raise SurgeryError(f"finetune's {name} must be a finite number, not {value}")
+    if not (0 < lr <= MAX_LR and 0 <= options.weight_decay <= MAX_LR):
+        raise SurgeryError(f"finetune's lr must be in (0, {MAX_LR:g}] and its weight_decay in [0, {MAX_LR:g}], "
+                           f"not {lr} and {options.weight_decay}")
     if options.epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0 <= alpha <= 1:
         raise SurgeryError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     if not approximate_rewrites(converted):

@@ -20,11 +20,9 @@ are then timed in one interleaved `resnet_surgery.compare_latency` run. Each fin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from tqdm.auto import tqdm
 from ..arguments import checked_arguments
 from ..atomic import atomic_dir, atomic_file
 from ..data import held_out_split, preprocessing, split_batch
-from ..defaults import EVAL_IMAGES, EXPLORE_STAGES
+from ..defaults import EVAL_IMAGES
 from ..deploy.export import OnnxModule, export_onnx
 from ..deploy.latency import compare_latency
 from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
@@ -44,172 +42,92 @@ from ..engine.rewrite import convert
 from ..errors import NotExactError, SurgeryError
 from ..history import history
 from ..recovery.evaluate import evaluate, predict
-from ..recovery.recover import RecoverOptions, check_stages, check_target_and_budget, recover
+from ..recovery.recover import RecoverOptions, recover
 from ..store import load_into, save
-from ..utils import check_model, image_size, report_dict, state_digest, table
+from ..utils import check_model, image_size, report_dict, state_digest
 from .explore_inputs import (
     ONNX_FILE,
     RESULT_FILE,
+    ExploreOptions,
     check_explore_out,
     check_explore_request,
+    explore_options,
     reusable_result,
     saved_model,
 )
-from .explore_plot import plot_explore
+from .explore_report import ExploreReport, pareto_front
 
-__all__ = ["ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore", "pareto_front"]
+__all__ = ["ExploreOptions", "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore", "pareto_front"]
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 
 
-@dataclasses.dataclass
-class ExploreReport:
-    """Every candidate's accuracy and latency against the original, and the Pareto front per batch size."""
-
-    model: str
-    metric: str  # "top1" (the held-out images have labels) or "agreement" (with the original)
-    settings: dict
-    candidates: list[dict]  # one per candidate: how it was made, its evaluation, latency and front per batch
-    latency: dict | None  # LatencyReport.to_dict() of the one timing run
-    seconds: float  # this call, reused candidates included at no cost
-    latency_seconds: float = 0.0  # the timing run alone
-
-    def work_seconds(self) -> float:
-        """What a run from scratch costs: every candidate's recorded build time plus the timing run."""
-        return sum(c.get("seconds", 0.0) for c in self.candidates) + self.latency_seconds
-
-    def timed(self) -> list[dict]:
-        return [c for c in self.candidates if c.get("latency")]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        batches = self.latency["batch_sizes"] if self.latency else []
-        head = ["candidate", "precision", "exact", "MMACs", "top-1 %", "agree %", "KL"]
-        for b in batches:
-            head += [f"p50 ms b{b}", f"ratio b{b} [95% CI]", f"front b{b}"]
-        rows = [head]
-        for c in self.timed():
-            ev = c["eval"]
-            row = [c["name"], _precision(c), "yes" if c["exact"] else "no", _num(c["macs"], 1e-6, "{:.1f}"),
-                   _num(ev["top1"], 1, "{:.2f}"), _num(ev["agreement"], 1, "{:.2f}"), _num(ev["kl"], 1, "{:.4f}")]
-            for b in batches:
-                lat = c["latency"][str(b)]
-                row += [f"{lat['p50_ms']:.3f}", f"{lat['ratio']:.3f} [{lat['ratio_low']:.3f}, {lat['ratio_high']:.3f}]",
-                        "*" if c["pareto"][str(b)] else ""]
-            rows.append(row)
-        lines = [f"explore {self.model}: accuracy on {self.settings['eval_images']} held-out images "
-                 f"({'top-1 with labels' if self.metric == 'top1' else 'agreement with the original: no labels'}), "
-                 "latency in one interleaved onnxruntime run"]
-        lines += table(rows)
-        lines.append("ratio = median latency / the original's (below 1 is faster); front: on the Pareto front "
-                     f"of latency ratio and {'top-1' if self.metric == 'top1' else 'agreement'}")
-        lines += [f"{c['name']}: {c['status']}" for c in self.candidates if c["status"] != "ok"]
-        if self.latency:
-            lines += [f"warning: {w}" for w in self.latency["warnings"]]
-        return "\n".join(lines)
-
-    def plot(self, path: str | os.PathLike, *, force: bool = True) -> Path:
-        """A PNG per batch size: latency ratio (x) against accuracy (y), points numbered with a key, the front drawn.
-
-        Args:
-            path: the PNG to write.
-            force: replace an existing file.
-
-        Returns:
-            The path written.
-        """
-        return plot_explore(self, path, force=force)
-
-
-def _precision(c: dict) -> str:
-    """"fp32", or "int8 w7" / "int8 w8": the weights' bits (7 with reduce_range, which AVX2-only CPUs need)."""
-    return f"int8 w{7 if c['quantization'].get('reduce_range') else 8}" if c["precision"] == "int8" else c["precision"]
-
-
-def _num(value, scale: float, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value * scale)
-
-
 @checked_arguments
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """For (cost, value) points: True where no other point costs at most as much and is worth at least as
-    much, and is strictly better in one of the two."""
-    return [not any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for c2, v2 in points) for c, v in points]
-
-
-@checked_arguments
-def explore(
-    model: nn.Module,
-    data,
-    *,
-    eval_data=None,
-    input_size: int | tuple[int, int, int] = (3, 224, 224),
-    variants: Sequence[str] | None = None,
-    int8: bool = True,
-    calibrate_images: int = 2048,
-    stages: Sequence[str] = EXPLORE_STAGES,
-    target: float | None = None,
-    budget: float | None = None,
-    eval_images: int | None = None,
-    quant_images: int = 512,
-    min_agreement: float = 98.0,
-    batch_sizes: Sequence[int] = (1,),
-    threads: int | None = None,
-    min_time_s: float = 5.0,
-    max_time_s: float | None = None,
-    out: str | os.PathLike = "runs/explore",
-    force: bool = False,
-    batch_size: int = 64,
-    preset: str | None = None,
-    transform=None,
-    seed: int = 0,
-    progress: bool = True,
-) -> ExploreReport:
+def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[int, int, int] = (3, 224, 224),
+            out: str | os.PathLike = "runs/explore", force: bool = False, options: ExploreOptions | None = None,
+            progress: bool = True, **overrides) -> ExploreReport:
     """Every variant of ``model`` (module docstring), recovered on ``data``, exported, optionally int8,
     evaluated and timed together; writes ``out``/explore.json, explore.png and candidates/.
 
-    ``data`` (ImageFolder or flat folder, Dataset or DataLoader; labels optional) feeds recovery (a quarter
-    of it, at most 2,000, judges its stages) and int8 calibration. ``eval_data`` is the labelled held-out
-    set (``eval_images`` of it); without it ``eval_images`` (1000, at most half) of ``data`` are held out.
-    ``variants`` narrows the candidates (names in VARIANTS; the original is always the baseline).
-    ``stages``, ``target`` and ``budget`` (wall seconds per candidate) are `recover`'s (("bn",) is the cheap
-    one, when only latency matters). ``force`` rebuilds finished candidates.
+    Args:
+        model: the original model, a classifier: the baseline every candidate is compared with.
+        data: images for recovery (a quarter of them, at most 2,000, judge its stages) and int8 calibration:
+            an ImageFolder or flat folder, a Dataset or a DataLoader; labels optional.
+        eval_data: labelled held-out images (None: ``options.eval_images`` of ``data`` are held out).
+        input_size: an int N or (C, H, W): the size every candidate is exported and timed at.
+        out: the folder to write (an earlier explore's folder is resumed).
+        force: rebuild finished candidates (False: a rerun with the same settings reuses them).
+        options: what to build, recover, quantize and time (None: ExploreOptions()).
+        progress: show progress bars.
+        **overrides: fields of ExploreOptions to set on ``options`` (``variants=["d"]``, ``budget=300``).
+
+    Returns:
+        ExploreReport: every candidate's accuracy, latency and Pareto front (also in ``out``/explore.json).
+
+    Raises:
+        SurgeryError: bad options, data or ``out`` (before any work), or ``eval_data`` without labels.
+        TypeError: an argument of the wrong type, or an override that is not an ExploreOptions field.
     """
-    start, wanted = time.perf_counter(), _wanted(variants)
-    check_stages(stages), check_target_and_budget(target, budget)  # before any work, not at the first candidate
-    input_size = image_size(input_size)
+    start, o = time.perf_counter(), explore_options(options, overrides)
+    input_size, wanted = image_size(input_size), _wanted(o.variants)
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
-    transform = preprocessing(model, preset, transform)  # the same rule as every command's
-    calib_set, eval_set = _images(data, eval_data, eval_images, transform, seed)
-    eval_loader = DataLoader(eval_set, batch_size=batch_size)
+    transform = preprocessing(model, o.preset, o.transform)  # the same rule as every command's
+    calib_set, eval_set = _images(data, eval_data, o.eval_images, transform, o.seed)
+    eval_loader = DataLoader(eval_set, batch_size=o.batch_size)
     labelled = _has_labels(eval_loader)
     if eval_data is not None and not labelled:
         raise SurgeryError("eval_data (--eval-data) has no labels: pass an ImageFolder (<root>/<class>/<image>), or "
                            "leave it out to hold out part of the data and rank by agreement with the original")
-    source = history(model).source
-    name = source.model if source is not None else type(model).__name__
-    settings = {
-        "model": name, "weights": state_digest(model), "data": _describe(data), "eval_data": _describe(eval_data),
-        "input_size": list(input_size), "calibrate_images": calibrate_images, "stages": list(stages), "target": target,
-        "budget": budget, "data_images": len(calib_set), "eval_images": len(eval_set), "quant_images": quant_images, "min_agreement": min_agreement,
-        "batch_size": batch_size, "preset": preset, "transform": repr(transform), "seed": seed,
-    }
-    check_explore_request(model, calib_set, eval_set, input_size, {**settings, "batch_sizes": batch_sizes, "threads": threads})
+    name, settings = _settings(model, data, eval_data, input_size, o, transform, len(calib_set), len(eval_set))
+    check_explore_request(model, calib_set, eval_set, input_size, {**settings, "batch_sizes": o.batch_sizes,
+                                                                   "threads": o.threads})
     build = _Builder(model, variant, calib_set, eval_loader, out, settings, force, input_size, progress)
-    results = _build_candidates(build, wanted, int8, quant_images, min_agreement, progress)
+    results = _build_candidates(build, wanted, o.int8, o.quant_images, o.min_agreement, progress)
     timed, timing_start = [r for r in results if r["status"] == "ok"], time.perf_counter()
     latency = compare_latency({r["name"]: out / "candidates" / r["name"] / ONNX_FILE for r in timed},
-                              batch_sizes=batch_sizes, threads=threads, min_time_s=min_time_s, max_time_s=max_time_s,
-                              seed=seed, progress=progress)
+                              batch_sizes=o.batch_sizes, threads=o.threads, min_time_s=o.min_time_s,
+                              max_time_s=o.max_time_s, seed=o.seed, progress=progress)
     metric = "top1" if labelled else "agreement"
     _attach_latency(timed, latency.to_dict()["results"], metric)
     report = ExploreReport(model=name, metric=metric, settings=settings, candidates=results,
                            latency=latency.to_dict(), seconds=time.perf_counter() - start,
                            latency_seconds=time.perf_counter() - timing_start)
     return _written(report, out)
+
+
+def _settings(model, data, eval_data, input_size, o: ExploreOptions, transform, data_images: int,
+              eval_images: int) -> tuple[str, dict]:
+    """The model's name and the settings a finished candidate must share to be reused."""
+    source = history(model).source
+    name = source.model if source is not None else type(model).__name__
+    return name, {
+        "model": name, "weights": state_digest(model), "data": _describe(data), "eval_data": _describe(eval_data),
+        "input_size": list(input_size), "calibrate_images": o.calibrate_images, "stages": list(o.stages),
+        "target": o.target, "budget": o.budget, "data_images": data_images, "eval_images": eval_images,
+        "quant_images": o.quant_images, "min_agreement": o.min_agreement, "batch_size": o.batch_size,
+        "preset": o.preset, "transform": repr(transform), "seed": o.seed,
+    }
 
 
 def _written(report: ExploreReport, out: Path) -> ExploreReport:

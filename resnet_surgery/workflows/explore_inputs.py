@@ -4,24 +4,99 @@ edited since, so they are validated like any other input and never lead outside 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..arguments import check_fields
 from ..atomic import check_writable
+from ..defaults import EXPLORE_STAGES
 from ..deploy.latency import check_batch_sizes
 from ..errors import SurgeryError
 from ..recovery.evaluate import check_label_classes
+from ..recovery.recover import check_stages, check_target_and_budget
 
-__all__ = ["ONNX_FILE", "RESULT_FILE", "check_candidates_folder", "check_explore_out", "check_explore_request", "reusable_result",
+__all__ = ["ExploreOptions", "ONNX_FILE", "RESULT_FILE", "explore_options", "check_candidates_folder", "check_explore_out", "check_explore_request", "reusable_result",
            "saved_model"]
 
 RESULT_FILE = "result.json"
 ONNX_FILE = "model.onnx"
 _EVAL_KEYS = ("top1", "agreement", "kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreOptions:
+    """What `explore` builds, how it recovers, quantizes and times the candidates.
+
+    Args:
+        variants: the candidates, names in VARIANTS (None: all; the original is always the baseline).
+        int8: also quantize every candidate to int8.
+        calibrate_images: images each candidate's recovery calibrates on.
+        stages: `recover`'s stages per candidate (("bn",) is the cheap one, when only latency matters).
+        target: `recover`'s target gap per candidate, in points (None: none).
+        budget: wall seconds of recovery per candidate (None: no limit).
+        eval_images: held-out images (None: all of ``eval_data``, else 1000 of ``data``, at most half).
+        quant_images: images int8 calibration uses.
+        min_agreement: keep an int8 file when its top-1 agrees with its fp32 file's on at least this
+            percentage of the held-out images.
+        batch_sizes: batch sizes to time.
+        threads: intra-op threads of the timing (None: every usable core).
+        min_time_s: seconds of timing per batch size, at least.
+        max_time_s: seconds of timing per batch size, at most (None: 3 x ``min_time_s``).
+        batch_size: images per batch of recovery, calibration and evaluation.
+        preset: the preprocessing preset of a path, "imagenet" or "cifar10" (None: see `preprocessing`).
+        transform: the preprocessing of a path's images (None: ``preset``'s, see `preprocessing`).
+        seed: seed of the held-out split, recovery, quantization and timing.
+    """
+
+    variants: Sequence[str] | None = None
+    int8: bool = True
+    calibrate_images: int = 2048
+    stages: Sequence[str] = EXPLORE_STAGES
+    target: float | None = None
+    budget: float | None = None
+    eval_images: int | None = None
+    quant_images: int = 512
+    min_agreement: float = 98.0
+    batch_sizes: Sequence[int] = (1,)
+    threads: int | None = None
+    min_time_s: float = 5.0
+    max_time_s: float | None = None
+    batch_size: int = 64
+    preset: str | None = None
+    transform: object = None
+    seed: int = 0
+
+
+def explore_options(options: ExploreOptions | None, overrides: dict) -> ExploreOptions:
+    """``options`` with ``overrides`` set, every field's type and `recover`'s stages, target and budget checked.
+
+    Args:
+        options: the options given, or None (the defaults).
+        overrides: field names and values to set.
+
+    Returns:
+        ExploreOptions: the options to run with.
+
+    Raises:
+        TypeError: an override that is not a field, or a field of the wrong type.
+        SurgeryError: unknown stages, or a target or budget that is not a number above zero.
+    """
+    options = ExploreOptions() if options is None else options
+    if not isinstance(options, ExploreOptions):
+        raise TypeError(f"explore(): options takes an ExploreOptions, got {options!r:.80}")
+    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(ExploreOptions)}):
+        raise TypeError(f"explore() got an unexpected keyword argument {unknown[0]!r} (not an ExploreOptions field)")
+    options = dataclasses.replace(options, **overrides)
+    check_fields(options, "explore()")
+    check_stages(options.stages)
+    check_target_and_budget(options.target, options.budget)
+    return options
 
 
 def check_explore_request(model, calib_set: Dataset, eval_set: Dataset, input_size: tuple[int, int, int],

@@ -140,7 +140,18 @@ def weights_path(layout: str) -> Path:
 
 @checked_arguments
 def load_cifar_resnet(layout: str = "v1.5") -> nn.Module:
-    """The committed CIFAR-10-trained model of ``layout`` ("v1" or "v1.5", or a registered name), in eval mode."""
+    """The committed CIFAR-10-trained model of ``layout`` ("v1" or "v1.5", or a registered name), in eval mode.
+
+    Args:
+        layout: "v1" or "v1.5" (the default), or a name in CIFAR_MODELS such as "cifar10-resnet-v1".
+
+    Returns:
+        Module: the model with its trained weights, in eval mode.
+
+    Raises:
+        SurgeryError: an unknown layout, or its weights file is missing.
+        TypeError: ``layout`` is not a str.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
