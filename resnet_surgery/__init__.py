@@ -40,6 +40,7 @@ _EXPORTS = {
     "NotExactError": "errors", "SurgeryError": "errors", "TraceError": "errors",
     "History": "history", "history": "history", "Source": "history",
     "calibrate": "recovery.calibrate", "CalibrationReport": "recovery.calibrate",
+    "CalibrateOptions": "recovery.options", "FinetuneOptions": "recovery.options",
     "EvalReport": "recovery.evaluate", "evaluate": "recovery.evaluate", "predict": "recovery.evaluate",
     "finetune": "recovery.finetune",
     "FinetuneReport": "recovery.finetune_report",
@@ -52,10 +53,10 @@ _EXPORTS = {
 }
 
 __all__ = [  # the keys of _EXPORTS (a test checks)
-    "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrationReport", "cifar10_tensors",
+    "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrateOptions", "CalibrationReport", "cifar10_tensors",
     "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "DataSpec", "EvalReport",
     "evaluate", "explore", "ExploreOptions", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
-    "find_blocks", "find_trunk", "finetune", "FinetuneReport", "grid_text", "History", "history", "inspect",
+    "find_blocks", "find_trunk", "finetune", "FinetuneOptions", "FinetuneReport", "grid_text", "History", "history", "inspect",
     "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform",
     "NotExactError", "onnx_input_shape", "OnnxModule", "Op", "Options", "pareto_front", "ParityError",
     "ParityReport", "plot_sites", "predict", "preprocessing", "prune_dead_compute", "QuantizationError", "quantize_onnx",
@@ -111,6 +112,7 @@ if TYPE_CHECKING:  # what editors and type checkers read
     from .recovery.evaluate import EvalReport, evaluate, predict
     from .recovery.finetune import finetune
     from .recovery.finetune_report import FinetuneReport
+    from .recovery.options import CalibrateOptions, FinetuneOptions
     from .recovery.recover import RecoverOptions, recover
     from .recovery.recover_report import RecoveryReport, RecoveryStage
     from .store import apply_recipe, load, load_model, read_recipe, save

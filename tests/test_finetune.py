@@ -140,9 +140,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
     # Divergence before any epoch ends: nothing is written, the message says so.
     fresh = tmp_path / "fresh.pt"
-    with pytest.raises(SurgeryError, match="no checkpoint was written"):
-        finetune(student, teacher, synthetic(), lr=1e30, batch_size=16, checkpoint=fresh, progress=False)
+    calls["n"] = 6  # the next forward pass after the guard's is poisoned: the first step diverges
+    handle = student.register_forward_hook(poison)
+    try:
+        with pytest.raises(SurgeryError, match="no checkpoint was written"):
+            finetune(student, teacher, synthetic(), batch_size=16, checkpoint=fresh, progress=False)
+    finally:
+        handle.remove()
     assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
+    with pytest.raises(SurgeryError, match=r"lr must be in \(0, 10\]"):  # one that overflows float32: refused first
+        finetune(student, teacher, synthetic(), lr=1e30, batch_size=16, checkpoint=fresh, progress=False)
 
 
 def test_finetune_refuses_bad_options(tmp_path):

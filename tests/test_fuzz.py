@@ -493,8 +493,13 @@ def odd_arguments(draw, function, base: dict) -> dict:
     """``base`` with one or two of ``function``'s keyword arguments replaced by odd values."""
     import inspect
 
-    names = [n for n, p in inspect.signature(function).parameters.items()
+    parameters = inspect.signature(function).parameters
+    names = [n for n, p in parameters.items()
              if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)]
+    options = parameters.get("options")
+    if options is not None and any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # fields as keywords
+        cls = getattr(rs_api(), str(options.annotation).split(" |")[0], None)
+        names += [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     names = [n for n in names if n not in ("progress", "echo", "checkpoint", "force", "resume")]
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
     return {**base, **{n: draw(ODD_PYTHON) for n in chosen}}

@@ -24,7 +24,6 @@ from torch import nn
 
 from ..arguments import checked_arguments
 from ..data import DataSpec, preprocessing
-from ..defaults import MAX_LR
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
@@ -33,14 +32,14 @@ from .activations import named_module
 from .batches import Batches, first_images, select_batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
-from .reconstruct import RECONSTRUCT_LR, BlockFit, held_back, macs_per_image, reconstruct_blocks
+from .options import DEFAULT_STEPS, CalibrateOptions, with_overrides
+from .reconstruct import BlockFit, held_back, macs_per_image, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 
 __all__ = ["BN_WORK", "CALIBRATION_STEPS", "DEFAULT_STEPS", "MEASURE_MIN", "CalibrationReport", "CalibrationStep", "approximate_rewrites",
            "calibrate", "check_steps"]
 
 CALIBRATION_STEPS = ("bn", "transfer", "reconstruct")
-DEFAULT_STEPS = ("bn", "reconstruct")
 # Steps are measured on the images reconstruction holds back when there are at least this many of them (512
 # calibration images and up), else on all the calibration images (a few held-back images are noise).
 MEASURE_MIN = 64
@@ -196,26 +195,8 @@ def _full_names(report, trunk: str | None) -> None:
 
 
 @checked_arguments
-def calibrate(
-    converted: nn.Module,
-    original: nn.Module,
-    data,
-    *,
-    num_images: int | None = 2048,
-    steps: Sequence[str] = DEFAULT_STEPS,
-    iterations: int | None = None,
-    lr: float = RECONSTRUCT_LR,
-    previous: bool = True,
-    ridge: float = 1e-3,
-    batch_size: int = 64,
-    preset: str | None = None,
-    transform=None,
-    seed: int = 0,
-    progress: bool = True,
-    after: int = 0,
-    bf16: bool = False,
-    channels_last: bool = True,
-) -> nn.Module:
+def calibrate(converted: nn.Module, original: nn.Module, data, *, options: CalibrateOptions | None = None,
+              progress: bool = True, **overrides) -> nn.Module:
     """A new model: ``converted`` with its approximately rewritten blocks repaired on unlabelled ``data``.
 
     Steps, in the order given: "bn" re-estimates the rewritten blocks' BatchNorm statistics on the new
@@ -230,34 +211,27 @@ def calibrate(
     Args:
         converted: the converted model (untouched).
         original: the model it was converted from.
-        data: an ImageFolder path (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
-        num_images: a seeded random subset of ``data`` (None: all of it).
-        steps: the calibration steps, in order ("bn", "transfer", "reconstruct").
-        iterations: reconstruction steps per block (None: RECONSTRUCT_ITERATIONS, fewer for a block whose MACs
-            would pass RECONSTRUCT_WORK: 20 to 70 for ResNet-50's at 224 px).
-        lr: reconstruction's peak learning rate, relative to each parameter tensor's RMS.
-        previous: reconstruct the block before each rewritten block jointly with it.
-        ridge: the refit's ridge, relative to the mean input energy.
-        batch_size: images per batch.
-        preset: the preprocessing preset of a path (None: see ``transform``).
-        transform: the preprocessing of a path's images (None: by the rule of `preprocessing`).
-        seed: seed of the subset and of reconstruction's mini-batches.
+        data: an ImageFolder path (preprocessed by the options' ``transform`` or ``preset``), a Dataset or a
+            DataLoader.
+        options: the steps and their settings (None: CalibrateOptions()).
         progress: show progress bars.
-        after: reconstruct up to this many blocks after each rewritten block with it (see `reconstruct_blocks`).
-        bf16: reconstruct under bfloat16 autocast.
-        channels_last: run every pass and reconstruction in channels-last memory format (on a copy of the
-            original; about 1.4x faster on a CPU at 224 px); the model comes back contiguous.
+        **overrides: fields of CalibrateOptions to set on ``options`` (``steps=("bn",)``, ``iterations=200``).
 
     Returns:
         Module: the calibrated copy; ``history(result).calibration`` is its CalibrationReport.
+
+    Raises:
+        SurgeryError: bad options or data, an exact conversion (nothing to repair), or a non-finite result.
+        TypeError: an argument of the wrong type, or an override that is not a CalibrateOptions field.
     """
-    records = _checked_rewrites(converted, steps, iterations, lr, ridge)
-    spec = DataSpec(data, transform=preprocessing(original, preset, transform), num_images=num_images, batch_size=batch_size,
-                    seed=seed, progress=progress)
-    settings = _Settings(tuple(steps), iterations, lr, previous, ridge, after, bf16, channels_last)
+    o = with_overrides(CalibrateOptions, options, overrides, "calibrate()")
+    records = _checked_rewrites(converted, o.steps, o.iterations, o.lr, o.ridge)
+    spec = DataSpec(data, transform=preprocessing(original, o.preset, o.transform), num_images=o.num_images,
+                    batch_size=o.batch_size, seed=o.seed, progress=progress)
+    settings = _Settings(tuple(o.steps), o.iterations, o.lr, o.previous, o.ridge, o.after, o.bf16, o.channels_last)
     run = _prepare(converted, original, records, spec, settings)
     _measure(run, "naive copy", None, 0, 0)
-    for step in dict.fromkeys(steps):
+    for step in dict.fromkeys(o.steps):
         with _CPUTimer() as timer:
             images, passes = _STEPS[step](run)
         _measure(run, step, timer, images, passes)
@@ -277,8 +251,8 @@ def _checked_rewrites(converted: nn.Module, steps: Sequence[str], iterations: in
             raise SurgeryError(f"calibrate's {option} must be a finite number, not {value}")
     if ridge < 0:
         raise SurgeryError(f"calibrate's ridge must be >= 0, not {ridge}")
-    if (iterations is not None and iterations < 1) or not 0 < lr <= MAX_LR:
-        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr in (0, {MAX_LR:g}], not {iterations} and {lr}")
+    if (iterations is not None and iterations < 1) or lr <= 0:  # a rate that diverges is cut back (back-offs)
+        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
     records = approximate_rewrites(converted)
     if not records:
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "

@@ -36,6 +36,7 @@ from .distributed import join_process_group, sync_buffers, train_loader
 from .evaluate import gives_logits
 from .finetune_report import FinetuneReport
 from .guard import guard_images, keep_better, objective_error
+from .options import FinetuneOptions, with_overrides
 
 __all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "finetune"]
 
@@ -113,67 +114,44 @@ class _Run:
 
 
 @checked_arguments
-def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str = "logits", epochs: int = 1,
-             steps: int | None = None, augment: str = "none", lr: float | None = None, optimizer: str | None = None,
-             weight_decay: float = 0.0, temperature: float = 4.0, alpha: float = 0.9, freeze: str = "none",
-             train_norms: bool | None = None, checkpoint: str | os.PathLike | None = None, resume: bool = False,
-             force: bool = False, max_steps: int | None = None, num_images: int | None = None, batch_size: int = 64,
-             preset: str | None = None, transform=None, seed: int = 0, bf16: bool = False,
-             channels_last: bool = False, guard: bool = True, progress: bool = True) -> nn.Module:
+def finetune(converted: nn.Module, original: nn.Module, data, *, options: FinetuneOptions | None = None,
+             checkpoint: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
+             progress: bool = True, **overrides) -> nn.Module:
     """A new model: ``converted`` trained to reproduce ``original`` (the teacher, kept in eval mode).
 
     With labels the loss is ``alpha`` * the objective's + (1 - ``alpha``) * cross-entropy. A NaN/inf loss raises
     SurgeryError and keeps the last checkpoint. ``converted`` is untouched. When training left the objective's
     own error worse (measured before and after, see `guard`), a copy of ``converted`` comes back instead, with a
-    SurgeryNotice and the report's ``kept`` saying so.
+    SurgeryNotice and the report's ``kept`` saying so (unless ``guard=False``).
 
     Args:
         converted: the converted model (the student starts as a copy).
         original: the teacher.
-        data: an ImageFolder path (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
-        objective: "logits" is knowledge distillation (KL at ``temperature``, scaled by T^2); "features" makes
-            the student reproduce the teacher's feature map before global pooling (MSE relative to its mean
-            square, the classifier frozen; MiR, Wang et al. 2022), which works from a few hundred unlabelled
-            images; "both" adds the two.
-        epochs: the budget in passes over the data.
-        steps: the budget in optimizer steps instead (as many passes as they need).
-        augment: "cifar" (pad-crop + flip), "imagenet" (random resized crop + flip), "auto" (none for
-            "logits", else "cifar" up to 64x64 images and "imagenet" above) or "none": varies the images that
-            a small set shows many times.
-        lr: peak learning rate of the cosine schedule over the budget (None: the optimizer's default).
-        optimizer: "sgd" (momentum 0.9, Nesterov; default lr 0.01; the default for "logits") or "adamw"
-            (default lr 3e-4; the default for "features"/"both").
-        weight_decay: the optimizer's weight decay.
-        temperature: the distillation temperature.
-        alpha: the weight of the distillation term when the data has labels.
-        freeze: "rewritten" trains only the blocks the recipe rewrote; "none" the whole model.
-        train_norms: norms normalise with batch statistics and update their running ones (default for
-            "logits"), or keep their statistics and train only their affine (default for "features"/"both").
+        data: an ImageFolder path (preprocessed by the options' ``transform`` or ``preset``), a Dataset or a
+            DataLoader; with labels, cross-entropy joins the distillation.
+        options: the objective, budget and training settings (None: FinetuneOptions()).
         checkpoint: written atomically after every pass (model, optimizer, scheduler, epoch, step).
         resume: continue from ``checkpoint``.
         force: replace an existing ``checkpoint``.
-        max_steps: stop early (the schedule still spans the budget).
-        num_images: train on a seeded subset of that many images.
-        batch_size: images per batch, per process.
-        preset: the preprocessing preset of a path (None: see ``transform``).
-        transform: the preprocessing of a path's images (None: by the rule of `preprocessing`).
-        seed: seed of the subset, the shuffling and the augmentation.
-        bf16: run the forward passes under bfloat16 autocast.
-        channels_last: train in channels-last memory format (the result comes back contiguous).
-        guard: return the input when training left the objective's error worse; False returns the finite
-            trained model all the same, for a caller that judges it on held-back images, as `recover` does.
         progress: show progress bars (rank 0).
+        **overrides: fields of FinetuneOptions to set on ``options`` (``objective="features"``, ``steps=500``).
 
     Returns:
         Module: the trained student in eval mode; ``history(result).finetune`` is its FinetuneReport.
+
+    Raises:
+        SurgeryError: bad options, data or checkpoint (before any work), an exact conversion, or a loss that
+            became NaN or infinite.
+        TypeError: an argument of the wrong type, or an override that is not a FinetuneOptions field.
     """
+    o = with_overrides(FinetuneOptions, options, overrides, "finetune()")
     options = _checked_options(converted, _Options(
-        objective=objective, epochs=epochs, steps=steps, augment=augment, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, temperature=temperature, alpha=alpha, freeze=freeze, train_norms=train_norms,
-        checkpoint=Path(checkpoint) if checkpoint is not None else None, resume=resume, force=force,
-        max_steps=max_steps, bf16=bf16, channels_last=channels_last))
-    spec = DataSpec(data, transform=preprocessing(original, preset, transform), num_images=num_images, batch_size=batch_size,
-                    seed=seed, progress=progress)
+        objective=o.objective, epochs=o.epochs, steps=o.steps, augment=o.augment, lr=o.lr, optimizer=o.optimizer,
+        weight_decay=o.weight_decay, temperature=o.temperature, alpha=o.alpha, freeze=o.freeze,
+        train_norms=o.train_norms, checkpoint=Path(checkpoint) if checkpoint is not None else None, resume=resume,
+        force=force, max_steps=o.max_steps, bf16=o.bf16, channels_last=o.channels_last))
+    spec = DataSpec(data, transform=preprocessing(original, o.preset, o.transform), num_images=o.num_images,
+                    batch_size=o.batch_size, seed=o.seed, progress=progress)
     _refuse_non_classifier(converted, spec)
     rank, world, started_group = join_process_group()
     try:
@@ -182,7 +160,7 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, objective: str 
     finally:
         if started_group:
             dist.destroy_process_group()
-    return _finish(*_guarded(run.student, converted, report, guard))
+    return _finish(*_guarded(run.student, converted, report, o.guard))
 
 
 def _guarded(student: nn.Module, converted: nn.Module, report: FinetuneReport, guard: bool):
