@@ -3,7 +3,7 @@ them for its help text without importing torch (which takes seconds)."""
 
 from __future__ import annotations
 
-__all__ = ["EVAL_IMAGES", "EXPLORE_STAGES", "MAX_LR", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
+__all__ = ["EVAL_IMAGES", "EXPLORE_STAGES", "MAX_BATCH", "MAX_LR", "MAX_STEPS", "RECONSTRUCT_ITERATIONS", "RECONSTRUCT_LR", "RECOVER_STAGES"]
 
 RECONSTRUCT_ITERATIONS = 500  # optimizer steps per rewritten block (fewer where the block's MACs make that minutes)
 RECONSTRUCT_LR = 3e-2  # reconstruction's peak rate, relative to each parameter tensor's RMS
@@ -14,3 +14,7 @@ EVAL_IMAGES = 2000  # recover's held-back images: the paired gap's noise is abou
 EXPLORE_STAGES = ("bn", "calibrate")
 # a learning rate (or weight decay) above this is a typo, and far above it overflows float32 in the optimizer
 MAX_LR = 10.0
+# a batch beyond this is a typo (its input alone would take gigabytes), and a count of optimizer steps or
+# passes beyond this one would outlive the machine; both far beyond them overflow C integers
+MAX_BATCH = 65536
+MAX_STEPS = 10**9

@@ -723,3 +723,24 @@ def test_found_by_the_long_run_each_is_one_line(tmp_path, pristine, monkeypatch)
     monkeypatch.setattr(quantize_module, "_measured_parity", fails)
     with pytest.raises(SurgeryError, match="onnxruntime could not run .*INVALID_ARGUMENT"):
         quantize(root)
+
+
+def test_found_by_the_second_long_run_each_is_one_line(pristine):
+    """Found by the second run of 150 cases a row: an ONNX file whose node type no longer decoded as text
+    (bench raised TypeError: the parser gave bytes), batch_size=2^63 (islice's limit inside the DataLoader) and
+    iterations=2^63 (a C integer overflowed)."""
+    import onnx
+
+    from resnet_surgery.deploy.onnxfile import is_quantized
+
+    proto = onnx.load(str(pristine / "a.onnx"))
+
+    class Node:  # what the protobuf parser gave for the damaged node: its type as bytes
+        op_type = b"Q\xffLinearConv"
+
+    assert is_quantized(type("P", (), {"graph": type("G", (), {"node": [*proto.graph.node, Node()]})})()) is False
+    original, converted, data = python_inputs()
+    with pytest.raises(SurgeryError, match="batch_size .* from 1 to 65536"):
+        rs_api().evaluate(converted, data, batch_size=2**63, progress=False)
+    with pytest.raises(SurgeryError, match="iterations from 1 to"):
+        rs_api().calibrate(converted, original, data, iterations=2**63, progress=False)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..arguments import checked_arguments
+from ..defaults import MAX_BATCH
 from ..errors import SurgeryError
 from .images import image_folder, without_bad_images
 from .transforms import preset_transform
@@ -92,8 +93,8 @@ def as_loader(
             folder of images, Dataset or DataLoader, or holds no image.
         TypeError: an argument of the wrong type.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise SurgeryError(f"batch_size (--batch-size) takes a positive integer, got {batch_size!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
+        raise SurgeryError(f"batch_size (--batch-size) takes an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
     if isinstance(data, DataLoader):
         if num_images is None:
             return data

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..arguments import checked_arguments
+from ..defaults import MAX_BATCH
 from ..errors import SurgeryError
 from ..utils import check_argument
 from .cpu import weight_range_warning
@@ -276,9 +277,6 @@ def check_batch_sizes(batch_sizes, threads=None) -> list[int]:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
     return batch_sizes
-
-
-MAX_BATCH = 65536  # a batch beyond this is a typo (its input alone would take gigabytes)
 
 
 @dataclasses.dataclass

@@ -117,8 +117,9 @@ def is_quantized(proto: onnx.ModelProto) -> bool:
     Returns:
         True for an int8 graph.
     """
-    return any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") or n.op_type.startswith("QLinear")
-               or n.op_type.endswith("Integer") for n in proto.graph.node)
+    types = [n.op_type if isinstance(n.op_type, str) else str(n.op_type) for n in proto.graph.node]  # damaged: bytes
+    return any(t in ("QuantizeLinear", "DynamicQuantizeLinear") or t.startswith("QLinear") or t.endswith("Integer")
+               for t in types)
 
 
 def set_metadata(path: Path, values: dict[str, str]) -> None:

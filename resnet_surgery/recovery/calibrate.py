@@ -24,6 +24,7 @@ from torch import nn
 
 from ..arguments import checked_arguments
 from ..data import DataSpec, preprocessing
+from ..defaults import MAX_STEPS
 from ..engine.blocks import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
@@ -251,8 +252,9 @@ def _checked_rewrites(converted: nn.Module, steps: Sequence[str], iterations: in
             raise SurgeryError(f"calibrate's {option} must be a finite number, not {value}")
     if ridge < 0:
         raise SurgeryError(f"calibrate's ridge must be >= 0, not {ridge}")
-    if (iterations is not None and iterations < 1) or lr <= 0:  # a rate that diverges is cut back (back-offs)
-        raise SurgeryError(f"reconstruction needs iterations >= 1 and lr > 0, not {iterations} and {lr}")
+    if (iterations is not None and not 1 <= iterations <= MAX_STEPS) or lr <= 0:  # a diverging rate is cut back
+        raise SurgeryError(f"reconstruction needs iterations from 1 to {MAX_STEPS:.0e} and lr > 0, not {iterations} "
+                           f"and {lr}")
     records = approximate_rewrites(converted)
     if not records:
         raise SurgeryError("the conversion is exact (no approximate rewrites): the model already computes the "

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..arguments import checked_arguments
 from ..atomic import check_writable
 from ..data import DataSpec, preprocessing, split_batch
-from ..defaults import MAX_LR
+from ..defaults import MAX_LR, MAX_STEPS
 from ..engine.blocks import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
@@ -210,6 +210,8 @@ def _checked_options(converted: nn.Module, options: _Options) -> _Options:
     if not (0 < lr <= MAX_LR and 0 <= options.weight_decay <= MAX_LR):
         raise SurgeryError(f"finetune's lr must be in (0, {MAX_LR:g}] and its weight_decay in [0, {MAX_LR:g}], "
                            f"not {lr} and {options.weight_decay}")
+    if max(options.epochs, steps or 1, options.max_steps or 1) > MAX_STEPS:
+        raise SurgeryError(f"finetune's epochs, steps and max_steps go up to {MAX_STEPS:.0e}")
     if options.epochs < 1 or (steps is not None and steps < 1) or temperature <= 0 or not 0 <= alpha <= 1:
         raise SurgeryError("need epochs >= 1, steps >= 1, temperature > 0 and 0 <= alpha <= 1")
     if not approximate_rewrites(converted):
