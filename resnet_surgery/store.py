@@ -25,7 +25,7 @@ from .utils import check_model, private_copy
 from .zoo.registry import load_named
 from .zoo.weights import file_sha256, load_state_into, read_state_dict
 
-__all__ = ["RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model",
+__all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model",
            "load_source", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -34,14 +34,15 @@ SUMMARY_FILE = "summary.txt"
 
 
 @checked_arguments
-def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str = "") -> Path:
+def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summary: str | None = None) -> Path:
     """Write ``model.safetensors``, ``recipe.json`` and ``summary.txt`` to ``out`` atomically.
 
     Args:
         model: a converted model (it must carry the recipe `convert` recorded).
         out: the folder to write.
         force: replace an existing ``out`` (False: an existing folder is an error).
-        summary: the text of ``summary.txt`` ("": an empty file).
+        summary: the text of ``summary.txt`` (None: what the model's history holds, as the command line
+            writes it: the source, the conversion and the report of every recovery step).
 
     Returns:
         Path: ``out``.
@@ -57,8 +58,32 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summa
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": recipe.format})
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+        summary = describe(model) if summary is None else summary
         (tmp / SUMMARY_FILE).write_text(summary + ("\n" if summary and not summary.endswith("\n") else ""))
     return Path(out)
+
+
+def describe(model: nn.Module) -> str:
+    """What ``model``'s history holds, as text: where it came from, its conversion, every recovery report.
+
+    Args:
+        model: a model resnet-surgery made.
+
+    Returns:
+        str: the text (``save`` writes it to summary.txt when it is given no summary).
+    """
+    h = history(model)
+    lines = []
+    if h.source is not None:
+        lines.append(f"source: {h.source.model} ({h.source.kind}, weights {h.source.weights or 'none'})")
+    if h.recipe is not None:
+        r = h.recipe
+        lines.append(f"converted {r.variant_before} -> {r.variant_after} ({'exact' if r.exact else 'approximate'}): "
+                     + ", ".join(f"{w.block} {w.op}{'' if w.exact else ' (approximate)'}" for w in r.rewrites))
+    for what, report in (("calibration", h.calibration), ("fine-tuning", h.finetune), ("recovery", h.recovery)):
+        if report is not None:
+            lines += [f"{what}:", str(report)]
+    return "\n".join(lines)
 
 
 @checked_arguments

@@ -36,3 +36,13 @@ def test_the_rule_in_order():
     assert rs.preprocessing(model, "cifar10", transform=mine) is mine
     assert repr(rs.preprocessing(model, "imagenet")) == repr(rs.preprocessing(None))  # the preset, then the default
     assert repr(rs.preprocessing(model)) == repr(rs.model_transform(model)) != repr(rs.preprocessing(None))
+
+
+def test_rs_save_writes_the_summary_the_command_line_writes(tmp_path):
+    original = rs.load_model("cifar10-resnet-v1.5", "DEFAULT")
+    converted = rs.convert(original, "v1", input_size=(3, 32, 32), warn=False)
+    calibrated = rs.calibrate(converted, original, torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32)),
+                              steps=("bn",), progress=False)
+    text = (rs.save(calibrated, tmp_path / "py") / "summary.txt").read_text()
+    assert "source: cifar10-resnet-v1.5" in text and "converted v1.5 -> v1 (approximate)" in text
+    assert str(rs.history(calibrated).calibration) in text  # what `resnet-surgery calibrate` writes after its header
