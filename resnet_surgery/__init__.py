@@ -91,31 +91,63 @@ if TYPE_CHECKING:  # what editors and type checkers read
         preprocessing,
         split_batch,
     )
-    from .deploy.export import ExportError, OnnxModule, ParityError, export_onnx
-    from .deploy.latency import LatencyReport, compare_latency
-    from .deploy.onnxfile import onnx_input_shape
-    from .deploy.parity import ParityReport
-    from .deploy.quantize import QuantizationError, QuantReport, export_int8, quantize_onnx
-    from .deploy.stats import RatioCI, ratio_ci
-    from .engine.blocks import Block, Trunk, find_blocks, find_trunk, trace
-    from .engine.inspect import Report, count_macs, inspect
-    from .engine.layers import Subsample
-    from .engine.probe import max_difference
-    from .engine.prune import prune_dead_compute
-    from .engine.reads import ConvReads, SiteReads, grid_text, site_reads
-    from .engine.reads_plot import plot_sites
-    from .engine.recipe import Options, Recipe, Rewrite
-    from .engine.rewrite import SurgeryNotice, convert
-    from .engine.transplant import transplant
+    from .deploy import (
+        ExportError,
+        LatencyReport,
+        OnnxModule,
+        ParityError,
+        ParityReport,
+        QuantizationError,
+        QuantReport,
+        RatioCI,
+        compare_latency,
+        export_int8,
+        export_onnx,
+        onnx_input_shape,
+        quantize_onnx,
+        ratio_ci,
+    )
+    from .engine import (
+        Block,
+        ConvReads,
+        Options,
+        Recipe,
+        Report,
+        Rewrite,
+        SiteReads,
+        Subsample,
+        SurgeryNotice,
+        Trunk,
+        convert,
+        count_macs,
+        find_blocks,
+        find_trunk,
+        grid_text,
+        inspect,
+        max_difference,
+        plot_sites,
+        prune_dead_compute,
+        site_reads,
+        trace,
+        transplant,
+    )
     from .errors import NotExactError, SurgeryError, TraceError
-    from .recovery.calibrate import CalibrationReport, calibrate
-    from .recovery.evaluate import EvalReport, evaluate, predict
-    from .recovery.finetune import finetune
-    from .recovery.finetune_report import FinetuneReport
-    from .recovery.options import CalibrateOptions, FinetuneOptions
-    from .recovery.recover import RecoverOptions, recover
-    from .recovery.recover_report import RecoveryReport, RecoveryStage
+    from .recovery import (
+        CalibrateOptions,
+        CalibrationReport,
+        EvalReport,
+        FinetuneOptions,
+        FinetuneReport,
+        RecoverOptions,
+        RecoveryReport,
+        RecoveryStage,
+        calibrate,
+        evaluate,
+        finetune,
+        predict,
+        recover,
+    )
     from .store import apply_recipe, load, load_model, read_recipe, save
     from .vocab import Layout, Op, Shortcut, Variant
-    from .workflows.explore import ExploreOptions, ExploreReport, explore, pareto_front
-    from .zoo.cifar import CIFAR_MODELS, cifar_resnet, load_cifar_resnet
+    from .workflows import ExploreOptions, ExploreReport, explore, pareto_front
+    from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet

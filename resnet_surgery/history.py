@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # annotations only: this module stays light (the package root imports it)
     from torch import nn
 
-    from .engine.recipe import Recipe
+    from .engine import Recipe
 
 __all__ = [
     "ATTRIBUTE", "History", "LOADABLE_KINDS", "SOURCE_KINDS", "Source", "history", "record",

@@ -17,13 +17,11 @@ from torch import nn
 
 from .arguments import checked_arguments
 from .atomic import atomic_dir
-from .engine.recipe import Recipe
-from .engine.rewrite import convert
+from .engine import Recipe, convert
 from .errors import SurgeryError
 from .history import Source, history, record
 from .utils import check_model, private_copy
-from .zoo.registry import load_named
-from .zoo.weights import file_sha256, load_state_into, read_state_dict
+from .zoo import file_sha256, load_named, load_state_into, read_state_dict
 
 __all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model",
            "load_source", "read_recipe", "save"]

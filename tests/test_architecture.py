@@ -125,6 +125,17 @@ def test_imports_only_point_down():
     assert not up, up
 
 
+def test_outside_a_subpackage_code_imports_only_its_init():
+    # timm's habit: each subpackage's API is its __init__; its modules are its own business
+    reaching = []
+    for name, (path, tree) in modules().items():
+        for target, _, line in imports(name, path, tree):
+            parts = target.split(".")
+            if len(parts) > 1 and parts[0] != name.split(".")[0]:
+                reaching.append(f"{path.relative_to(PACKAGE)}:{line} imports {target}: import from {parts[0]}")
+    assert not reaching, reaching
+
+
 def test_no_private_name_crosses_modules():
     crossing = []
     for name, (path, tree) in modules().items():

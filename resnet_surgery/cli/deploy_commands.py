@@ -39,7 +39,7 @@ __all__ = ["bench_command", "export_command"]
 def bench_command(models, batches, threads, min_time, max_time, device, plot, force, as_json):
     """Compare the latency of ONNX MODELS in onnxruntime; each is compared with the first."""
     from ..atomic import check_writable
-    from ..deploy.latency import compare_latency
+    from ..deploy import compare_latency
     if plot:
         check_writable(plot, force)
     if len({Path(m).resolve() for m in models}) != len(models):
@@ -82,10 +82,9 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
     least --min-agreement percent of held-out --calibration-data images.
     """
     from ..atomic import check_writable
-    from ..deploy.export import ParityError, export_onnx
-    from ..deploy.quantize import export_int8
+    from ..deploy import ParityError, export_int8, export_onnx
     from ..store import load_model
-    from ..zoo.registry import exportable_part
+    from ..zoo import exportable_part
     if int8 != bool(calibration_data):
         raise SurgeryError("--int8 needs --calibration-data DIR (images to calibrate on), and only --int8 takes it")
     out = check_writable(out, force)

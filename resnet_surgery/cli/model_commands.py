@@ -65,7 +65,7 @@ def convert_summary(name: str, weights: str, converted, macs_before: int, macs_a
 def inspect_command(model, weights, input_size, grid, plot, compare, force, as_json):
     """Show MODEL's residual blocks, stride placement, shortcuts, MACs and dead computation."""
     from ..atomic import check_writable
-    from ..engine.inspect import inspect
+    from ..engine import inspect
     from ..store import load_model
     if compare and not plot:
         raise click.UsageError("--compare goes with --plot PATH")
@@ -101,7 +101,7 @@ def convert_command(model, to, shortcut, exact, prune_dead, weights, input_size,
     """Convert MODEL to another downsampling variant and write it to --out."""
     from ..atomic import check_writable
     from ..store import save
-    from ..workflows.pipeline import convert_model
+    from ..workflows import convert_model
     check_writable(out, force)
     # The probe when one was asked for: an exact rewrite (or pruning) is expected to keep the function.
     done = convert_model(model, weights, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead,
@@ -166,7 +166,7 @@ def transplant_command(source, target, weights, into_weights, no_head, input_siz
     """Copy SOURCE's weights into the layout of --into (another implementation of the same network), matched
     by structure rather than names, converting --into's stride placement or shortcuts to SOURCE's if they differ."""
     from ..atomic import check_writable
-    from ..engine.transplant import transplant
+    from ..engine import transplant
     from ..history import history
     from ..store import load_model, save
     check_writable(out, force)

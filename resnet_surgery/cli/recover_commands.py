@@ -67,7 +67,7 @@ def load_original(spec, weights, converted):
 def evaluate_command(model_or_dir, weights, reference, reference_weights, data, preset, size, resize, mean, std,
                      batch_size, num_images, skip_bad_images, as_json):
     """Top-1/top-5 of MODEL_OR_DIR on an ImageFolder, and its agreement with a --reference model."""
-    from ..recovery.evaluate import evaluate
+    from ..recovery import evaluate
     from ..store import load_model
     model = load_model(model_or_dir, weights)
     ref = load_model(reference, reference_weights) if reference else None
@@ -117,9 +117,9 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     like a segmentation model, scored by the relative error of its outputs."""
     from ..atomic import check_writable
     from ..history import history
-    from ..recovery.calibrate import calibrate
+    from ..recovery import calibrate
     from ..store import load, save
-    from ..zoo.registry import classifier_only
+    from ..zoo import classifier_only
     check_writable(out, force)
     converted = load(converted_dir)
     source = load_original(original, weights, converted)
@@ -175,7 +175,7 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
     """
     from ..atomic import check_writable
     from ..history import history
-    from ..recovery.finetune import finetune
+    from ..recovery import finetune
     from ..store import load, save
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
@@ -232,7 +232,7 @@ def recover_command(converted_dir, original, weights, data, preset, size, resize
     spent or the last stage stops paying. A stage that leaves the model worse is undone."""
     from ..atomic import check_writable
     from ..history import history
-    from ..recovery.recover import RecoverOptions, recover
+    from ..recovery import RecoverOptions, recover
     from ..store import load, save
     check_writable(out, force)
     if plot is not None:

@@ -59,7 +59,7 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
                 num_images, iterations, epochs, objective, finetune_steps, recover_data, target, budget, batches,
                 threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
-    from ..workflows.pipeline import run_pipeline, run_summary
+    from ..workflows import run_pipeline, run_summary
     result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
                           out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
                           finetune_data=finetune_data, preset=preset, num_images=num_images, iterations=iterations,
@@ -113,7 +113,7 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
     from ..data import PRESETS, transform_size
     from ..store import load_model
-    from ..workflows.explore import check_explore_out, explore
+    from ..workflows import check_explore_out, explore
     check_explore_out(out)
     original = load_model(model, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, original)

@@ -29,8 +29,7 @@ from torch import nn
 
 from ..arguments import checked_arguments
 from ..atomic import atomic_file, check_writable, staging_dir
-from ..engine.inspect import count_macs
-from ..engine.probe import output_tensors
+from ..engine import count_macs, output_tensors
 from ..errors import SurgeryError, first_line
 from ..utils import check_model, eval_mode, image_size, model_device
 from .onnxfile import MACS_METADATA_KEY, onnx_input_shape, onnx_metadata, set_metadata

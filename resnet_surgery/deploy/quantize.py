@@ -30,7 +30,7 @@ from ..arguments import checked_arguments
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
-from ..recovery.evaluate import evaluate
+from ..recovery import evaluate
 from ..utils import check_model, image_size
 from .cpu import cpu_extensions
 from .export import OnnxModule, ParityError, export_onnx

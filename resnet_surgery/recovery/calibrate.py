@@ -25,7 +25,7 @@ from torch import nn
 from ..arguments import checked_arguments
 from ..data import DataSpec, preprocessing
 from ..defaults import MAX_STEPS
-from ..engine.blocks import full_name
+from ..engine import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
 from ..utils import model_device

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_file
 from ..errors import SurgeryError, first_line
 from ..history import history
-from ..zoo.weights import torch_load
+from ..zoo import torch_load
 
 __all__ = ["load_checkpoint", "run_identity", "save_checkpoint"]
 

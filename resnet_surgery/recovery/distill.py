@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import split_batch
-from ..engine.blocks import trace
-from ..engine.pooling import GlobalPool, find_global_pool
+from ..engine import GlobalPool, find_global_pool, trace
 from ..utils import model_device
 
 __all__ = ["AUGMENTATIONS", "AUTO_CIFAR_SIZE", "Taps", "augmenter", "distillation_loss", "features_text", "global_pools",

@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from ..arguments import checked_arguments
 from ..data import DataSpec, preprocessing, split_batch
-from ..engine.probe import output_tensors
-from ..engine.rewrite import SurgeryNotice
+from ..engine import SurgeryNotice, output_tensors
 from ..errors import SurgeryError
 from ..utils import check_model, eval_mode, model_device
 from .batches import Batches

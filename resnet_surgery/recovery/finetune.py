@@ -24,7 +24,7 @@ from ..arguments import checked_arguments
 from ..atomic import check_writable
 from ..data import DataSpec, preprocessing, split_batch
 from ..defaults import MAX_LR, MAX_STEPS
-from ..engine.blocks import NORM_TYPES
+from ..engine import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
 from ..utils import eval_mode, model_device, state_digest

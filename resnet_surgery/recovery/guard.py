@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..data import split_batch
-from ..engine.rewrite import SurgeryNotice
+from ..engine import SurgeryNotice
 from ..utils import eval_mode
 from .distill import Taps, training_loss
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..defaults import RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR
-from ..engine.blocks import find_blocks, find_trunk, trace
+from ..engine import find_blocks, find_trunk, trace
 from ..errors import SurgeryError
 from ..utils import eval_mode, model_device
 from .activations import capture, execution_order, named_module, run_hooked, submodule

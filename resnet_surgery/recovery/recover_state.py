@@ -13,7 +13,7 @@ from torch import nn
 
 from ..atomic import atomic_file
 from ..errors import SurgeryError, first_line
-from ..zoo.weights import torch_load
+from ..zoo import torch_load
 from .recover_report import RecoveryStage
 
 __all__ = ["load_state", "save_state"]

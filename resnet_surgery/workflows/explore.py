@@ -34,15 +34,11 @@ from ..arguments import checked_arguments
 from ..atomic import atomic_dir, atomic_file
 from ..data import held_out_split, preprocessing, split_batch
 from ..defaults import EVAL_IMAGES
-from ..deploy.export import OnnxModule, export_onnx
-from ..deploy.latency import compare_latency
-from ..deploy.quantize import ACTIVATIONS, QuantizationError, quantize_onnx
-from ..engine.blocks import Trunk, find_trunk, model_variant
-from ..engine.rewrite import convert
+from ..deploy import ACTIVATIONS, OnnxModule, QuantizationError, compare_latency, export_onnx, quantize_onnx
+from ..engine import Trunk, convert, find_trunk, model_variant
 from ..errors import NotExactError, SurgeryError
 from ..history import history
-from ..recovery.evaluate import evaluate, predict
-from ..recovery.recover import RecoverOptions, recover
+from ..recovery import RecoverOptions, evaluate, predict, recover
 from ..store import load_into, save
 from ..utils import check_model, image_size, report_dict, state_digest
 from .explore_inputs import (

@@ -16,10 +16,9 @@ from torch.utils.data import Dataset
 from ..arguments import check_fields
 from ..atomic import check_writable
 from ..defaults import EXPLORE_STAGES
-from ..deploy.latency import check_batch_sizes
+from ..deploy import check_batch_sizes
 from ..errors import SurgeryError
-from ..recovery.evaluate import check_label_classes
-from ..recovery.recover import check_stages, check_target_and_budget
+from ..recovery import check_label_classes, check_stages, check_target_and_budget
 
 __all__ = ["ExploreOptions", "ONNX_FILE", "RESULT_FILE", "explore_options", "check_candidates_folder", "check_explore_out", "check_explore_request", "reusable_result",
            "saved_model"]

@@ -12,17 +12,11 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_dir, check_writable
 from ..data import preprocessing
-from ..deploy.export import export_onnx
-from ..deploy.latency import LatencyReport, compare_latency
-from ..engine.inspect import count_macs
-from ..engine.probe import max_difference
-from ..engine.recipe import Recipe
-from ..engine.rewrite import convert
+from ..deploy import LatencyReport, compare_latency, export_onnx
+from ..engine import Recipe, convert, count_macs, max_difference
 from ..errors import SurgeryError
 from ..history import history
-from ..recovery.calibrate import calibrate
-from ..recovery.finetune import finetune
-from ..recovery.recover import RecoverOptions, check_target_and_budget, recover
+from ..recovery import RecoverOptions, calibrate, check_target_and_budget, finetune, recover
 from ..store import load_model, save
 from ..utils import report_dict
 
