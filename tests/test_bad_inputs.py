@@ -3,6 +3,7 @@
 result or lost work. One test (or more) per defect; defect 5 (recipe.json) belongs to issue 11."""
 
 import copy
+import importlib
 import io
 import json
 import os
@@ -17,7 +18,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from util import one_line_error, run
 
-import resnet_surgery.deploy.export as export_module
 import resnet_surgery.store
 import resnet_surgery.workflows.pipeline
 from resnet_surgery import (
@@ -38,6 +38,8 @@ from resnet_surgery import (
 from resnet_surgery.atomic import atomic_dir, atomic_file, check_writable
 from resnet_surgery.data import as_loader, preset_transform
 from resnet_surgery.zoo.cifar import cifar_resnet
+
+export_module = importlib.import_module("resnet_surgery.deploy.export")
 
 
 def quiet_convert(model, to, size=16, **kw):

@@ -1,3 +1,4 @@
+import importlib
 import json
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
 
 @pytest.mark.slow
 def test_run_recovers_with_recover_when_given_images_for_it(tmp_path, monkeypatch):
-    from resnet_surgery.recovery import recover as recover_module
+    recover_module = importlib.import_module("resnet_surgery.recovery.recover")
 
     monkeypatch.setattr(recover_module, "FEATURE_STEPS", 10)
     images = write_random_images(tmp_path / "images", 16, 32)

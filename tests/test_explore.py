@@ -13,6 +13,7 @@ from resnet_surgery.cli import main
 from resnet_surgery.zoo.cifar import cifar_resnet
 
 explore_module = importlib.import_module("resnet_surgery.workflows.explore")  # the package's `explore` is the function
+
 FAST = {"min_time_s": 0.05, "max_time_s": 0.1, "progress": False}  # tests never assert timings
 SIZE = (3, 16, 16)
 

@@ -1,3 +1,4 @@
+import importlib
 import json
 import warnings
 
@@ -12,10 +13,11 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from util import CaffeResNet, randomize_bn
 
-import resnet_surgery.deploy.export as export_module
 from resnet_surgery import SurgeryError, SurgeryNotice, convert, count_macs, history
 from resnet_surgery.cli import main
 from resnet_surgery.deploy.export import ParityError, export_onnx, onnx_input_shape, onnx_metadata
+
+export_module = importlib.import_module("resnet_surgery.deploy.export")
 
 
 def tiny_net(channels: int = 8) -> nn.Module:

@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 import os
@@ -11,13 +12,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import resnet_surgery.recovery.finetune as finetune_module
 from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.history import record
 from resnet_surgery.recovery.distill import distillation_loss
 from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.zoo.cifar import cifar_resnet
 
+finetune_module = importlib.import_module("resnet_surgery.recovery.finetune")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -163,13 +164,13 @@ def test_finetune_refuses_bad_options(tmp_path):
 
 
 WORKER = """
-import json, os, sys, warnings
+import importlib, json, os, sys, warnings
 import torch
 sys.path.insert(0, {tests!r})
 from test_finetune import synthetic, tiny_pair
 from resnet_surgery import history
-import resnet_surgery.recovery.finetune as finetune_module
 from resnet_surgery.recovery.finetune import finetune
+finetune_module = importlib.import_module("resnet_surgery.recovery.finetune")
 
 # Training's mechanics under torchrun: the guard (test_recovery_guard) keeps what training did.
 finetune_module.keep_better = lambda trained, given, before, after: (trained, "trained")

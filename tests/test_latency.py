@@ -1,3 +1,4 @@
+import importlib
 import json
 import subprocess
 import sys
@@ -183,7 +184,7 @@ def test_report_structure(onnx_models, tmp_path, monkeypatch):
     with pytest.raises(SurgeryError, match="already exists"):
         report.plot(png, force=False)
     # The title: "1 thread" (not "1 threads"), on short lines that fit the figure (one long line was cut off).
-    import resnet_surgery.deploy.latency as latency_module
+    latency_module = importlib.import_module("resnet_surgery.deploy.latency")
 
     titles = []
     monkeypatch.setattr(latency_module, "plot_latency", lambda timings, batches, title, path, force: titles.append(title))
@@ -201,7 +202,7 @@ def test_given_macs_override_the_file_and_busy_machine_warns(onnx_models, monkey
 
 
 def test_wide_interval_warns(onnx_models, monkeypatch):
-    import resnet_surgery.deploy.stats as stats
+    stats = importlib.import_module("resnet_surgery.deploy.stats")
 
     monkeypatch.setattr(stats, "CI_WARN", 0.0)
     report = compare_latency({"a": onnx_models["small"], "b": onnx_models["big"]}, **FAST)
@@ -240,7 +241,7 @@ def test_cuda_without_the_cuda_provider_says_how_to_get_it(onnx_models):
 def quick_peak(request, monkeypatch):
     """The CLI measures the peak with 2048 x 2048 matmuls; its tests need not."""
     if request.node.name.startswith("test_cli"):
-        import resnet_surgery.deploy.latency as latency
+        latency = importlib.import_module("resnet_surgery.deploy.latency")
 
         monkeypatch.setattr(latency, "measure_peak_gflops", lambda *args, **kwargs: 50.0)
 

@@ -1,6 +1,7 @@
 """recover: the stages in order to a target within a budget, each judged on held-back images and undone when worse;
 a checkpoint after every stage that a killed run resumes from; bad input refused before any work."""
 
+import importlib
 import json
 
 import pytest
@@ -12,11 +13,12 @@ from torch.utils.data import TensorDataset
 from resnet_surgery import history
 from resnet_surgery.cli.app import main
 from resnet_surgery.errors import SurgeryError
-from resnet_surgery.recovery import recover as recover_module
 from resnet_surgery.recovery.budget import expired, time_limit
 from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.recovery.recover import RecoverOptions, recover
+
+recover_module = importlib.import_module("resnet_surgery.recovery.recover")
 
 FAST = RecoverOptions(eval_images=64, calibrate_images=96, batch_size=32, iterations=20)
 

@@ -1,4 +1,5 @@
 import copy
+import importlib
 import json
 import warnings
 
@@ -8,10 +9,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from util import CaffeResNet
 
-import resnet_surgery.recovery.activations as activations
-import resnet_surgery.recovery.calibrate as recovery
-import resnet_surgery.recovery.evaluate as evaluation
-import resnet_surgery.recovery.refit as refit
 from resnet_surgery import SurgeryError, convert, history
 from resnet_surgery.data import cifar10_tensors, normalize_uint8
 from resnet_surgery.recovery.batchnorm import reestimate_bn
@@ -19,6 +16,11 @@ from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.evaluate import evaluate, predict
 from resnet_surgery.recovery.refit import transfer_weights
 from resnet_surgery.zoo.cifar import load_cifar_resnet
+
+activations = importlib.import_module("resnet_surgery.recovery.activations")
+recovery = importlib.import_module("resnet_surgery.recovery.calibrate")
+evaluation = importlib.import_module("resnet_surgery.recovery.evaluate")
+refit = importlib.import_module("resnet_surgery.recovery.refit")
 
 
 class Logits(nn.Module):

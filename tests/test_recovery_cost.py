@@ -2,6 +2,7 @@
 autocast and channels-last memory format for reconstruction and fine-tuning."""
 
 import copy
+import importlib
 import warnings
 
 import torch
@@ -10,14 +11,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-import resnet_surgery.recovery.crops as crops
-import resnet_surgery.recovery.reconstruct as reconstruct
 from resnet_surgery import history, save
 from resnet_surgery.engine.rewrite import convert
 from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.finetune import finetune
 from resnet_surgery.store import load_into
 from resnet_surgery.zoo.cifar import cifar_resnet
+
+crops = importlib.import_module("resnet_surgery.recovery.crops")
+reconstruct = importlib.import_module("resnet_surgery.recovery.reconstruct")
 
 
 def settled(original: nn.Module, size: int) -> nn.Module:
@@ -201,7 +203,7 @@ def test_the_cifar_models_calibrate_exactly_as_before_the_caps():
 def test_batchnorm_work_cap_reads_the_first_images_and_nothing_else(monkeypatch):
     """calibrate's "bn" step equals a direct re-estimation on the images BN_WORK allows (here the first 40):
     counting the model's MACs must not feed a forward pass into the re-estimation's hooks."""
-    import resnet_surgery.recovery.calibrate as calibration
+    calibration = importlib.import_module("resnet_surgery.recovery.calibrate")
     from resnet_surgery.recovery.batchnorm import reestimate_bn
     from resnet_surgery.recovery.calibrate import approximate_rewrites
 

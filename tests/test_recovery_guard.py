@@ -1,5 +1,6 @@
 """Calibration never returns a model worse than its input: the reconstruction guard, finite options and results."""
 
+import importlib
 import math
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 from test_recovery import tiny_conversion
 from torch.utils.data import TensorDataset
 
-import resnet_surgery.recovery.reconstruct as reconstruct
 from resnet_surgery import SurgeryError, history
 from resnet_surgery.recovery.calibrate import calibrate
 from resnet_surgery.recovery.evaluate import evaluate
+
+reconstruct = importlib.import_module("resnet_surgery.recovery.reconstruct")
 
 
 def images(n: int, seed: int) -> TensorDataset:
@@ -164,7 +166,7 @@ def test_finetune_refuses_non_finite_options_up_front(option, value):
 
 
 def test_a_reconstruction_that_worsens_the_model_is_undone(monkeypatch):
-    import resnet_surgery.recovery.calibrate as calibration
+    calibration = importlib.import_module("resnet_surgery.recovery.calibrate")
 
     original, converted = tiny_conversion("v1")
     calib = images(64, 1)

@@ -17,6 +17,7 @@ from resnet_surgery.zoo.cifar import cifar_resnet
 
 explore_module = importlib.import_module("resnet_surgery.workflows.explore")
 quantize_module = importlib.import_module("resnet_surgery.deploy.quantize")
+
 FAST = {"min_time_s": 0.05, "max_time_s": 0.1, "progress": False}
 SIZE = (3, 16, 16)
 EXPLORE = dict(input_size=SIZE, variants=["d"], calibrate_images=16, stages=("bn",), eval_images=16,
