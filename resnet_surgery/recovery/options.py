@@ -128,7 +128,7 @@ def with_overrides(cls, options, overrides: dict, owner: str):
     if not isinstance(options, cls):
         raise TypeError(f"{owner}: options takes a {cls.__name__}, got {options!r:.80}")
     if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)}):
-        raise TypeError(f"{owner} got an unexpected keyword argument {unknown[0]!r} (not a {cls.__name__} field)")
+        raise TypeError(f"{owner} got an unexpected keyword argument {unknown[0]!r} (not a field of {cls.__name__})")
     options = dataclasses.replace(options, **overrides)
     check_fields(options, owner)
     return options

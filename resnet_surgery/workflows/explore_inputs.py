@@ -13,12 +13,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..arguments import check_fields
 from ..atomic import check_writable
 from ..defaults import EXPLORE_STAGES
 from ..deploy import check_batch_sizes
 from ..errors import SurgeryError
-from ..recovery import check_label_classes, check_stages, check_target_and_budget
+from ..recovery import check_label_classes, check_stages, check_target_and_budget, with_overrides
 
 __all__ = ["ExploreOptions", "ONNX_FILE", "RESULT_FILE", "explore_options", "check_candidates_folder", "check_explore_out", "check_explore_request", "reusable_result",
            "saved_model"]
@@ -86,13 +85,7 @@ def explore_options(options: ExploreOptions | None, overrides: dict) -> ExploreO
         TypeError: an override that is not a field, or a field of the wrong type.
         SurgeryError: unknown stages, or a target or budget that is not a number above zero.
     """
-    options = ExploreOptions() if options is None else options
-    if not isinstance(options, ExploreOptions):
-        raise TypeError(f"explore(): options takes an ExploreOptions, got {options!r:.80}")
-    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(ExploreOptions)}):
-        raise TypeError(f"explore() got an unexpected keyword argument {unknown[0]!r} (not an ExploreOptions field)")
-    options = dataclasses.replace(options, **overrides)
-    check_fields(options, "explore()")
+    options = with_overrides(ExploreOptions, options, overrides, "explore()")
     check_stages(options.stages)
     check_target_and_budget(options.target, options.budget)
     return options
