@@ -65,32 +65,37 @@ def check_fields(options, owner: str) -> None:
     import dataclasses
     import sys
 
-    namespace = {**vars(typing), "os": os, **vars(sys.modules[type(options).__module__])}
+    namespace = vars(sys.modules[type(options).__module__])
     for field in dataclasses.fields(options):
-        try:
-            hint = eval(field.type, namespace) if isinstance(field.type, str) else field.type  # noqa: S307
-        except Exception:  # noqa: BLE001 - a name only imported for type checking: not checked
-            continue
+        hint = _plain_hint(field.type, namespace)
         value = getattr(options, field.name)
-        if _plain(hint) and not _fits(value, hint):
+        if hint is not None and not _fits(value, hint):
             raise TypeError(f"{owner}: {field.name} takes {_words(hint)}, got {value!r:.80}")
 
 
 def _plain_hints(fn, signature: inspect.Signature) -> dict:
     """The parameters whose annotation is made of plain types, resolved; the others are left out."""
     hints = {}
-    namespace = {**vars(typing), "os": os, **getattr(fn, "__globals__", {})}
     for name, parameter in signature.parameters.items():
-        annotation = parameter.annotation
-        if annotation is inspect.Parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
-        try:
-            hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
-        except Exception:  # noqa: BLE001 - a name only imported for type checking: not checked
-            continue
-        if _plain(hint):
+        hint = _plain_hint(parameter.annotation, getattr(fn, "__globals__", {}))
+        if hint is not None:
             hints[name] = hint
     return hints
+
+
+def _plain_hint(annotation, module_namespace: dict):
+    """``annotation`` resolved in its module when it is made of plain types; None when it is not (or is empty,
+    or names something only imported for type checking)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    try:
+        namespace = {**vars(typing), "os": os, **module_namespace}
+        hint = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+    except Exception:  # noqa: BLE001 - a name only imported for type checking: not checked
+        return None
+    return hint if _plain(hint) else None
 
 
 def _plain(hint) -> bool:

@@ -203,11 +203,9 @@ def build_preprocessing(preset, size, resize, mean, std, model=None):
     Returns:
         The transform.
     """
-    from ..data import model_transform, preset_transform
-    chosen = preset is not None or any(v is not None for v in (size, resize, mean, std))
-    own = model_transform(model) if model is not None and not chosen else None
-    if own is not None:
-        return own
+    from ..data import preprocessing, preset_transform
+    if preset is None and all(v is None for v in (size, resize, mean, std)):
+        return preprocessing(model)  # the library's rule: the model's own, else imagenet's
 
     def three(value, name):
         if value is None:
