@@ -2,9 +2,10 @@
 to the command that reads it, and the properties every command owes its user are checked on every case.
 
 Properties: the command succeeds, or ends with exit code 2 and one line on stderr ("error: ...", after any
-progress line); no
-traceback; nothing is written outside its --out (and nothing at all by a command without one); the input
-it read is left as it was; a library call raises SurgeryError and nothing else. A new input is fuzzed by
+progress line); no traceback; nothing is written outside its --out (and nothing at all by a command without
+one); nothing it wrote holds a NaN or infinity (JSON, safetensors, checkpoints, ONNX); no network access is
+attempted (tests/offline.py); the input it read is left as it was; a library call raises SurgeryError and
+nothing else. A new input is fuzzed by
 adding a row to TARGETS. `make fuzz` runs the long profile (RESNET_SURGERY_FUZZ=long, a thousand cases per input, random
 seeds); `make test` the short one (a dozen, derandomized: the same cases every run). A failing case Hypothesis finds is printed with its seed; fix it and add it as a test.
 """
@@ -27,6 +28,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from offline import offline
 from util import write_random_images
 
 from resnet_surgery.cli import main
@@ -264,6 +266,57 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _written(before: dict[str, bytes], after: dict[str, bytes]) -> list[str]:
+    """The files new or changed between two ``_files`` snapshots (temporary .names left by an interrupt aside)."""
+    return [p for p, data in after.items()
+            if before.get(p) != data and not any(part.startswith(".") for part in Path(p).parts)]
+
+
+def _not_finite(root: Path, paths) -> list[str]:
+    """Those of ``paths`` (under ``root``) that hold a NaN or an infinity, or do not read back as their format."""
+    import math
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
+
+    def finite(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return not value.is_floating_point() or bool(torch.isfinite(value).all())
+        if isinstance(value, float):
+            return math.isfinite(value)
+        if isinstance(value, dict):
+            return all(finite(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return all(finite(v) for v in value)
+        return True
+
+    def refuse(text):
+        raise ValueError(f"non-finite JSON number {text}")
+
+    bad = []
+    for p in paths:
+        path = root / p
+        try:
+            if path.suffix == ".json":
+                ok = finite(json.loads(path.read_text(), parse_constant=refuse))
+            elif path.suffix == ".safetensors":
+                ok = finite(load_file(path))
+            elif path.suffix == ".pt":
+                ok = finite(torch.load(path, weights_only=True))
+            elif path.suffix == ".onnx":
+                ok = all(np.isfinite(a).all() for a in map(numpy_helper.to_array, onnx.load(str(path)).graph.initializer)
+                         if a.dtype.kind == "f")
+            else:
+                continue
+        except Exception as e:  # noqa: BLE001 - a file the tool wrote that does not read back is a finding too
+            ok, p = False, f"{p} ({type(e).__name__}: {str(e)[:100]})"
+        if not ok:
+            bad.append(p)
+    return bad
+
+
 def _one_error_line(stderr: str) -> bool:
     """One "error: ..." line, ending stderr (a progress line such as "exporting ..." may come before it)."""
     lines = stderr.strip().splitlines()
@@ -290,6 +343,7 @@ def _check_command(target: Target, root: Path, case: Path) -> None:
         after = {p: v for p, v in after.items() if not p.startswith("ex" + os.sep)}
     else:
         assert after.get(key) == before.get(key), "the input changed"
+    assert not (bad := _not_finite(root, _written(before, after))), f"{args} wrote non-finite or unreadable {bad}"
     new = {p for p in set(after) - set(before) if not p.startswith("out/") and not p.startswith("out" + os.sep)}
     assert not new, f"written outside --out: {sorted(new)}"
     if result.exit_code == 2 and not target.rebuilt:
@@ -307,7 +361,7 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
     @fuzz(target.seconds)
     @given(content=target.mutate(original))
     def case(content):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
             (root / relative).write_bytes(content)
@@ -414,7 +468,7 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
     @fuzz(command.seconds / 3)  # most cases end in an error long before the limit
     @given(extra=mutated_options(click_command))
     def case(extra):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
             out = root / "out"
@@ -422,6 +476,7 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
             before = _files(root)
             result = _invoke(args, command.seconds)
             after = _files(root)
+            assert not (bad := _not_finite(root, _written(before, after))), f"{args} wrote non-finite or unreadable {bad}"
             if "--force" not in extra:  # --force with an input as --out may replace it: that is what it is for
                 changed = [p for p in before if not p.startswith("out") and after.get(p) != before[p]]
                 assert not changed, f"{args} changed its inputs: {changed}"
@@ -522,9 +577,10 @@ def test_odd_python_arguments_raise_a_documented_error_and_change_no_model(name,
     @given(kwargs=odd_arguments(getattr(rs_api(), name), base_kwargs))
     def case(kwargs):
         states = [_state(m) for m in inputs[:2]]
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
+            before = _files(root)
             try:
                 _within(10.0, lambda: call(inputs, root, kwargs))
             except _TooLong:
@@ -533,6 +589,8 @@ def test_odd_python_arguments_raise_a_documented_error_and_change_no_model(name,
                 assert str(e) and "\n" not in str(e).strip(), f"{name}({kwargs!r:.300}): {e!r:.300}"
             except Exception as e:  # noqa: BLE001 - any other error is the finding
                 pytest.fail(f"{name}({kwargs!r:.300}) raised {type(e).__name__}: {str(e)[:300]}")
+            bad = _not_finite(root, _written(before, _files(root)))
+            assert not bad, f"{name}({kwargs!r:.300}) wrote non-finite or unreadable {bad}"
         for model, state in zip(inputs[:2], states):
             after = model.state_dict()
             assert all(torch.equal(v, after[k]) for k, v in state.items()), f"{name}({kwargs}) changed its input model"
@@ -593,7 +651,9 @@ KILLS = {
                      "--no-int8", "--stages", "bn", "--eval-images", "2", "--min-time", "0.05", "--threads", "1",
                      "--out", "{out}"], 18.0, output="explore"),
 }
-CLI = [sys.executable, "-c", "from resnet_surgery.cli import main; main()"]
+# the CLI in a child process, offline (tests/offline.py): each network attempt is appended to $RESNET_SURGERY_NETWORK_LOG
+CLI = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import offline; "
+       "offline.install(); from resnet_surgery.cli import main; main()"]
 
 
 def _complete(kill: Kill, out: Path) -> str | None:
@@ -637,7 +697,9 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
             out = root / "out"
             args = [a.format(root=root, out=out) for a in kill.args]
             before = _files(root)
-            proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = Path(tmp + ".network")
+            env = {**os.environ, "RESNET_SURGERY_NETWORK_LOG": str(log)}
+            proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             time.sleep(fraction * kill.seconds)
             proc.kill()
             proc.wait()
@@ -648,9 +710,11 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
                 again.append("--force")  # a whole output the killed run finished: replaced
             elif kill.resume and (root / kill.checkpoint).exists():
                 again.append(kill.resume)  # the killed run's checkpoint: continued
-            result = subprocess.run(CLI + again, capture_output=True, text=True, timeout=300)
+            result = subprocess.run(CLI + again, capture_output=True, text=True, timeout=300, env=env)
             assert result.returncode == 0, f"killed at {fraction:.2f}, then {again}: {result.stderr[-2000:]}"
             assert _complete(kill, out) is None and (out.exists() or (root / "out.onnx").exists())
+            assert not (bad := _not_finite(root, _written(before, _files(root)))), f"non-finite or unreadable {bad}"
+            assert not log.exists(), f"network access attempted: {log.read_text()}"
             left = [p for p in _files(root) if any(part.startswith(".") for part in Path(p).parts)]
             assert not left, f"killed at {fraction:.2f}: the next run left the killed run's temporary files {left}"
 
@@ -746,3 +810,29 @@ def test_found_by_the_second_long_run_each_is_one_line(pristine):
         rs_api().evaluate(converted, data, batch_size=2**63, progress=False)
     with pytest.raises(SurgeryError, match="iterations from 1 to"):
         rs_api().calibrate(converted, original, data, iterations=2**63, progress=False)
+
+
+# --- the harness's own checks can fail --------------------------------------------------------------------------
+
+
+def test_the_checks_catch_a_non_finite_file_and_a_network_attempt(tmp_path):
+    import socket
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "a.json").write_text('{"top1": NaN}')
+    (tmp_path / "b.json").write_text('{"top1": 1e999}')
+    (tmp_path / "ok.json").write_text('{"top1": 1.5}')
+    save_file({"w": torch.tensor([1.0, float("inf")])}, tmp_path / "m.safetensors")
+    torch.save({"w": torch.tensor([float("nan")])}, tmp_path / "c.pt")
+    (tmp_path / "cut.onnx").write_bytes(b"\x08\x07\x12")
+    bad = _not_finite(tmp_path, ["a.json", "b.json", "ok.json", "m.safetensors", "c.pt", "cut.onnx"])
+    assert [b.split(" ")[0] for b in bad] == ["a.json", "b.json", "m.safetensors", "c.pt", "cut.onnx"], bad
+    with pytest.raises(AssertionError, match="network access attempted: .*getaddrinfo"), offline():
+        with pytest.raises(OSError, match="network access is off"):
+            socket.create_connection(("example.com", 80), timeout=0.1)
+    left, right = socket.socketpair(socket.AF_UNIX)  # local sockets (DataLoader workers) stay allowed
+    with offline():
+        left.sendall(b"x")
+        assert right.recv(1) == b"x"
+    left.close(), right.close()
