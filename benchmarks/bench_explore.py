@@ -73,9 +73,9 @@ def cifar_sets(args):
 def faster_within(report, points: float) -> list[str]:
     """Candidates significantly faster than the original (at every batch) with top-1 within ``points`` of it."""
     timed = report.timed()
-    base = next(c for c in timed if c["name"] == "original")["eval"][report.metric]
-    return [c["name"] for c in timed if c["eval"][report.metric] >= base - points
-            and all(lat["ratio_high"] < 1 for lat in c["latency"].values())]
+    base = next(c for c in timed if c.name == "original").eval[report.metric]
+    return [c.name for c in timed if c.eval[report.metric] >= base - points
+            and all(lat["ratio_high"] < 1 for lat in c.latency.values())]
 
 
 def run_cifar(args, results: Path) -> list[dict]:

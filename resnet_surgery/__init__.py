@@ -17,13 +17,14 @@ from .history import History, Source, history
 _EXPORTS = {
     "as_loader": "data", "BadImageError": "data", "cifar10_tensors": "data", "extract_cifar10": "data",
     "DataSpec": "data", "model_transform": "data", "preprocessing": "data", "split_batch": "data",
-    "export_onnx": "deploy.export", "ExportError": "deploy.export", "OnnxModule": "deploy.export",
+    "export_onnx": "deploy.export", "ExportError": "deploy.export", "ExportOptions": "deploy.export",
+    "OnnxModule": "deploy.export",
     "ParityError": "deploy.export",
-    "compare_latency": "deploy.latency", "LatencyReport": "deploy.latency",
+    "compare_latency": "deploy.latency", "LatencyOptions": "deploy.latency", "LatencyReport": "deploy.latency",
     "onnx_input_shape": "deploy.onnxfile",
     "ParityReport": "deploy.parity",
     "export_int8": "deploy.quantize", "QuantizationError": "deploy.quantize", "quantize_onnx": "deploy.quantize",
-    "QuantReport": "deploy.quantize",
+    "QuantReport": "deploy.quantize", "QuantizeOptions": "deploy.quantize",
     "ratio_ci": "deploy.stats", "RatioCI": "deploy.stats",
     "Block": "engine.blocks", "find_blocks": "engine.blocks", "find_trunk": "engine.blocks",
     "trace": "engine.blocks", "Trunk": "engine.blocks",
@@ -46,22 +47,26 @@ _EXPORTS = {
     "FinetuneReport": "recovery.finetune_report",
     "recover": "recovery.recover", "RecoverOptions": "recovery.recover",
     "RecoveryReport": "recovery.recover_report", "RecoveryStage": "recovery.recover_report",
-    "apply_recipe": "store", "load": "store", "load_model": "store", "read_recipe": "store", "save": "store",
+    "apply_recipe": "store", "load": "store", "load_model": "store", "load_original": "store",
+    "read_recipe": "store", "save": "store",
     "Layout": "vocab", "Op": "vocab", "Shortcut": "vocab", "Variant": "vocab",
-    "explore": "workflows.explore", "ExploreOptions": "workflows.explore", "ExploreReport": "workflows.explore", "pareto_front": "workflows.explore",
+    "Candidate": "workflows.explore", "explore": "workflows.explore", "ExploreOptions": "workflows.explore", "ExploreReport": "workflows.explore",
+    "pareto_front": "workflows.explore",
+    "run_pipeline": "workflows.pipeline", "RunOptions": "workflows.pipeline", "RunResult": "workflows.pipeline",
     "CIFAR_MODELS": "zoo.cifar", "cifar_resnet": "zoo.cifar", "load_cifar_resnet": "zoo.cifar",
 }
 
 __all__ = [  # the keys of _EXPORTS (a test checks)
-    "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "CalibrateOptions", "CalibrationReport", "cifar10_tensors",
+    "apply_recipe", "as_loader", "BadImageError", "Block", "calibrate", "Candidate", "CalibrateOptions", "CalibrationReport", "cifar10_tensors",
     "CIFAR_MODELS", "cifar_resnet", "compare_latency", "convert", "ConvReads", "count_macs", "DataSpec", "EvalReport",
-    "evaluate", "explore", "ExploreOptions", "ExploreReport", "export_int8", "export_onnx", "ExportError", "extract_cifar10",
+    "evaluate", "explore", "ExploreOptions", "ExploreReport", "export_int8", "export_onnx", "ExportError", "ExportOptions", "extract_cifar10",
     "find_blocks", "find_trunk", "finetune", "FinetuneOptions", "FinetuneReport", "grid_text", "History", "history", "inspect",
-    "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "max_difference", "model_transform",
+    "LatencyOptions", "LatencyReport", "Layout", "load", "load_cifar_resnet", "load_model", "load_original",
+    "max_difference", "model_transform",
     "NotExactError", "onnx_input_shape", "OnnxModule", "Op", "Options", "pareto_front", "ParityError",
     "ParityReport", "plot_sites", "predict", "preprocessing", "prune_dead_compute", "QuantizationError", "quantize_onnx",
-    "QuantReport", "ratio_ci", "RatioCI", "read_recipe", "Recipe", "recover", "RecoverOptions", "RecoveryReport",
-    "RecoveryStage", "Report", "Rewrite", "save", "Shortcut", "site_reads", "SiteReads", "Source", "split_batch",
+    "QuantizeOptions", "QuantReport", "ratio_ci", "RatioCI", "read_recipe", "Recipe", "recover", "RecoverOptions", "RecoveryReport",
+    "RecoveryStage", "Report", "Rewrite", "run_pipeline", "RunOptions", "RunResult", "save", "Shortcut", "site_reads", "SiteReads", "Source", "split_batch",
     "Subsample", "SurgeryError", "SurgeryNotice", "trace", "TraceError", "transplant", "Trunk", "Variant",
 ]
 
@@ -93,11 +98,14 @@ if TYPE_CHECKING:  # what editors and type checkers read
     )
     from .deploy import (
         ExportError,
+        ExportOptions,
+        LatencyOptions,
         LatencyReport,
         OnnxModule,
         ParityError,
         ParityReport,
         QuantizationError,
+        QuantizeOptions,
         QuantReport,
         RatioCI,
         compare_latency,
@@ -147,7 +155,16 @@ if TYPE_CHECKING:  # what editors and type checkers read
         predict,
         recover,
     )
-    from .store import apply_recipe, load, load_model, read_recipe, save
+    from .store import apply_recipe, load, load_model, load_original, read_recipe, save
     from .vocab import Layout, Op, Shortcut, Variant
-    from .workflows import ExploreOptions, ExploreReport, explore, pareto_front
+    from .workflows import (
+        Candidate,
+        ExploreOptions,
+        ExploreReport,
+        RunOptions,
+        RunResult,
+        explore,
+        pareto_front,
+        run_pipeline,
+    )
     from .zoo import CIFAR_MODELS, cifar_resnet, load_cifar_resnet

@@ -11,13 +11,14 @@ taken for an int or a float, nor an int for a bool; an int is taken for a float.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import functools
 import inspect
 import os
 import types
 import typing
 
-__all__ = ["check_fields", "checked_arguments"]
+__all__ = ["check_fields", "checked_arguments", "with_overrides"]
 
 _PLAIN = (int, float, bool, str, type(None), tuple, list, dict, os.PathLike)
 
@@ -148,3 +149,29 @@ def _words(hint) -> str:
     if hint is None or hint is type(None):
         return "None"
     return {os.PathLike: "a path"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def with_overrides(cls, options, overrides: dict, owner: str):
+    """``options`` (an instance of ``cls``, or None for its defaults) with ``overrides`` set and every field's
+    type checked.
+
+    Args:
+        cls: the options class.
+        options: the options given, or None.
+        overrides: field names and values to set.
+        owner: the function, for the messages ("finetune()").
+
+    Returns:
+        The options to run with.
+
+    Raises:
+        TypeError: ``options`` of another class, an override that is not a field, or a field of the wrong type.
+    """
+    options = cls() if options is None else options
+    if not isinstance(options, cls):
+        raise TypeError(f"{owner}: options takes a {cls.__name__}, got {options!r:.80}")
+    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)}):
+        raise TypeError(f"{owner} got an unexpected keyword argument {unknown[0]!r} (not a field of {cls.__name__})")
+    options = dataclasses.replace(options, **overrides)
+    check_fields(options, owner)
+    return options

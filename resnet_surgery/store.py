@@ -23,7 +23,7 @@ from .history import Source, history, record
 from .utils import check_model, private_copy
 from .zoo import file_sha256, load_named, load_state_into, read_state_dict
 
-__all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model",
+__all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model", "load_original",
            "load_source", "read_recipe", "save"]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -155,6 +155,12 @@ def load(folder: str | os.PathLike) -> nn.Module:
     Returns:
         The recipe's source model (built by name, no download) with its conversions replayed and the folder's
         safetensors weights loaded, in eval mode.
+
+    Raises:
+        SurgeryError: no folder written by ``save`` there (no recipe.json, or an invalid one), a recipe whose
+            source is a custom model, unknown or would be downloaded, conversions that do not replay, or
+            weights that are missing, unreadable or do not fit the model.
+        TypeError: ``folder`` is not a str or path.
     """
     recipe = read_recipe(folder)
     if not recipe.source.loadable:
@@ -245,3 +251,39 @@ def load_source(source: Source, what: str = "the source") -> nn.Module:
             raise SurgeryError(f"the weights file of {what} ({weights}) changed since it was recorded (sha256 "
                                f"{source.weights_sha256[:12]}...); pass --original MODEL --weights W")
     return load_named(source.model, weights)
+
+
+@checked_arguments
+def load_original(converted: nn.Module, model: str | os.PathLike | None = None, weights: str | None = None) -> nn.Module:
+    """The model ``converted`` was converted from, as its recipe records it (what `calibrate`, `finetune` and
+    `recover` take as the original), or ``model`` with ``weights`` when given.
+
+    Args:
+        converted: a converted model (e.g. from `load`), whose recipe names its source.
+        model: load this model instead (a name or a folder; None: the recorded source).
+        weights: its weights (None: the recorded ones when ``model`` is the recorded source, else random).
+
+    Returns:
+        Module: the original model in eval mode.
+
+    Raises:
+        SurgeryError: ``converted`` has no recipe, its source cannot be built by name (a custom model, random
+            weights, a weights file that is gone or changed), or ``model`` or ``weights`` cannot be loaded.
+        TypeError: an argument of the wrong type.
+    """
+    check_model(converted, "converted")
+    recipe = history(converted).recipe
+    if recipe is None:
+        raise SurgeryError("the model has no recipe (it was not converted by resnet-surgery): pass the original "
+                           "yourself (--original MODEL --weights W)")
+    source = recipe.function_source  # a transplant's source: its weights are what the model computes
+    if model is None:
+        if not source.loadable:
+            raise SurgeryError(f"the converted folder's function comes from {source.model}, which cannot be built "
+                               "by name; pass --original MODEL (and --weights)")
+        model = source.model
+    if weights is None and str(model) == source.model:
+        if recipe.transplant is not None or source.weights_sha256 is not None:
+            return load_source(source, "the original (recorded in the recipe)")
+        weights = source.weights or "none"
+    return load_model(model, weights or "none")

@@ -190,6 +190,9 @@ def test_the_root_exports_resolve():
     assert all(hasattr(resnet_surgery, n) for n in resnet_surgery.__all__)
 
 
+RAISES_NOTHING = {"history"}  # reads an attribute: None for anything without one
+
+
 def test_the_root_functions_document_their_arguments_and_result():
     import inspect
 
@@ -205,4 +208,26 @@ def test_the_root_functions_document_their_arguments_and_result():
             missing.append(f"{name}: Args")
         if signature.return_annotation not in ("None", None) and "Returns:" not in doc:
             missing.append(f"{name}: Returns")
+        if "Raises:" not in doc and name not in RAISES_NOTHING:
+            missing.append(f"{name}: Raises")
     assert not missing, missing
+
+
+RUN_CONTROL = {"progress", "echo", "force", "resume", "checkpoint", "on_fp32"}  # how to run it, not what it does
+
+
+def test_no_root_function_takes_more_than_nine_settings():
+    """Many settings go in an options object (CalibrateOptions, RunOptions, ...), taken as ``options=`` or as
+    keywords; a function's own parameters, besides how to run it (progress, force, ...), stay few."""
+    import inspect
+
+    import resnet_surgery
+
+    counts = {}
+    for name in resnet_surgery.__all__:
+        fn = getattr(resnet_surgery, name)
+        if inspect.isfunction(fn):
+            counts[name] = len([p for p in inspect.signature(fn).parameters.values()
+                                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in RUN_CONTROL])
+    assert max(counts.values()) <= 9, sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    assert counts["run_pipeline"] <= 3 and counts["quantize_onnx"] <= 5 and counts["compare_latency"] <= 3

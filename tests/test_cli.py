@@ -112,7 +112,7 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
     assert [s["step"] for s in report["calibration"]["steps"]] == ["naive copy", "bn", "reconstruct"]
     assert report["calibration"]["num_images"] == 8 and all(p["passed"] for p in report["parity"].values())
     assert report["macs"]["converted"] < report["macs"]["original"]
-    assert result["latency"]["batch_sizes"] == [1]
+    assert result.latency["batch_sizes"] == [1]
     # every path the reports record is the final one, not the temporary folder renamed away
     latency = json.loads((out / "latency.json").read_text())
     paths = [p["path"] for p in report["parity"].values()] + list(latency["models"].values())
@@ -122,7 +122,8 @@ def test_run_pipeline_with_calibration_on_a_flat_folder_of_images(tmp_path):
     summary = (out / "converted" / "summary.txt").read_text()
     assert summary.startswith("cifar10-resnet-v1.5 (weights DEFAULT): v1.5 -> v1, MACs") and "{" not in summary
     assert "ONNX parity" in summary and "passed" in summary and "calibration: 2 steps on 8 images" in summary
-    assert summary.strip() == run_summary(result)
+    assert summary.strip() == run_summary(result) == str(result)
+    assert json.loads(json.dumps(result.to_dict(), default=str)) == report and report["out"] == str(out)
 
 
 @pytest.mark.slow
@@ -139,11 +140,11 @@ def test_run_recovers_with_recover_when_given_images_for_it(tmp_path, monkeypatc
     result = run_pipeline("cifar10-resnet-v1.5", to="v1", weights="DEFAULT", out=tmp_path / "run", input_size=32,
                           recover_data=images, num_images=8, iterations=10, budget=300, min_time_s=0.05,
                           progress=False, echo=lambda *a: None)
-    stages = [s["stage"] for s in result["recovery"]["stages"]]
-    assert stages[:3] == ["naive copy", "bn", "calibrate"] and result["recovery"]["metric"] == "agreement"
+    stages = [s["stage"] for s in result.recovery["stages"]]
+    assert stages[:3] == ["naive copy", "bn", "calibrate"] and result.recovery["metric"] == "agreement"
     assert not (tmp_path / "run" / "recover.pt").exists()
     recipe = json.loads((tmp_path / "run" / "converted" / "recipe.json").read_text())
-    assert recipe["recovery"]["stopped"] == result["recovery"]["stopped"]
+    assert recipe["recovery"]["stopped"] == result.recovery["stopped"]
     assert "recover: " in (tmp_path / "run" / "converted" / "summary.txt").read_text()
 
 

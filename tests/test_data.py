@@ -5,6 +5,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.functional import pil_to_tensor
+from util import write_random_images
 
 from resnet_surgery import Source, history, load_model
 from resnet_surgery.cli.options import build_preprocessing
@@ -204,3 +205,21 @@ def test_cli_preprocessing_takes_the_models_own_unless_told_otherwise():
     assert imagenet.transforms[0].size == 256
     assert build_preprocessing(None, 64, None, None, None, model).transforms[1].size == (64, 64)
     assert build_preprocessing(None, None, None, None, None, torchvision.models.resnet50()).transforms[0].size == 256
+
+
+def test_a_data_spec_is_taken_wherever_images_go_in(tmp_path):
+    """rs.DataSpec says how to read images once; evaluate, predict and the held-out split read it as it says."""
+    import resnet_surgery as rs
+    from resnet_surgery.data import held_out_split
+
+    folder = write_random_images(tmp_path / "imgs" / "cat", 6, 32).parent
+    model = rs.load_cifar_resnet("v1.5")
+    spec = rs.DataSpec(folder, preset="cifar10", num_images=4, batch_size=2)
+    by_spec = rs.predict(model, spec, progress=False)
+    by_arguments = rs.predict(model, folder, preset="cifar10", num_images=4, progress=False)
+    assert by_spec.shape == (4, 10) and torch.equal(by_spec, by_arguments)
+    assert rs.evaluate(model, spec, progress=False).num_images == 4
+    kept, held = held_out_split(spec, keep=None, hold=2)
+    assert len(kept) == 2 and len(held) == 2
+    imagenet = rs.predict(model, rs.DataSpec(folder, num_images=4), progress=False)  # another preset: other inputs
+    assert not torch.equal(imagenet, by_spec)

@@ -43,7 +43,7 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
                   batch_size=16, out=out, **FAST)
     report = explore(model, data, **kwargs)
 
-    rows = {c["name"]: c for c in report.candidates}
+    rows = {c.name: c.to_dict() for c in report.candidates}
     ok = ["original", "original-int8", "v1", "v1-int8", "d", "d-int8", "v1-pruned", "v1-pruned-int8"]
     assert list(rows) == ["original", "original-int8", "v1", "v1-int8", "v1.5", "d", "d-int8", "v1-pruned",
                           "v1-pruned-int8", "v1.5-exact"]
@@ -79,7 +79,7 @@ def test_explore_end_to_end_and_resume(tmp_path, monkeypatch):
     again = explore(model, data, **kwargs)
     assert [p.parent.name for p in calls] == ["d"]
     figures = lambda c: {k: v for k, v in c["eval"].items() if k != "seconds"}  # noqa: E731
-    assert [figures(c) for c in again.candidates if c["status"] == "ok"] == [figures(rows[n]) for n in ok]
+    assert [figures(c.to_dict()) for c in again.candidates if c.status == "ok"] == [figures(rows[n]) for n in ok]
 
 
 @pytest.mark.slow
@@ -91,8 +91,8 @@ def test_explore_without_labels_ranks_by_agreement_and_narrows(tmp_path, monkeyp
         (k["options"].calibrate_images, k["options"].stages, k["budget"])) or real_recover(*a, **k))
     report = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=16,
                      eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)
-    assert report.metric == "agreement" and [c["name"] for c in report.candidates] == ["original", "d"]
-    assert report.candidates[1]["eval"]["top1"] is None and 0 <= report.candidates[1]["eval"]["agreement"] <= 100
+    assert report.metric == "agreement" and [c.name for c in report.candidates] == ["original", "d"]
+    assert report.candidates[1].eval["top1"] is None and 0 <= report.candidates[1].eval["agreement"] <= 100
     # Other settings: the finished candidate is not reused.
     again = explore(tiny_model(), images, input_size=SIZE, variants=["d"], int8=False, calibrate_images=8,
                     eval_images=16, batch_size=16, out=tmp_path / "x", **FAST)

@@ -78,7 +78,7 @@ def rerun(tmp_path, finished, damage):
     assert (tmp_path / "victim-int8" / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "victim", "victim-int8"]
     assert sorted(p.name for p in victim.iterdir()) == ["model.onnx"]
-    assert [c["name"] for c in report.candidates] == ["original", "original-int8", "d", "d-int8"]
+    assert [c.name for c in report.candidates] == ["original", "original-int8", "d", "d-int8"]
     assert all(str(tmp_path / "run") in p for p in report.latency["models"].values())
     return report
 
@@ -109,7 +109,7 @@ def test_explore_rebuilds_a_damaged_result(tmp_path, finished_explore, text, mon
 
 def test_explore_rebuilds_a_candidate_without_its_onnx_file(tmp_path, finished_explore):
     report = rerun(tmp_path, finished_explore, lambda cands, victim: (cands / "d" / "model.onnx").unlink())
-    assert report.candidates[2]["status"] == "ok"
+    assert report.candidates[2].status == "ok"
 
 
 def test_explore_never_reads_through_a_linked_candidate(tmp_path, finished_explore, monkeypatch):

@@ -24,11 +24,11 @@ from resnet_surgery import (
     inspect,
     load,
     load_model,
+    load_original,
     max_difference,
     save,
     transplant,
 )
-from resnet_surgery.cli.recover_commands import load_original
 from resnet_surgery.deploy.quantize import QuantizationError, quantize_onnx
 from resnet_surgery.engine.blocks import find_trunk
 from resnet_surgery.engine.transplant import _conversion
@@ -67,7 +67,7 @@ def test_a_transplants_teacher_is_its_source_with_its_weights(tmp_path):
                  "--input-size", 32, "--out", out)
     assert result.exit_code == 0, result.output
     moved = load(out)
-    teacher = load_original(None, None, moved)
+    teacher = load_original(moved)
     assert same_function(teacher, load_model("cifar10-resnet-v1", "DEFAULT"))
     assert same_function(teacher, moved)  # the transplant was exact: the teacher computes what it computes
     # a later conversion keeps the transplant's source as the teacher
@@ -85,7 +85,7 @@ def test_a_teacher_that_cannot_be_rebuilt_is_refused(tmp_path, images):
     random_source = quiet(transplant, load_model("cifar10-resnet-v1"), load_model("cifar10-resnet-v1.5"),
                           input_size=SIZE)
     with pytest.raises(SurgeryError, match="random weights"):
-        load_original(None, None, random_source)
+        load_original(random_source)
 
 
 def test_a_weights_file_is_recorded_absolute_and_hashed(tmp_path, monkeypatch, images):
@@ -101,7 +101,7 @@ def test_a_weights_file_is_recorded_absolute_and_hashed(tmp_path, monkeypatch, i
     assert run("convert", "cifar10-resnet-v1.5", "--weights", "c15w.pt", "--to", "v1", "--input-size", 32,
                "--out", work / "c1").exit_code == 0
     monkeypatch.chdir(elsewhere)
-    assert same_function(load_original(None, None, load(work / "c1")), trained)
+    assert same_function(load_original(load(work / "c1")), trained)
     torch.save(cifar_resnet("v1.5").state_dict(), work / "c15w.pt")  # the file changes under the recipe
     one_line_error(run("calibrate", work / "c1", "--data", images, "--preset", "cifar10", "--steps", "bn",
                        "--num-images", 8, "--out", elsewhere / "h"), "changed since it was recorded")

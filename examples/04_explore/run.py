@@ -32,5 +32,5 @@ report = rs.explore(
     out="runs/explore-example",
 )
 print(report)
-best = [c["name"] for c in report.timed() if c["pareto"]["1"]]
+best = [c.name for c in report.timed() if c.pareto["1"]]
 print(f"on the Pareto front at batch 1: {', '.join(best)}; chart: runs/explore-example/explore.png")

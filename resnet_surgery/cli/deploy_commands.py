@@ -82,7 +82,7 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
     least --min-agreement percent of held-out --calibration-data images.
     """
     from ..atomic import check_writable
-    from ..deploy import ParityError, export_int8, export_onnx
+    from ..deploy import ExportOptions, ParityError, QuantizeOptions, export_int8, export_onnx
     from ..store import load_model
     from ..zoo import exportable_part
     if int8 != bool(calibration_data):
@@ -91,8 +91,8 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
     model = exportable_part(load_model(model_or_dir, weights), part)
     click.echo(f"exporting {model_or_dir}{f' ({part})' if part else ''} to {out} and checking it in onnxruntime ...",
                err=True)
-    export = dict(input_size=(3, input_size, input_size), dynamic_batch=not static_batch, opset=opset, atol=atol,
-                  rtol=rtol, force=force)
+    shape = (3, input_size, input_size)
+    export = ExportOptions(dynamic_batch=not static_batch, opset=opset, atol=atol, rtol=rtol)
 
     def fp32_done(report):
         if not as_json:
@@ -101,15 +101,16 @@ def export_command(model_or_dir, out, opset, static_batch, part, weights, input_
 
     try:
         if not int8:
-            report = export_onnx(model, out, **export)
+            report = export_onnx(model, out, input_size=shape, options=export, force=force)
             print_json(report.to_dict()) if as_json else click.echo(str(report))
             return
-        report, int8_report = export_int8(
-            model, out, calibration_data, **export, on_fp32=fp32_done, per_channel=not per_tensor, method=method,
-            activations=activations, reduce_range=not full_range_weights, num_images=calibration_images,
-            parity_images=parity_images,
-            min_agreement=min_agreement, batch_size=batch_size, progress=show_progress(as_json),
-            transform=build_preprocessing(preset, size, resize, mean, std, model))
+        quantize = QuantizeOptions(per_channel=not per_tensor, method=method, activations=activations,
+                                   reduce_range=not full_range_weights, num_images=calibration_images,
+                                   parity_images=parity_images, min_agreement=min_agreement, batch_size=batch_size,
+                                   transform=build_preprocessing(preset, size, resize, mean, std, model))
+        report, int8_report = export_int8(model, out, calibration_data, input_size=shape, export=export,
+                                          options=quantize, force=force, on_fp32=fp32_done,
+                                          progress=show_progress(as_json))
     except ParityError as e:  # the fp32 file's, or the int8 file's (QuantizationError)
         print_json(e.report.to_dict()) if as_json else click.echo(str(e.report), err=True)
         raise

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from ..defaults import EVAL_IMAGES, RECONSTRUCT_ITERATIONS, RECONSTRUCT_LR, RECOVER_STAGES
-from ..errors import SurgeryError
 from .options import (
     build_preprocessing,
     duration,
@@ -24,34 +23,7 @@ from .options import (
     with_options,
 )
 
-__all__ = ["calibrate_command", "evaluate_command", "finetune_command", "load_original", "recover_command"]
-
-
-def load_original(spec, weights, converted):
-    """--original (default: the source model recorded in the converted folder's recipe, with its weights).
-
-    Args:
-        spec: --original, or None.
-        weights: --weights, or None.
-        converted: the converted model, whose recipe names its source.
-
-    Returns:
-        The loaded original model.
-    """
-    from ..history import history
-    from ..store import load_model, load_source
-    recipe = history(converted).recipe
-    source = recipe.function_source  # a transplant's source: its weights are what the model computes
-    if spec is None:
-        if not source.loadable:
-            raise SurgeryError(f"the converted folder's function comes from {source.model}, which cannot be built "
-                               "by name; pass --original MODEL (and --weights)")
-        spec = source.model
-    if weights is None and spec == source.model:
-        if recipe.transplant is not None or source.weights_sha256 is not None:
-            return load_source(source, "the original (recorded in the recipe)")
-        weights = source.weights or "none"
-    return load_model(spec, weights or "none")
+__all__ = ["calibrate_command", "evaluate_command", "finetune_command", "recover_command"]
 
 
 @click.command("evaluate")
@@ -118,11 +90,11 @@ def calibrate_command(converted_dir, original, weights, data, preset, size, resi
     from ..atomic import check_writable
     from ..history import history
     from ..recovery import calibrate
-    from ..store import load, save
+    from ..store import load, load_original, save
     from ..zoo import classifier_only
     check_writable(out, force)
     converted = load(converted_dir)
-    source = load_original(original, weights, converted)
+    source = load_original(converted, original, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, classifier_only(source))
     loader = image_loader(data, transform, batch_size, num_images, skip_bad_images, show_progress(as_json),
                           seed=seed)
@@ -176,11 +148,11 @@ def finetune_command(converted_dir, original, weights, data, preset, size, resiz
     from ..atomic import check_writable
     from ..history import history
     from ..recovery import finetune
-    from ..store import load, save
+    from ..store import load, load_original, save
     check_writable(out, force)
     checkpoint = Path(out).with_name(Path(out).name + ".checkpoint.pt")
     converted = load(converted_dir)
-    source = load_original(original, weights, converted)
+    source = load_original(converted, original, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, source)
     model = finetune(converted, source, data, objective=objective, epochs=epochs, steps=steps,
                      augment=augment, lr=lr, optimizer=optimizer, temperature=temperature,
@@ -233,19 +205,20 @@ def recover_command(converted_dir, original, weights, data, preset, size, resize
     from ..atomic import check_writable
     from ..history import history
     from ..recovery import RecoverOptions, recover
-    from ..store import load, save
+    from ..store import load, load_original, save
     check_writable(out, force)
     if plot is not None:
         check_writable(plot, force)
     checkpoint = Path(out).with_name(Path(out).name + ".recover.pt")
     converted = load(converted_dir)
-    source = load_original(original, weights, converted)
+    source = load_original(converted, original, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, source)
-    options = RecoverOptions(eval_images=eval_images, calibrate_images=calibrate_images, iterations=iterations,
+    options = RecoverOptions(eval_images=eval_images, eval_data=eval_data, calibrate_images=calibrate_images,
+                             iterations=iterations,
                              stages=tuple(s.strip() for s in stages.split(",") if s.strip()), labels=not no_labels,
                              batch_size=batch_size, transform=transform, seed=seed, bf16=bf16)
     echo = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    model = recover(converted, source, data, target=target, budget=budget, eval_data=eval_data, options=options,
+    model = recover(converted, source, data, target=target, budget=budget, options=options,
                     checkpoint=checkpoint, resume=resume, force=force, progress=show_progress(as_json), echo=echo)
     report = history(model).recovery
     save(model, out, force=force, summary=f"recovered {converted_dir} on {data}\n{report}")

@@ -59,18 +59,18 @@ def run_command(model, to, shortcut, exact, prune_dead, weights, input_size, cal
                 num_images, iterations, epochs, objective, finetune_steps, recover_data, target, budget, batches,
                 threads, min_time, out, force, as_json):
     """The whole job: convert MODEL, export original and converted to ONNX with parity, compare latency."""
-    from ..workflows import run_pipeline, run_summary
-    result = run_pipeline(model, to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
-                          out=out, force=force, input_size=input_size, calibrate_data=calibrate_data,
-                          finetune_data=finetune_data, preset=preset, num_images=num_images, iterations=iterations,
-                          epochs=epochs, objective=objective, finetune_steps=finetune_steps, augment="auto",
-                          recover_data=recover_data, target=target, budget=budget,
-                          batch_sizes=batches, threads=threads, min_time_s=min_time, progress=show_progress(as_json),
+    from ..workflows import RunOptions, run_pipeline
+    options = RunOptions(to=to, shortcut=shortcut, exact=exact, prune_dead=prune_dead, weights=weights,
+                         input_size=input_size, calibrate_data=calibrate_data, finetune_data=finetune_data,
+                         recover_data=recover_data, preset=preset, num_images=num_images, iterations=iterations,
+                         epochs=epochs, objective=objective, finetune_steps=finetune_steps, target=target,
+                         budget=budget, batch_sizes=batches, threads=threads, min_time_s=min_time)
+    result = run_pipeline(model, out, options=options, force=force, progress=show_progress(as_json),
                           echo=lambda line: click.echo(for_the_shell(line)))
     if as_json:
-        print_json({k: v for k, v in result.items() if k != "latency_table"})
+        print_json(result.to_dict())
         return
-    click.echo(run_summary(result))
+    click.echo(str(result))
     click.echo(f"written: {out}/ (converted/, original.onnx, converted.onnx, latency.json, latency.png, report.json)")
 
 @click.command("explore")
@@ -111,14 +111,12 @@ def explore_command(model, weights, data, preset, size, resize, mean, std, batch
                     min_agreement, batches, threads, min_time, max_time, out, force, as_json):
     """Which variant of MODEL to deploy: every reachable variant recovered on --data, exported with parity,
     optionally int8, evaluated on held-out images and timed in one run; a table, explore.json and explore.png."""
-    from ..data import PRESETS, transform_size
     from ..store import load_model
     from ..workflows import check_explore_out, explore
     check_explore_out(out)
     original = load_model(model, weights)
     transform = build_preprocessing(preset, size, resize, mean, std, original)
-    side = input_size or transform_size(transform) or PRESETS[preset or "imagenet"]["size"]
-    report = explore(original, data, eval_data=eval_data, input_size=(3, side, side),
+    report = explore(original, data, eval_data=eval_data, input_size=input_size,
                      variants=[v.strip() for v in variants.split(",")] if variants else None, int8=int8,
                      calibrate_images=calibrate_images, stages=[s.strip() for s in stages.split(",") if s.strip()],
                      target=target, budget=budget, eval_images=eval_images,

@@ -73,7 +73,8 @@ def as_loader(
     read them with `split_batch`.
 
     Args:
-        data: an ImageFolder or flat-folder path, a Dataset, or a DataLoader.
+        data: an ImageFolder or flat-folder path, a Dataset, a DataLoader, or a `DataSpec` (read as it says, then
+            taken as a DataLoader).
         preset: the preprocessing preset of a path, "imagenet" or "cifar10" (unless ``transform`` is given).
         transform: the preprocessing of a path's images (None: the preset's).
         batch_size: images per batch (a DataLoader given keeps its own).
@@ -95,6 +96,8 @@ def as_loader(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= MAX_BATCH:
         raise SurgeryError(f"batch_size (--batch-size) takes an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
+    if isinstance(data, DataSpec):  # read as the spec says; then used as a DataLoader given
+        data = data.loader()
     if isinstance(data, DataLoader):
         if num_images is None:
             return data
@@ -157,7 +160,9 @@ class DataSpec:
 def as_dataset(data, *, preset: str = "imagenet", transform=None, sized: bool = True) -> Dataset:
     """The Dataset behind ``data``: an ImageFolder or flat-folder path (preprocessed with ``transform`` or
     ``preset``), a Dataset, or a DataLoader's dataset; an empty one is an error. ``sized=False`` also
-    accepts a Dataset without ``__len__`` (an IterableDataset)."""
+    accepts a Dataset without ``__len__`` (an IterableDataset); a DataSpec gives its loader's dataset."""
+    if isinstance(data, DataSpec):
+        data = data.loader()
     if isinstance(data, DataLoader):
         data = data.dataset
     elif isinstance(data, (str, os.PathLike)):

@@ -58,6 +58,10 @@ def model_transform(model):
 
     Returns:
         The transform (PIL image -> normalised tensor), or None.
+
+    Raises:
+        SurgeryError: the recorded source names torchvision weights this torchvision does not have (a
+            recipe.json edited or written by another version).
     """
     from ..history import history
 
@@ -75,8 +79,13 @@ def model_transform(model):
         return None  # random init or a local file: nothing says how its images were prepared
     import torchvision
 
-    enum = torchvision.models.get_model_weights(source.model)
-    return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
+    try:
+        enum = torchvision.models.get_model_weights(source.model)
+        return (enum.DEFAULT if weights == "DEFAULT" else enum[weights]).transforms()
+    except (KeyError, ValueError):
+        raise SurgeryError(f"the model's recorded source names weights {weights!r} of torchvision's "
+                           f"{source.model!r}, which this torchvision does not have; pass the preprocessing "
+                           "(preset= or transform=, --preset on the command line)") from None
 
 
 def preprocessing(model, preset: str | None = None, transform=None):
@@ -91,6 +100,9 @@ def preprocessing(model, preset: str | None = None, transform=None):
 
     Returns:
         The transform.
+
+    Raises:
+        SurgeryError: an unknown ``preset`` (when no ``transform`` is given).
     """
     if transform is not None:
         return transform

@@ -16,7 +16,7 @@ from .export import (
     onnx_metadata,
     supported_opsets,
 )
-from .latency import METHOD, LatencyReport, StoppingRule, check_batch_sizes, compare_latency
+from .latency import METHOD, LatencyOptions, LatencyReport, StoppingRule, check_batch_sizes, compare_latency
 from .machine import BUSY_LOAD, cpu_model, load_warnings, machine_info, measure_peak_gflops, usable_cores
 from .onnxfile import (
     QUANT_METADATA_KEY,
@@ -35,6 +35,7 @@ from .quantize import (
     MAX_OUTPUT_ERROR,
     METHODS,
     QuantizationError,
+    QuantizeOptions,
     QuantReport,
     check_int8_images,
     export_int8,
@@ -44,9 +45,9 @@ from .runtime import onnx_session, providers, runner
 from .stats import CI_WARN, RatioCI, ratio_ci, result_rows, summarize
 
 __all__ = [
-    "ACTIVATIONS", "BUSY_LOAD", "CI_WARN", "CPU_EXTENSIONS", "ExportError", "ExportOptions", "LatencyReport",
+    "ACTIVATIONS", "BUSY_LOAD", "CI_WARN", "CPU_EXTENSIONS", "ExportError", "ExportOptions", "LatencyOptions", "LatencyReport",
     "MACS_METADATA_KEY", "MAX_OUTPUT_ERROR", "METHOD", "METHODS", "OnnxModule", "ParityCheck", "ParityError",
-    "ParityReport", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "RatioCI", "StoppingRule",
+    "ParityReport", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError", "QuantizeOptions", "RatioCI", "StoppingRule",
     "VNNI_EXTENSIONS", "check_batch_sizes", "check_int8_images", "check_opset", "compare_latency", "cpu_extensions",
     "cpu_model", "export_int8", "export_onnx", "has_vnni", "input_info", "is_quantized", "load_onnx_header",
     "load_warnings", "machine_info", "measure_peak_gflops", "metadata", "onnx_input_shape", "onnx_metadata",

@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..arguments import checked_arguments
+from ..arguments import checked_arguments, with_overrides
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..engine import count_macs, output_tensors
 from ..errors import SurgeryError, first_line
@@ -56,54 +56,68 @@ class ParityError(SurgeryError):
         self.report = report
 
 
-@checked_arguments
-def export_onnx(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    input_size: int | tuple[int, int, int] = (3, 224, 224),
-    dynamic_batch: bool = True,
-    opset: int | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
-    parity_batch: int = 4,
-    force: bool = False,
-    seed: int = 0,
-) -> ParityReport:
-    """Export ``model`` to ``path`` as one self-contained .onnx file and verify it in onnxruntime.
-
-    Raises ExportError when no exporter succeeds and ParityError (carrying the report) when onnxruntime
-    disagrees with PyTorch; in both cases nothing is left at ``path``.
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """How `export_onnx` exports a model and checks the file.
 
     Args:
-        model: the model; one image tensor in, a tensor (or tensors in lists, tuples, dicts) out.
-        path: the .onnx file to write.
-        input_size: (channels, height, width) of one image.
         dynamic_batch: leave the batch axis dynamic (else fixed to 1).
         opset: ONNX opset (None: the exporter's default).
         atol: parity's absolute tolerance.
         rtol: parity's tolerance relative to the largest |output|.
         parity_batch: the second batch size checked when the batch axis is dynamic.
-        force: overwrite ``path`` if it exists.
         seed: seed of the random parity inputs.
+    """
+
+    dynamic_batch: bool = True
+    opset: int | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    parity_batch: int = 4
+    seed: int = 0
+
+
+@checked_arguments
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int | tuple[int, int, int] = (3, 224, 224),
+                options: ExportOptions | None = None, force: bool = False, **overrides) -> ParityReport:
+    """Export ``model`` to ``path`` as one self-contained .onnx file and verify it in onnxruntime.
+
+    Args:
+        model: the model; one image tensor in, a tensor (or tensors in lists, tuples, dicts) out.
+        path: the .onnx file to write.
+        input_size: (channels, height, width) of one image.
+        options: how to export and check it (`ExportOptions`); None: its defaults.
+        force: overwrite ``path`` if it exists.
+        **overrides: `ExportOptions` fields, e.g. ``export_onnx(model, "m.onnx", dynamic_batch=False)``.
 
     Returns:
         The parity report.
+
+    Raises:
+        SurgeryError: an unsupported ``opset``, a negative tolerance, or ``path`` exists without ``force`` or
+            cannot be written.
+        ExportError: no exporter succeeds (e.g. a forward that branches on tensor values), or the file fails
+            onnx.checker, cannot be loaded by onnxruntime or gives other output shapes; nothing is left at
+            ``path``.
+        ParityError: onnxruntime's outputs differ from PyTorch's beyond the tolerance, or are not finite
+            (``.report`` holds the figures); nothing is left at ``path``.
+        TypeError: ``model`` is not a torch module, ``input_size`` not an int or (C, H, W), or another
+            argument or options field of the wrong type.
     """
+    o = with_overrides(ExportOptions, options, overrides, "export_onnx()")
     check_model(model)
-    check_opset(opset)
-    if atol < 0 or rtol < 0:
-        raise SurgeryError(f"parity tolerances must be >= 0, got atol {atol} and rtol {rtol}")
+    check_opset(o.opset)
+    if o.atol < 0 or o.rtol < 0:
+        raise SurgeryError(f"parity tolerances must be >= 0, got atol {o.atol} and rtol {o.rtol}")
     path = check_writable(path, force)
-    options = ExportOptions(image_size(input_size), dynamic_batch, opset, atol, rtol, parity_batch, force,
-                            seed)
+    job = ExportJob(image_size(input_size), o.dynamic_batch, o.opset, o.atol, o.rtol, o.parity_batch, force, o.seed)
     with eval_mode(model):
-        return _export_verified(model, path, options)
+        return _export_verified(model, path, job)
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    """The settings of one export_onnx call (see its arguments)."""
+class ExportJob:
+    """One export_onnx call's settings together (its options, input size and force)."""
 
     input_size: tuple[int, int, int]
     dynamic_batch: bool
@@ -121,7 +135,7 @@ class ExportOptions:
         return [1, self.parity_batch] if self.dynamic_batch and self.parity_batch != 1 else [1]
 
 
-def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> ParityReport:
+def _export_verified(model: nn.Module, path: Path, options: ExportJob) -> ParityReport:
     """Export into a private folder, check and verify there, and only then move the file into place."""
     with (
         atomic_file(path, options.force) as tmp,
@@ -154,7 +168,7 @@ def _export_verified(model: nn.Module, path: Path, options: ExportOptions) -> Pa
     return report
 
 
-def _export_checked(model: nn.Module, staged: Path, options: ExportOptions) -> tuple[str, str | None, int]:
+def _export_checked(model: nn.Module, staged: Path, options: ExportJob) -> tuple[str, str | None, int]:
     """Export to ``staged``, store the model's MACs in it and run the ONNX checker: (exporter, fallback reason, MACs)."""
     big = _state_bytes(model) > _MAX_INLINE_BYTES
     exporter, reason = _export(model, staged, options.input_size, options.dynamic_batch, options.opset, big)
@@ -289,7 +303,7 @@ def _refuse_data_dependent(model: nn.Module, error: BaseException) -> None:
                       "only one branch; make that forward free of it (e.g. torch.where) before exporting") from None
 
 
-def _parity_checks(model: nn.Module, staged: Path, options: ExportOptions) -> list[ParityCheck]:
+def _parity_checks(model: nn.Module, staged: Path, options: ExportJob) -> list[ParityCheck]:
     session = onnx_session(staged, name="the exported file", error=ExportError)
     device = model_device(model)
     generator = torch.Generator().manual_seed(options.seed)

@@ -10,12 +10,13 @@ import json
 import numbers
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..arguments import checked_arguments
+from ..arguments import checked_arguments, with_overrides
 from ..defaults import MAX_BATCH
 from ..errors import SurgeryError
 from ..utils import check_argument
@@ -26,7 +27,7 @@ from .plot import plot_latency
 from .runtime import onnx_session, runner
 from .stats import RatioCI, ratio_ci, result_rows
 
-__all__ = ["METHOD", "LatencyReport", "StoppingRule", "check_batch_sizes", "compare_latency"]
+__all__ = ["METHOD", "LatencyOptions", "LatencyReport", "StoppingRule", "check_batch_sizes", "compare_latency"]
 # A constant, not parsed from the docstring: `python -OO` strips docstrings.
 METHOD = """\
 - One onnxruntime ``InferenceSession`` per model, all with the same ``SessionOptions``: graph
@@ -166,47 +167,62 @@ class LatencyReport:
 # --- the measurement ---------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class LatencyOptions:
+    """How `compare_latency` times the models (``METHOD`` says how these settings are used).
+
+    Args:
+        batch_sizes: batch sizes to time (an int: one).
+        threads: intra-op threads (None: every usable core).
+        min_time_s: seconds of timing per batch size (all models together), at least.
+        max_time_s: seconds per batch size at most (None: 3 x min_time_s).
+        min_rounds: interleaved rounds, at least.
+        warmup: discarded runs per model and batch size.
+        ci_target: stop once every ratio's 95% interval is within +- this.
+        seed: seed of the inputs, the order of the rounds and the bootstrap.
+        device: "cpu" or "cuda".
+        peak_matmul_n: side of the matrices that measure the machine's peak.
+    """
+
+    batch_sizes: Sequence[int] | int = (1,)
+    threads: int | None = None
+    min_time_s: float = 5.0
+    max_time_s: float | None = None
+    min_rounds: int = 20
+    warmup: int = 5
+    ci_target: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    peak_matmul_n: int = 2048
+
+
 @checked_arguments
-def compare_latency(
-    models: dict[str, str | os.PathLike],
-    *,
-    batch_sizes=(1,),
-    threads: int | None = None,
-    min_time_s: float = 5.0,
-    max_time_s: float | None = None,
-    min_rounds: int = 20,
-    warmup: int = 5,
-    ci_target: float = 0.01,
-    macs: dict[str, int] | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    peak_matmul_n: int = 2048,
-    progress: bool = True,
-) -> LatencyReport:
+def compare_latency(models: dict[str, str | os.PathLike], *, options: LatencyOptions | None = None,
+                    macs: dict[str, int] | None = None, progress: bool = True, **overrides) -> LatencyReport:
     """Time ONNX models in interleaved rounds and compare each with the first (method: ``METHOD``).
 
     Args:
         models: name -> .onnx file, in order; the first is the baseline.
-        batch_sizes: batch sizes to time.
-        threads: intra-op threads (None: every usable core).
-        min_time_s: seconds of timing per batch size (all models together), at least.
-        max_time_s: seconds per batch size at most (default 3 x min_time_s).
-        min_rounds: interleaved rounds, at least.
-        warmup: discarded runs per model and batch size.
-        ci_target: stop once every ratio's 95% interval is within +- this.
+        options: how to time them (`LatencyOptions`); None: its defaults.
         macs: multiply-accumulates per image by model name; missing ones are read from the file's metadata.
-        seed: seed of the inputs, the order of the rounds and the bootstrap.
-        device: "cpu" or "cuda".
-        peak_matmul_n: side of the matrices that measure the machine's peak.
         progress: show progress bars.
+        **overrides: `LatencyOptions` fields, e.g. ``compare_latency(models, batch_sizes=(1, 8), threads=1)``.
 
     Returns:
         The report.
+
+    Raises:
+        SurgeryError: no models, a file that is missing or not a readable ONNX model, models whose inputs
+            differ, bad batch sizes, threads, seed or device, or onnxruntime failing to run a model.
+        TypeError: an argument or options field of the wrong type, or an unknown field.
     """
+    o = with_overrides(LatencyOptions, options, overrides, "compare_latency()")
+    batch_sizes, threads, min_time_s, max_time_s = o.batch_sizes, o.threads, o.min_time_s, o.max_time_s
+    device, seed, peak_matmul_n = o.device, o.seed, o.peak_matmul_n
     batch_sizes = _check_request(models, batch_sizes, device, threads, seed)
     threads = int(threads) if threads else usable_cores()
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
-                         min_rounds, warmup, ci_target, seed)
+                         o.min_rounds, o.warmup, o.ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
     input_names, shape, dtype, file_macs, quantized, range_warns = _check_models(paths, batch_sizes)
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}

@@ -54,8 +54,13 @@ def input_info(proto: onnx.ModelProto, path) -> tuple[str, list, np.dtype]:
     if len(inputs) != 1:
         raise SurgeryError(f"{path} has {len(inputs)} inputs; only single-input (image) models are supported")
     tensor_type = inputs[0].type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    except KeyError:  # a sequence, map or optional input, or an element type this onnx does not know
+        raise SurgeryError(f"{path}'s input {inputs[0].name!r} is not a tensor of a known element type; only "
+                           "models that take one image tensor are supported") from None
     shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-    return inputs[0].name, shape, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+    return inputs[0].name, shape, dtype
 
 
 @checked_arguments
@@ -67,6 +72,10 @@ def onnx_input_shape(path: str | os.PathLike) -> list:
 
     Returns:
         ints, or the axis name (None if unnamed) where an axis is dynamic.
+
+    Raises:
+        SurgeryError: no such file, a file that is not an ONNX model, or a model without exactly one input.
+        TypeError: ``path`` is not a str or path.
     """
     return input_info(load_onnx_header(path), path)[1]
 

@@ -13,7 +13,6 @@ relative error ||int8 - fp32|| / ||fp32|| of each output, averaged over the imag
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -26,14 +25,14 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..arguments import checked_arguments
+from ..arguments import checked_arguments, with_overrides
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
 from ..errors import SurgeryError, first_line
 from ..recovery import evaluate
 from ..utils import check_model, image_size
 from .cpu import cpu_extensions
-from .export import OnnxModule, ParityError, export_onnx
+from .export import ExportOptions, OnnxModule, ParityError, export_onnx
 from .onnxfile import (
     MACS_METADATA_KEY,
     QUANT_METADATA_KEY,
@@ -51,8 +50,7 @@ METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("uint8", "int8")
 
 __all__ = ["ACTIVATIONS", "MAX_OUTPUT_ERROR", "METHODS", "QUANT_METADATA_KEY", "QuantReport", "QuantizationError",
-           "check_int8_images", "export_int8",
-           "quantize_onnx"]
+           "QuantizeOptions", "check_int8_images", "export_int8", "quantize_onnx"]
 
 
 class _Reader(CalibrationDataReader):
@@ -93,39 +91,11 @@ def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path | None = None
                            "quantize; export a model whose outputs are finite")
 
 
-@checked_arguments
-def quantize_onnx(
-    fp32_onnx: str | os.PathLike,
-    out: str | os.PathLike,
-    calibration_data,
-    *,
-    per_channel: bool = True,
-    method: str = "minmax",
-    activations: str = "uint8",
-    reduce_range: bool = True,
-    num_images: int = 512,
-    parity_data=None,
-    parity_images: int = 512,
-    min_agreement: float = 98.0,
-    max_output_error: float = MAX_OUTPUT_ERROR,
-    batch_size: int = 32,
-    preset: str = "imagenet",
-    transform=None,
-    force: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-) -> QuantReport:
-    """Quantize ``fp32_onnx`` to int8 at ``out`` and check it against the fp32 file on held-out images.
-
-    Parity runs on held-out images, never the calibration images. Raises QuantizationError, writing nothing,
-    when a classifier's agreement is below ``min_agreement`` percent, another output's error above
-    ``max_output_error``, or an output of either file holds a NaN or an infinity.
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions:
+    """How `quantize_onnx` quantizes a file and checks the result.
 
     Args:
-        fp32_onnx: the float32 .onnx file.
-        out: the int8 .onnx file to write.
-        calibration_data: images to calibrate on (and to hold parity images out of, without ``parity_data``): an
-            ImageFolder or flat folder (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
         per_channel: one weight scale per output channel (else per tensor).
         method: "minmax", "entropy" or "percentile": how activation ranges are calibrated.
         activations: "uint8" (U8S8, the fast form on x86) or "int8" (S8S8, for runtimes that want signed
@@ -133,33 +103,76 @@ def quantize_onnx(
         reduce_range: 7-bit weights (the default), which CPUs without AVX-512 VNNI need: AVX2 sums u8 x s8
             pairs in 16 bits and saturates with full 8-bit weights; False: all 8 bits.
         num_images: calibration images (a fixed random subset).
-        parity_data: images for parity, if not held out of ``calibration_data``.
+        parity_data: images for parity, if not held out of the calibration data.
         parity_images: parity images.
         min_agreement: percent of parity images on which int8 and fp32 must pick the same class (classifiers).
         max_output_error: the largest mean ||int8 - fp32|| / ||fp32|| allowed per output (other files).
         batch_size: images per calibration and parity batch (a static batch axis takes its own).
         preset: the preprocessing of image folders without ``transform``.
         transform: the preprocessing of image folders.
-        force: overwrite ``out`` if it exists.
         seed: seed of the image subsets.
+    """
+
+    per_channel: bool = True
+    method: str = "minmax"
+    activations: str = "uint8"
+    reduce_range: bool = True
+    num_images: int = 512
+    parity_data: object = None
+    parity_images: int = 512
+    min_agreement: float = 98.0
+    max_output_error: float = MAX_OUTPUT_ERROR
+    batch_size: int = 32
+    preset: str = "imagenet"
+    transform: object = None
+    seed: int = 0
+
+
+@checked_arguments
+def quantize_onnx(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calibration_data, *,
+                  options: QuantizeOptions | None = None, force: bool = False, progress: bool = True,
+                  **overrides) -> QuantReport:
+    """Quantize ``fp32_onnx`` to int8 at ``out`` and check it against the fp32 file on held-out images.
+
+    Parity runs on held-out images, never the calibration images.
+
+    Args:
+        fp32_onnx: the float32 .onnx file.
+        out: the int8 .onnx file to write.
+        calibration_data: images to calibrate on (and to hold parity images out of, without ``parity_data``): an
+            ImageFolder or flat folder (preprocessed with ``transform`` or ``preset``), a Dataset or a DataLoader.
+        options: how to quantize and check (`QuantizeOptions`); None: its defaults.
+        force: overwrite ``out`` if it exists.
         progress: show progress bars.
+        **overrides: `QuantizeOptions` fields, e.g. ``quantize_onnx(a, b, images, method="entropy")``.
 
     Returns:
         The int8 report.
+
+    Raises:
+        QuantizationError: a classifier's agreement is below ``min_agreement`` percent, another output's error
+            above ``max_output_error``, or an output of either file holds a NaN or an infinity (``.report``
+            holds the figures); nothing is written.
+        SurgeryError: an unknown method or activation type, a missing, unreadable or non-float32 input, ``out``
+            the input itself or existing without ``force``, unusable images, or onnxruntime failing to run
+            either file.
+        TypeError: an argument or options field of the wrong type, or an unknown field.
     """
+    o = with_overrides(QuantizeOptions, options, overrides, "quantize_onnx()")
     fp32_onnx, out = Path(fp32_onnx), Path(out)
-    proto, (input_name, shape, _) = _check_request(fp32_onnx, out, method, activations, force)
-    calibration, parity = _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed)
-    loaders = _loaders((calibration, parity), shape, batch_size)
+    proto, (input_name, shape, _) = _check_request(fp32_onnx, out, o.method, o.activations, force)
+    calibration, parity = _images(calibration_data, o)
+    loaders = _loaders((calibration, parity), shape, o.batch_size)
     _check_images(loaders[0], shape, fp32_onnx)
     start = time.perf_counter()
     with atomic_file(out, force) as tmp, staging_dir(out) as work:
         staged = work / out.name
-        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), per_channel, method, activations,
-                  reduce_range)
-        report = _parity(fp32_onnx, staged, loaders[1], out, method, per_channel, activations, len(calibration),
-                         (min_agreement, max_output_error), time.perf_counter() - start, progress)
-        report = dataclasses.replace(report, reduce_range=reduce_range, cpu_extensions=cpu_extensions())
+        _quantize(fp32_onnx, staged, _Reader(loaders[0], input_name, progress), o.per_channel, o.method,
+                  o.activations, o.reduce_range)
+        report = _parity(fp32_onnx, staged, loaders[1], out, o.method, o.per_channel, o.activations,
+                         len(calibration), (o.min_agreement, o.max_output_error), time.perf_counter() - start,
+                         progress)
+        report = dataclasses.replace(report, reduce_range=o.reduce_range, cpu_extensions=cpu_extensions())
         _raise_unless_agrees(report)
         _stamp(staged, proto, report)
         os.replace(staged, tmp)
@@ -218,71 +231,77 @@ def _raise_unless_agrees(report: QuantReport) -> None:
 
 @checked_arguments
 def export_int8(model, out: str | os.PathLike, calibration_data, *, input_size=(3, 224, 224),
-                dynamic_batch: bool = True, opset: int | None = None, atol: float = 1e-4, rtol: float = 1e-3,
-                force: bool = False, on_fp32: Callable[[ParityReport], None] | None = None,
-                **quantize) -> tuple[ParityReport, QuantReport]:
+                export: ExportOptions | None = None, options: QuantizeOptions | None = None, force: bool = False,
+                on_fp32: Callable[[ParityReport], None] | None = None, progress: bool = True,
+                **overrides) -> tuple[ParityReport, QuantReport]:
     """Export ``model`` to a verified fp32 ONNX file, then quantize that to int8 at ``out``.
 
     The fp32 file is staged beside ``out`` (under a name a later run removes if this one is killed) and
-    removed at the end: only the int8 file is kept. ParityError (fp32) or QuantizationError (int8) carry
-    their report; nothing is written then.
+    removed at the end: only the int8 file is kept.
 
     Args:
         model: the model, as `export_onnx` takes it.
         out: the int8 .onnx file to write.
         calibration_data: images to calibrate on, as `quantize_onnx` takes them.
         input_size: (channels, height, width) of one image.
-        dynamic_batch: leave the batch axis dynamic (else fixed to 1).
-        opset: ONNX opset (None: the exporter's default).
-        atol: fp32 parity's absolute tolerance.
-        rtol: fp32 parity's relative tolerance.
+        export: how to export the fp32 file (`ExportOptions`); None: its defaults.
+        options: how to quantize (`QuantizeOptions`); None: its defaults.
         force: overwrite ``out`` if it exists.
         on_fp32: called with the fp32 report once the fp32 file passed, before quantizing.
-        **quantize: `quantize_onnx`'s keyword arguments (method, per_channel, min_agreement, transform, ...).
+        progress: show progress bars.
+        **overrides: `QuantizeOptions` fields (method, per_channel, min_agreement, transform, ...).
 
     Returns:
         (the fp32 parity report, the int8 report).
+
+    Raises:
+        ParityError: the fp32 file does not match PyTorch (``.report`` holds the figures); nothing is written.
+        QuantizationError: the int8 file fails its parity (``.report`` holds the figures); nothing is written.
+        ExportError: no exporter could export the model.
+        SurgeryError: ``out`` exists without ``force``, unusable calibration images, or bad options.
+        TypeError: an argument or options field of the wrong type, or an unknown field.
     """
+    quantize = with_overrides(QuantizeOptions, options, overrides, "export_int8()")
     check_model(model)
     out = check_writable(out, force)
     check_int8_images(calibration_data, input_size, quantize)  # before the fp32 export, not after it
     with staging_dir(out) as work:
         try:
-            fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, dynamic_batch=dynamic_batch,
-                                      opset=opset, atol=atol, rtol=rtol, force=force)
+            fp32_report = export_onnx(model, work / "fp32.onnx", input_size=input_size, options=export, force=force)
         except ParityError as e:  # the fp32 file is a staged intermediate: name the file the user asked for
             e.report.path = str(out)
             raise ParityError(str(e).replace(str(work / "fp32.onnx"), str(out)), e.report) from None
         if on_fp32 is not None:
             on_fp32(fp32_report)
-        int8_report = quantize_onnx(work / "fp32.onnx", out, calibration_data, force=force, **quantize)
+        int8_report = quantize_onnx(work / "fp32.onnx", out, calibration_data, options=quantize, force=force,
+                                    progress=progress)
     return fp32_report, int8_report
 
 
-def check_int8_images(calibration_data, input_size, quantize: dict) -> None:
+def check_int8_images(calibration_data, input_size, options: QuantizeOptions) -> None:
     """The calibration and parity images `quantize_onnx` will take, split and sized as it will, checked up front.
 
     Args:
         calibration_data: the calibration images.
         input_size: the size the model is exported at.
-        quantize: `quantize_onnx`'s keyword arguments (its defaults for the missing ones).
+        options: `quantize_onnx`'s options.
+
+    Raises:
+        SurgeryError: images that cannot be read, too few, or of another size than ``input_size``.
     """
-    args = inspect.signature(quantize_onnx).bind(None, None, calibration_data, **quantize)
-    args.apply_defaults()
-    a = args.arguments
-    calibration, _ = _images(calibration_data, a["parity_data"], a["num_images"], a["parity_images"], a["preset"],
-                             a["transform"], a["seed"])
+    calibration, _ = _images(calibration_data, options)
     _check_images(DataLoader(calibration, batch_size=1), [1, *image_size(input_size)])
 
 
-def _images(calibration_data, parity_data, num_images, parity_images, preset, transform, seed):
+def _images(calibration_data, o: QuantizeOptions):
     """(calibration images, parity images): disjoint seeded subsets."""
-    if num_images < 1 or parity_images < 1:
+    if o.num_images < 1 or o.parity_images < 1:
         raise SurgeryError("num_images and parity_images must be positive")
     return held_out_split(
-        calibration_data, parity_data, keep=num_images, hold=parity_images, preset=preset, transform=transform,
-        seed=seed, too_few="the calibration data has one image; int8 parity needs held-out images beside the "
-                           "calibration images: pass more images (or parity_data)")
+        calibration_data, o.parity_data, keep=o.num_images, hold=o.parity_images, preset=o.preset,
+        transform=o.transform, seed=o.seed,
+        too_few="the calibration data has one image; int8 parity needs held-out images beside the "
+                "calibration images: pass more images (or parity_data)")
 
 
 def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool, method: str, activations: str,

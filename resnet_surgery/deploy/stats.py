@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from ..arguments import checked_arguments
+from ..errors import SurgeryError
 
 __all__ = ["CI_WARN", "RatioCI", "ratio_ci", "result_rows", "summarize"]
 
@@ -62,12 +63,26 @@ def ratio_ci(
 
     Returns:
         The ratio and its interval.
+
+    Raises:
+        SurgeryError: ``a`` or ``b`` is empty, not one-dimensional, not positive finite numbers, paired
+            timings of different lengths, ``confidence`` outside (0, 1), ``n_resamples`` below 1 or a negative
+            ``seed``.
+        TypeError: ``paired``, ``confidence``, ``n_resamples`` or ``seed`` of the wrong type.
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size == 0 or b.size == 0:
-        raise ValueError("ratio_ci needs at least one timing in each array")
+    try:
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SurgeryError("ratio_ci takes two sequences of timings (numbers)") from None
+    if a.ndim != 1 or b.ndim != 1 or a.size == 0 or b.size == 0:
+        raise SurgeryError(f"ratio_ci needs two 1-D arrays of at least one timing, got shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and (a > 0).all() and (b > 0).all()):
+        raise SurgeryError("ratio_ci's timings must be positive finite numbers of seconds")
     if paired and a.shape != b.shape:
-        raise ValueError(f"paired timings must have the same length, got {a.size} and {b.size}")
+        raise SurgeryError(f"paired timings must have the same length, got {a.size} and {b.size}")
+    if not 0 < confidence < 1 or n_resamples < 1 or seed < 0:
+        raise SurgeryError(f"ratio_ci needs 0 < confidence < 1, n_resamples >= 1 and seed >= 0, got {confidence}, "
+                           f"{n_resamples} and {seed}")
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, a.size, size=(n_resamples, a.size))
     ib = ia if paired else rng.integers(0, b.size, size=(n_resamples, b.size))

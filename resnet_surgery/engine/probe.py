@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..arguments import checked_arguments
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
 from ..history import history
 from ..utils import check_model, eval_mode, image_size, model_device
 
@@ -32,7 +32,8 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
         (max |a(x) - b(x)|, max |a(x)|).
 
     Raises:
-        SurgeryError: ``a`` returns no tensor, an output is NaN or inf, or the output shapes differ.
+        SurgeryError: the models do not run at ``input_size``, ``a`` returns no tensor, an output is NaN or
+            inf, or the output shapes differ.
         TypeError: ``a`` or ``b`` is not a torch module, or another argument of the wrong type.
     """
     check_model(a, "a"), check_model(b, "b")
@@ -41,8 +42,12 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     if recipe is not None and recipe.trunk:
         a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
-    with eval_mode(a, b), torch.no_grad():
-        ya, yb = output_tensors(a(x)), output_tensors(b(x))
+    try:
+        with eval_mode(a, b), torch.no_grad():
+            ya, yb = output_tensors(a(x)), output_tensors(b(x))
+    except RuntimeError as e:  # torch's shape errors (a wrong channel count or a map too small)
+        raise SurgeryError(f"the models do not run on a {'x'.join(map(str, input_size))} probe input "
+                           f"({first_line(e, 200)}); pass the input size they take") from None
     if not ya:
         raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
                            "verified by a probe")

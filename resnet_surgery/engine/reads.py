@@ -157,6 +157,11 @@ def site_reads(model: nn.Module, report: Report, *, leaf_modules=(), patch: int 
 
     Returns:
         One SiteReads per downsampling block, in the model's block order.
+
+    Raises:
+        SurgeryError: ``model`` holds no residual block, or ``report`` is not of this model (other blocks).
+        TraceError: fx cannot trace ``model``, nor one submodule holding its blocks (see `find_trunk`).
+        TypeError: ``patch`` is not an int.
     """
     trunk = find_trunk(model, leaf_modules)
     with eval_mode(trunk.module), torch.no_grad():
@@ -210,6 +215,9 @@ def grid_text(sites: list[SiteReads]) -> str:
     Returns:
         A few lines per site: the block, its dead MACs and ``moved_to``, then per strided module its name,
         kernel/stride and fraction read above its pattern.
+
+    Raises:
+        TypeError: ``sites`` is not a list of SiteReads.
     """
     lines = []
     for s in sites:

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..arguments import checked_arguments
 from ..atomic import atomic_file
+from ..errors import SurgeryError
 from .reads import ConvReads, SiteReads, dead_text, overlap_max, site_title
 
 __all__ = ["plot_sites"]
@@ -66,6 +67,11 @@ def plot_sites(columns: list[SiteReads] | list[list[SiteReads]], path: str | os.
 
     Returns:
         The path written.
+
+    Raises:
+        SurgeryError: no sites to plot, or ``path`` exists and ``force`` is False, or cannot be written.
+        TypeError: ``columns`` is not a list of SiteReads (or of such lists), or another argument of the
+            wrong type.
     """
     import matplotlib
 
@@ -74,6 +80,8 @@ def plot_sites(columns: list[SiteReads] | list[list[SiteReads]], path: str | os.
 
     if columns and isinstance(columns[0], SiteReads):
         columns = [columns]
+    if not any(columns):  # site_reads' answer for a model without a downsampling block
+        raise SurgeryError("no sites to plot: site_reads found no downsampling block in the model")
     labels = list(labels) if labels else [f"model {i + 1}" for i in range(len(columns))]
     n_rows = max((len(sites) for sites in columns), default=0) or 1
     n_patterns = max((len(s.convs) for sites in columns for s in sites), default=1) or 1

@@ -243,21 +243,21 @@ def convert(model: nn.Module, to: str | None = None, *, shortcut: str | None = N
     """A new model converted to another downsampling variant; ``model`` is untouched.
 
     Args:
-        model: a ResNet-like model (torchvision, timm, your own); its blocks are found in the fx graph (a model
-            fx traces only in parts, such as a detection model, is converted in its traceable trunk).
+        model: a ResNet-like model; one that fx traces only in parts (detection) is converted in its trunk.
         to: the target variant, "v1", "v1.5" or "d".
         shortcut: the target projection shortcut, "conv1x1", "avgpool" or "conv3x3".
-        exact: allow only function-preserving rewrites (v1 to v1.5 becomes the dilated form); NotExactError
-            otherwise.
+        exact: allow only function-preserving rewrites (v1 to v1.5 becomes the dilated form).
         prune_dead: then remove the computation a v1 model never reads (exact).
-        input_size: an int N or (C, H, W): the converted model is checked to run at this size with the
-            original's output shapes, and the recipe records it.
+        input_size: an int N or (C, H, W), recorded: the result must run at it with the original's shapes.
         leaf_modules: module classes or names fx should not trace into.
         warn: also show each notice as a SurgeryNotice warning (they are always in the recipe's notices).
 
     Returns:
-        The new model, of the same class; ``history(result).recipe`` records every rewrite with its exactness
-        and touched modules.
+        The new model (same class); ``history(result).recipe`` records every rewrite and its exactness.
+
+    Raises:
+        SurgeryError: bad options, a model it cannot trace (TraceError) or convert (exactly: NotExactError).
+        TypeError: ``model`` is not a torch module, or another argument of the wrong type.
     """
     check_model(model)
     if to is not None and to not in TARGET_VARIANTS:

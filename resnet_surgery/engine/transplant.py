@@ -234,8 +234,16 @@ def transplant(source: nn.Module, target: nn.Module, *, head: bool = True, input
 
     Returns:
         The new model; ``history(result).recipe.transplant`` holds what was paired and the output difference
-        on a probe input. Any mismatch (block count, a shape, a kernel, stride or bias) is one SurgeryError
-        naming both modules.
+        on a probe input.
+
+    Raises:
+        SurgeryError: the two are not the same network: any mismatch (block count, a shape, a kernel, stride
+            or bias) is one SurgeryError naming both modules; also a model that traces only in parts or holds
+            no residual block, a pruned target with an unpruned source, a parameter used outside any module,
+            a conversion of the target that fails (see `convert`), or a probe output that is not finite.
+        TraceError: fx cannot trace ``source`` or ``target``.
+        TypeError: ``source`` or ``target`` is not a torch module, ``input_size`` not an int or (C, H, W), or
+            another argument of the wrong type.
     """
     check_model(source, "source"), check_model(target, "target")
     input_size = image_size(input_size)

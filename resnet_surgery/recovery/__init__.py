@@ -47,7 +47,7 @@ from .evaluate import (
 from .finetune import FREEZE, OBJECTIVES, OPTIMIZERS, finetune
 from .finetune_report import FinetuneReport
 from .guard import GUARD_IMAGES, guard_images, keep_better, objective_error
-from .options import CalibrateOptions, FinetuneOptions, with_overrides
+from .options import CalibrateOptions, FinetuneOptions
 from .reconstruct import (
     HOLD_BACK,
     RECONSTRUCT_BATCH,
@@ -91,5 +91,4 @@ __all__ = [
     "objective_error", "output_error", "predict", "previous_blocks", "reconstruct_blocks", "recover",
     "reestimate_bn", "run_hooked", "run_identity", "save_checkpoint", "save_state", "score", "select_batches",
     "submodule", "sync_buffers", "time_limit", "train_loader", "training_loss", "transfer_weights",
-    "with_overrides",
 ]

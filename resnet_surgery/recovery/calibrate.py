@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..arguments import checked_arguments
+from ..arguments import checked_arguments, with_overrides
 from ..data import DataSpec, preprocessing
 from ..defaults import MAX_STEPS
 from ..engine import full_name
@@ -33,7 +33,7 @@ from .activations import named_module
 from .batches import Batches, first_images, select_batches
 from .batchnorm import reestimate_bn
 from .evaluate import EvalReport, gives_logits, output_error, score
-from .options import DEFAULT_STEPS, CalibrateOptions, with_overrides
+from .options import DEFAULT_STEPS, CalibrateOptions
 from .reconstruct import BlockFit, held_back, macs_per_image, reconstruct_blocks
 from .refit import ConvFit, transfer_weights
 

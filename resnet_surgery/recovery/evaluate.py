@@ -188,6 +188,15 @@ def evaluate(
 
     Returns:
         EvalReport: accuracy with labels, agreement and KL with a reference.
+
+    Raises:
+        SurgeryError: ``data`` that is no folder of images, Dataset or DataLoader, yields no image or batches
+            that are neither tensors nor (images, labels); ``batch_size`` or ``num_images`` below 1, or an
+            unknown preset; more class folders than the model has classes, or a label it cannot predict; a
+            model whose output is not N x classes logits, a reference whose logits have another shape, or
+            reference logits for another number of images.
+        BadImageError: an image file of a path that cannot be decoded.
+        TypeError: ``model`` is not a torch module, or another argument of the wrong type.
     """
     check_model(model)
     spec = DataSpec(data, transform=preprocessing(model, preset, transform), num_images=num_images, batch_size=batch_size,
@@ -218,6 +227,13 @@ def predict(model: nn.Module, data, *, batch_size: int = 64, preset: str | None 
 
     Returns:
         Tensor: the logits, N x classes.
+
+    Raises:
+        SurgeryError: ``data`` that is no folder of images, Dataset or DataLoader, yields no image or batches
+            that are neither tensors nor (images, labels); ``batch_size`` or ``num_images`` below 1, or an
+            unknown preset.
+        BadImageError: an image file of a path that cannot be decoded.
+        TypeError: ``model`` is not a torch module, or another argument of the wrong type.
     """
     check_model(model)
     spec = DataSpec(data, transform=preprocessing(model, preset, transform), num_images=num_images, batch_size=batch_size,

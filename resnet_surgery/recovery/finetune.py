@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..arguments import checked_arguments
+from ..arguments import checked_arguments, with_overrides
 from ..atomic import check_writable
 from ..data import DataSpec, preprocessing, split_batch
 from ..defaults import MAX_LR, MAX_STEPS
@@ -36,7 +36,7 @@ from .distributed import join_process_group, sync_buffers, train_loader
 from .evaluate import gives_logits
 from .finetune_report import FinetuneReport
 from .guard import guard_images, keep_better, objective_error
-from .options import FinetuneOptions, with_overrides
+from .options import FinetuneOptions
 
 __all__ = ["FREEZE", "OBJECTIVES", "OPTIMIZERS", "finetune"]
 

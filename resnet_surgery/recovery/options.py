@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from ..arguments import check_fields
 from ..defaults import RECONSTRUCT_LR
 
-__all__ = ["DEFAULT_STEPS", "CalibrateOptions", "FinetuneOptions", "with_overrides"]
+__all__ = ["DEFAULT_STEPS", "CalibrateOptions", "FinetuneOptions"]
 
 DEFAULT_STEPS = ("bn", "reconstruct")  # calibrate's steps unless told otherwise
 
@@ -106,29 +105,3 @@ class FinetuneOptions:
     bf16: bool = False
     channels_last: bool = False
     guard: bool = True
-
-
-def with_overrides(cls, options, overrides: dict, owner: str):
-    """``options`` (an instance of ``cls``, or None for its defaults) with ``overrides`` set and every field's
-    type checked.
-
-    Args:
-        cls: the options class.
-        options: the options given, or None.
-        overrides: field names and values to set.
-        owner: the function, for the messages ("finetune()").
-
-    Returns:
-        The options to run with.
-
-    Raises:
-        TypeError: ``options`` of another class, an override that is not a field, or a field of the wrong type.
-    """
-    options = cls() if options is None else options
-    if not isinstance(options, cls):
-        raise TypeError(f"{owner}: options takes a {cls.__name__}, got {options!r:.80}")
-    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)}):
-        raise TypeError(f"{owner} got an unexpected keyword argument {unknown[0]!r} (not a field of {cls.__name__})")
-    options = dataclasses.replace(options, **overrides)
-    check_fields(options, owner)
-    return options

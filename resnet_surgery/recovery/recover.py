@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..arguments import check_fields, checked_arguments
+from ..arguments import check_fields, checked_arguments, with_overrides
 from ..data import as_dataset, disjoint_subsets, held_out_split, preprocessing
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
@@ -56,6 +56,7 @@ class RecoverOptions:
 
     Args:
         eval_images: held-back images every stage is measured on (taken from ``data`` unless ``eval_data``).
+        eval_data: separate held-back images (None: ``eval_images`` of ``data`` are held back).
         calibrate_images: images calibration and feature mimicking use (a seeded subset of the rest).
         iterations: reconstruction steps per block (None: `calibrate`'s default).
         stages: the stages to run, a subset of RECOVER_STAGES (always run in that order).
@@ -72,6 +73,7 @@ class RecoverOptions:
     """
 
     eval_images: int = EVAL_IMAGES
+    eval_data: object = None
     calibrate_images: int = 2048
     iterations: int | None = None
     stages: tuple[str, ...] = RECOVER_STAGES
@@ -119,9 +121,9 @@ class _Run:
 
 @checked_arguments
 def recover(converted: nn.Module, original: nn.Module, data, *, target: float | None = None,
-            budget: float | None = None, eval_data=None, options: RecoverOptions | None = None,
+            budget: float | None = None, options: RecoverOptions | None = None,
             checkpoint: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
-            progress: bool = True, echo=print) -> nn.Module:
+            progress: bool = True, echo=print, **overrides) -> nn.Module:
     """A new model: ``converted`` recovered towards ``original`` stage by stage (see the module's docstring).
 
     Args:
@@ -132,27 +134,28 @@ def recover(converted: nn.Module, original: nn.Module, data, *, target: float | 
         target: stop once the gap is at most this many points (top-1 points below the original with labels,
             else the percentage of images classified otherwise than by the original); None: no target.
         budget: wall seconds the whole recovery may take (None: no limit).
-        eval_data: separate held-back images (None: ``options.eval_images`` of ``data`` are held back).
         options: how to measure and run the stages (None: RecoverOptions()).
         checkpoint: a file written after every stage; with ``resume`` the run continues from it.
         resume: continue from ``checkpoint`` (the budget counts the time already spent).
         force: start over, replacing an existing ``checkpoint``.
         progress: show progress bars of the stages.
         echo: prints one line per stage.
+        **overrides: `RecoverOptions` fields, e.g. ``recover(converted, original, "images/", stages=("bn",))``.
 
     Returns:
         Module: the best model measured; ``history(result).recovery`` is its RecoveryReport.
 
     Raises:
         SurgeryError: bad options, data or checkpoint (before any work), or a stage that failed.
+        TypeError: an argument or options field of the wrong type, or an unknown field.
     """
-    options = options or RecoverOptions()
+    options = with_overrides(RecoverOptions, options, overrides, "recover()")
     _check_arguments(converted, target, budget, options)
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists() and not (resume or force):
         raise SurgeryError(f"a recover checkpoint exists at {path}: continue it with --resume (resume=True) or "
                            "start over with --force (force=True)")
-    run = _prepare(converted, original, data, eval_data, target, budget, options, path, progress, echo)
+    run = _prepare(converted, original, data, target, budget, options, path, progress, echo)
     position = _resume(run, converted, path) if resume else (0, 0)
     if position == (0, 0) and not run.report.stages:
         _measure(run, "naive copy", "", run.model, time.process_time(), time.perf_counter())
@@ -191,13 +194,12 @@ def _check_arguments(converted: nn.Module, target, budget, options: RecoverOptio
                            "original's function, so there is nothing to recover")
 
 
-def _prepare(converted, original, data, eval_data, target, budget, options: RecoverOptions, path, progress,
-             echo) -> _Run:
+def _prepare(converted, original, data, target, budget, options: RecoverOptions, path, progress, echo) -> _Run:
     """The run's data, the original's logits on the held-back images, and the budget checked against a probe."""
     o = options
     transform = preprocessing(original, o.preset, o.transform)
     dataset = as_dataset(data, transform=transform)
-    work, held = held_out_split(dataset, eval_data, keep=None, hold=o.eval_images, transform=transform, seed=o.seed,
+    work, held = held_out_split(dataset, o.eval_data, keep=None, hold=o.eval_images, transform=transform, seed=o.seed,
                                 too_few="recover needs at least two images: some to recover on, some held back")
     labelled = o.labels and _has_labels(held) and _has_labels(work)
     if labelled:

@@ -7,6 +7,7 @@ from .explore import (
     ONNX_FILE,
     RESULT_FILE,
     VARIANTS,
+    Candidate,
     ExploreOptions,
     ExploreReport,
     check_explore_out,
@@ -21,10 +22,10 @@ from .explore_inputs import (
     saved_model,
 )
 from .explore_plot import plot_explore
-from .pipeline import Conversion, RecoverySettings, convert_model, run_pipeline, run_summary
+from .pipeline import Conversion, RunOptions, RunResult, convert_model, run_pipeline, run_summary
 
 __all__ = [
-    "Conversion", "ExploreOptions", "ExploreReport", "ONNX_FILE", "RESULT_FILE", "RecoverySettings", "VARIANTS",
+    "Candidate", "Conversion", "ExploreOptions", "ExploreReport", "ONNX_FILE", "RESULT_FILE", "RunOptions", "RunResult", "VARIANTS",
     "check_candidates_folder", "check_explore_out", "check_explore_request", "convert_model", "explore",
     "explore_options", "pareto_front", "plot_explore", "reusable_result", "run_pipeline", "run_summary",
     "saved_model",

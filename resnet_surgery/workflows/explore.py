@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..arguments import checked_arguments
 from ..atomic import atomic_dir, atomic_file
-from ..data import held_out_split, preprocessing, split_batch
+from ..data import PRESETS, held_out_split, preprocessing, split_batch, transform_size
 from ..defaults import EVAL_IMAGES
 from ..deploy import ACTIVATIONS, OnnxModule, QuantizationError, compare_latency, export_onnx, quantize_onnx
 from ..engine import Trunk, convert, find_trunk, model_variant
@@ -51,15 +51,15 @@ from .explore_inputs import (
     reusable_result,
     saved_model,
 )
-from .explore_report import ExploreReport, pareto_front
+from .explore_report import Candidate, ExploreReport, pareto_front
 
-__all__ = ["ExploreOptions", "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore", "pareto_front"]
+__all__ = ["Candidate", "ExploreOptions", "ExploreReport", "ONNX_FILE", "RESULT_FILE", "VARIANTS", "check_explore_out", "explore", "pareto_front"]
 
 VARIANTS = ("v1", "v1.5", "d", "v1-pruned", "v1.5-exact")
 
 
 @checked_arguments
-def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[int, int, int] = (3, 224, 224),
+def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[int, int, int] | None = None,
             out: str | os.PathLike = "runs/explore", force: bool = False, options: ExploreOptions | None = None,
             progress: bool = True, **overrides) -> ExploreReport:
     """Every variant of ``model`` (module docstring), recovered on ``data``, exported, optionally int8,
@@ -70,7 +70,8 @@ def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[i
         data: images for recovery (a quarter of them, at most 2,000, judge its stages) and int8 calibration:
             an ImageFolder or flat folder, a Dataset or a DataLoader; labels optional.
         eval_data: labelled held-out images (None: ``options.eval_images`` of ``data`` are held out).
-        input_size: an int N or (C, H, W): the size every candidate is exported and timed at.
+        input_size: an int N or (C, H, W): the size every candidate is exported and timed at (None: the side
+            the preprocessing crops image files to, else 224).
         out: the folder to write (an earlier explore's folder is resumed).
         force: rebuild finished candidates (False: a rerun with the same settings reuses them).
         options: what to build, recover, quantize and time (None: ExploreOptions()).
@@ -85,10 +86,12 @@ def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[i
         TypeError: an argument of the wrong type, or an override that is not an ExploreOptions field.
     """
     start, o = time.perf_counter(), explore_options(options, overrides)
-    input_size, wanted = image_size(input_size), _wanted(o.variants)
+    wanted = _wanted(o.variants)
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
     transform = preprocessing(model, o.preset, o.transform)  # the same rule as every command's
+    side = transform_size(transform) or PRESETS[o.preset or "imagenet"]["size"]
+    input_size = image_size((3, side, side) if input_size is None else input_size)
     calib_set, eval_set = _images(data, eval_data, o.eval_images, transform, o.seed)
     eval_loader = DataLoader(eval_set, batch_size=o.batch_size)
     labelled = _has_labels(eval_loader)
@@ -106,7 +109,8 @@ def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[i
                               max_time_s=o.max_time_s, seed=o.seed, progress=progress)
     metric = "top1" if labelled else "agreement"
     _attach_latency(timed, latency.to_dict()["results"], metric)
-    report = ExploreReport(model=name, metric=metric, settings=settings, candidates=results,
+    report = ExploreReport(model=name, metric=metric, settings=settings,
+                           candidates=[Candidate.from_dict(r) for r in results],
                            latency=latency.to_dict(), seconds=time.perf_counter() - start,
                            latency_seconds=time.perf_counter() - timing_start)
     return _written(report, out)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..arguments import with_overrides
 from ..atomic import check_writable
 from ..defaults import EXPLORE_STAGES
 from ..deploy import check_batch_sizes
 from ..errors import SurgeryError
-from ..recovery import check_label_classes, check_stages, check_target_and_budget, with_overrides
+from ..recovery import check_label_classes, check_stages, check_target_and_budget
 
 __all__ = ["ExploreOptions", "ONNX_FILE", "RESULT_FILE", "explore_options", "check_candidates_folder", "check_explore_out", "check_explore_request", "reusable_result",
            "saved_model"]

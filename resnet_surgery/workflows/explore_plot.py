@@ -42,22 +42,22 @@ def plot_explore(report, path: str | os.PathLike, *, force: bool = True) -> Path
                  fontsize=9)
     fig.tight_layout()
     for ax, b in zip(axes[0], batches):  # after the layout: labels are placed where they will be drawn
-        _number(ax, [(c["latency"][str(b)]["ratio"], c["eval"][report.metric]) for c in timed])
+        _number(ax, [(c.latency[str(b)]["ratio"], c.eval[report.metric]) for c in timed])
     with atomic_file(path, force) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return Path(path)
 
 
-def _panel(ax, report, timed: list[dict], batch: int) -> None:
+def _panel(ax, report, timed: list, batch: int) -> None:
     """One batch size: numbered points, their CIs and the Pareto front."""
     label = "top-1 (%)" if report.metric == "top1" else "top-1 agreement with the original (%)"
-    points = [(c, c["latency"][str(batch)], c["eval"][report.metric]) for c in timed]
+    points = [(c, c.latency[str(batch)], c.eval[report.metric]) for c in timed]
     for c, lat, acc in points:
         ax.errorbar(lat["ratio"], acc, xerr=[[lat["ratio"] - lat["ratio_low"]], [lat["ratio_high"] - lat["ratio"]]],
-                    fmt="s" if c["precision"] == "int8" else "o", color="C1" if c["pareto"][str(batch)] else "C0",
+                    fmt="s" if c.precision == "int8" else "o", color="C1" if c.pareto[str(batch)] else "C0",
                     capsize=2)
-    front = sorted((lat["ratio"], acc) for c, lat, acc in points if c["pareto"][str(batch)])
+    front = sorted((lat["ratio"], acc) for c, lat, acc in points if c.pareto[str(batch)])
     if front:
         ax.step(*zip(*front), where="post", color="C1", alpha=0.6, label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
@@ -88,9 +88,9 @@ def _number(ax, xy: list[tuple[float, float]]) -> None:
         ax.annotate(str(number), (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, fontweight="bold")
 
 
-def _key(ax, timed: list[dict]) -> None:
+def _key(ax, timed: list) -> None:
     """The numbers' key, one candidate a line."""
     ax.axis("off")
-    lines = [f"{i:>2}  {c['name']}" for i, c in enumerate(timed, 1)]
+    lines = [f"{i:>2}  {c.name}" for i, c in enumerate(timed, 1)]
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5,
             transform=ax.transAxes)

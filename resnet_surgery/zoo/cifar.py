@@ -95,6 +95,9 @@ def _to_v1(model: nn.Module) -> None:
             m.stride = m.conv1.stride[0]
 
 
+MAX_WIDTH = 4096  # a stage's bottleneck width (ResNet-50's widest is 512), block count or class count
+
+
 @checked_arguments
 def cifar_resnet(
     layout: str = "v1.5",
@@ -118,6 +121,11 @@ def cifar_resnet(
 
     Returns:
         Module: the model with random weights.
+
+    Raises:
+        SurgeryError: an unknown ``layout`` or ``stem``, ``widths`` and ``blocks`` of different lengths or
+            with fewer than 3 stages, or a size below 1 or above 4096.
+        TypeError: an argument of the wrong type (``widths`` or ``blocks`` not a sequence of int).
     """
     if layout not in LAYOUTS:
         raise SurgeryError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -125,6 +133,10 @@ def cifar_resnet(
         raise SurgeryError("widths and blocks need one entry per stage and at least 3 stages")
     if stem not in STEMS:
         raise SurgeryError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+    sizes = [*widths, *blocks, num_classes, stem_width]
+    if min(sizes) < 1 or max(sizes) > MAX_WIDTH:  # torch fails on 0 or less, and far above runs out of memory
+        raise SurgeryError(f"widths, blocks, num_classes and stem_width must be from 1 to {MAX_WIDTH}, got widths "
+                           f"{list(widths)}, blocks {list(blocks)}, num_classes {num_classes}, stem_width {stem_width}")
     model = CifarResNet(widths, blocks, num_classes, stem_width, stem)
     if layout == Variant.V1:
         _to_v1(model)
