@@ -294,3 +294,31 @@ def test_an_int8_exports_fp32_failure_names_out_not_the_staged_file(tmp_path, im
                     parity_images=8, progress=False)
     assert f"nothing written to {out}" in str(e.value) and ".export" not in str(e.value)
     assert e.value.report.path == str(out) and list(tmp_path.iterdir()) == []
+
+
+def test_found_writing_the_raises_sections_each_is_one_surgery_error(tmp_path):
+    """Found reading each public function for its Raises: section: a bare KeyError (weights a torchvision enum
+    does not have, an ONNX input that is a sequence), matplotlib's ValueError (plotting no sites), torch's
+    RuntimeError (a probe at a size the models do not take; cifar_resnet with num_classes=-1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from resnet_surgery import cifar_resnet as build
+    from resnet_surgery import model_transform, onnx_input_shape, plot_sites
+    from resnet_surgery.history import Source, record
+
+    model = record(cifar_resnet("v1.5"), source=Source("resnet18", "torchvision", "IMAGENET1K_V9"))
+    with pytest.raises(SurgeryError, match="weights 'IMAGENET1K_V9' of torchvision's 'resnet18'"):
+        model_transform(model)
+    with pytest.raises(SurgeryError, match="no sites to plot"):
+        plot_sites([], tmp_path / "p.png")
+    with pytest.raises(SurgeryError, match="do not run on a 1x32x32 probe input"):
+        max_difference(cifar_resnet("v1.5"), cifar_resnet("v1.5"), (1, 32, 32))
+    with pytest.raises(SurgeryError, match="from 1 to 4096"):
+        build(num_classes=-1)
+    sequence = helper.make_tensor_sequence_value_info("x", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("SequenceLength", ["x"], ["y"])], "g", [sequence],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [])])
+    onnx.save(helper.make_model(graph), tmp_path / "seq.onnx")
+    with pytest.raises(SurgeryError, match="is not a tensor of a known element type"):
+        onnx_input_shape(tmp_path / "seq.onnx")
