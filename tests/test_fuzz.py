@@ -869,3 +869,17 @@ def test_the_checks_catch_a_non_finite_file_and_a_network_attempt(tmp_path):
         left.sendall(b"x")
         assert right.recv(1) == b"x"
     left.close(), right.close()
+
+
+def test_found_by_fuzzing_the_new_python_calls_each_is_one_error(pristine, tmp_path):
+    """Found by 30 cases a row of the Python calls added to PYTHON_CALLS: export_int8(batch_size=-1) (the
+    DataLoader's ValueError) and max_difference(batch=-1) (torch's RuntimeError, a negative dimension)."""
+    original, converted, data = python_inputs()
+    with pytest.raises(SurgeryError, match="batch_size takes an integer from 1 to"):
+        rs_api().export_int8(converted, tmp_path / "q.onnx", data, input_size=(3, 32, 32), batch_size=-1)
+    with pytest.raises(SurgeryError, match="min_agreement takes a percentage"):
+        rs_api().quantize_onnx(pristine / "a.onnx", tmp_path / "q.onnx", data, min_agreement=float("nan"))
+    with pytest.raises(SurgeryError, match="batch takes an integer from 1 to"):
+        rs_api().max_difference(original, converted, (3, 32, 32), batch=-1)
+    assert not (tmp_path / "q.onnx").exists()
+

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..arguments import checked_arguments, with_overrides
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
+from ..defaults import MAX_BATCH
 from ..errors import SurgeryError, first_line
 from ..recovery import evaluate
 from ..utils import check_model, image_size
@@ -294,9 +295,14 @@ def check_int8_images(calibration_data, input_size, options: QuantizeOptions) ->
 
 
 def _images(calibration_data, o: QuantizeOptions):
-    """(calibration images, parity images): disjoint seeded subsets."""
+    """(calibration images, parity images): disjoint seeded subsets, after refusing sizes and bounds out of range."""
     if o.num_images < 1 or o.parity_images < 1:
         raise SurgeryError("num_images and parity_images must be positive")
+    if not 1 <= o.batch_size <= MAX_BATCH:
+        raise SurgeryError(f"batch_size takes an integer from 1 to {MAX_BATCH}, got {o.batch_size}")
+    if not (0 <= o.min_agreement <= 100 and 0 <= o.max_output_error < math.inf):
+        raise SurgeryError(f"min_agreement takes a percentage from 0 to 100 and max_output_error a finite number "
+                           f">= 0, got {o.min_agreement} and {o.max_output_error}")
     return held_out_split(
         calibration_data, o.parity_data, keep=o.num_images, hold=o.parity_images, preset=o.preset,
         transform=o.transform, seed=o.seed,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..arguments import checked_arguments
+from ..defaults import MAX_BATCH
 from ..errors import SurgeryError, first_line
 from ..history import history
 from ..utils import check_model, eval_mode, image_size, model_device
@@ -32,12 +33,14 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
         (max |a(x) - b(x)|, max |a(x)|).
 
     Raises:
-        SurgeryError: the models do not run at ``input_size``, ``a`` returns no tensor, an output is NaN or
+        SurgeryError: ``batch`` out of range, the models do not run at ``input_size``, ``a`` returns no tensor, an output is NaN or
             inf, or the output shapes differ.
         TypeError: ``a`` or ``b`` is not a torch module, or another argument of the wrong type.
     """
     check_model(a, "a"), check_model(b, "b")
     input_size = image_size(input_size)
+    if not 1 <= batch <= MAX_BATCH:
+        raise SurgeryError(f"max_difference's batch takes an integer from 1 to {MAX_BATCH}, got {batch}")
     recipe = history(b).recipe
     if recipe is not None and recipe.trunk:
         a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
