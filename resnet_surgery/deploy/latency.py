@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..arguments import checked_arguments, with_overrides
 from ..defaults import MAX_BATCH
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
 from ..utils import check_argument
 from .cpu import weight_range_warning
 from .machine import load_warnings, machine_info, measure_peak_gflops, usable_cores
@@ -35,7 +35,8 @@ METHOD = """\
   every core this process may use), ``inter_op_num_threads`` = 1, sequential execution, and
   ``session.intra_op.allow_spinning`` = 0 so that idle sessions do not spin on cores the timed one needs.
 - Every model gets the same input: one seeded standard-normal batch per batch size.
-- Warm-up runs (``warmup`` per model and batch size) are run and discarded.
+- Each model runs once per batch size first (a file that loads but does not run is an error naming it),
+  then warm-up runs (``warmup`` per model and batch size); all are discarded.
 - The models then run in interleaved rounds: each round runs every model once, in a freshly shuffled
   order (A B, B A, ...), so machine drift (frequency scaling, other processes) and order effects hit all
   models alike. Each run is timed with ``time.perf_counter`` around ``session.run``.
@@ -339,6 +340,11 @@ def _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules: Stopp
     for batch in batch_sizes:
         x = rng.standard_normal((batch, *shape[1:])).astype(dtype)
         runners = {name: runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
+        for name, run in runners.items():  # run once first (discarded): a file that loads but does not run is one error
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+                raise SurgeryError(f"onnxruntime could not run {name} at batch {batch}: {first_line(e, 300)}") from None
         for name, t in _time_rounds(runners, rules, rng, desc=f"batch {batch}", progress=progress).items():
             timings[name][batch] = t
     return timings

@@ -86,7 +86,10 @@ def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path | None = None
     if fp32_onnx is None:
         return
     session = OnnxModule(fp32_onnx).session
-    outputs = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})
+    try:
+        outputs = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types: a graph that loads but does not run
+        raise SurgeryError(f"onnxruntime could not run {fp32_onnx} on the calibration images: {first_line(e, 300)}") from None
     if not all(np.isfinite(y).all() for y in outputs):
         raise SurgeryError(f"{fp32_onnx} gives NaN or infinity on the calibration images: there is nothing to "
                            "quantize; export a model whose outputs are finite")
