@@ -904,3 +904,12 @@ def test_found_by_the_run_of_300_a_row_an_onnx_file_that_loads_but_does_not_run_
         rs_api().quantize_onnx(tmp_path / "bad.onnx", tmp_path / "q.onnx", data, num_images=3, parity_images=3)
     assert not (tmp_path / "q.onnx").exists()
 
+
+def test_found_by_200_cases_a_row_of_the_python_calls_threads_past_a_c_int_is_one_error(pristine):
+    """Found by 200 cases a row of the Python calls: compare_latency(threads=2^63) reached onnxruntime's
+    SessionOptions, whose TypeError spans several lines."""
+    with pytest.raises(SurgeryError, match="threads from 1 to 4096"):
+        rs_api().compare_latency({"a": pristine / "a.onnx"}, threads=2**63, progress=False)
+    result = CliRunner().invoke(main, ["bench", str(pristine / "a.onnx"), "--threads", str(2**63)])
+    assert result.exit_code == 2 and _one_error_line(result.stderr), result.output
+

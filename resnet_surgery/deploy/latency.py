@@ -27,6 +27,8 @@ from .plot import plot_latency
 from .runtime import onnx_session, runner
 from .stats import RatioCI, ratio_ci, result_rows
 
+MAX_THREADS = 4096  # onnxruntime takes a C int; no machine has more cores than this
+
 __all__ = ["METHOD", "LatencyOptions", "LatencyReport", "StoppingRule", "check_batch_sizes", "compare_latency"]
 # A constant, not parsed from the docstring: `python -OO` strips docstrings.
 METHOD = """\
@@ -291,8 +293,9 @@ def check_batch_sizes(batch_sizes, threads=None) -> list[int]:
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH:
         raise SurgeryError(f"batch sizes must be positive integers up to {MAX_BATCH}, got {batch_sizes}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise SurgeryError(f"threads must be a positive number of intra-op threads (or None for every core), got {threads}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS):
+        raise SurgeryError(f"threads must be a number of intra-op threads from 1 to {MAX_THREADS} (or None for every "
+                           f"core), got {threads}")
     return batch_sizes
 
 
