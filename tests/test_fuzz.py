@@ -12,6 +12,7 @@ seeds); `make test` the short one (a dozen, derandomized: the same cases every r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
@@ -38,6 +39,19 @@ PROFILE = os.environ.get("RESNET_SURGERY_FUZZ", "short")  # "short", "long" or a
 EXAMPLES = {"short": 6, "long": 1000}.get(PROFILE) or int(PROFILE)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=PROFILE == "short",
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+CASES: collections.Counter = collections.Counter()  # cases run per table row in this process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _case_counts():
+    """With RESNET_SURGERY_FUZZ_COUNTS=PREFIX, each process writes its cases per row to PREFIX.<worker>.json
+    (how the counts of a run are known: Hypothesis stops a row early when it has tried every case it can make)."""
+    yield
+    prefix = os.environ.get("RESNET_SURGERY_FUZZ_COUNTS")
+    if prefix and CASES:
+        Path(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json").write_text(json.dumps(CASES, indent=1))
 
 
 def fuzz(seconds: float):
@@ -361,6 +375,7 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
     @fuzz(target.seconds)
     @given(content=target.mutate(original))
     def case(content):
+        CASES[f"file: {name}"] += 1
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
@@ -468,6 +483,7 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
     @fuzz(command.seconds / 3)  # most cases end in an error long before the limit
     @given(extra=mutated_options(click_command))
     def case(extra):
+        CASES[f"options: {name}"] += 1
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
@@ -611,6 +627,7 @@ def test_odd_python_arguments_raise_a_documented_error_and_change_no_model(name,
     @fuzz(2.0)
     @given(kwargs=odd_arguments(getattr(rs_api(), name), base_kwargs))
     def case(kwargs):
+        CASES[f"python: {name}"] += 1
         states = [_state(m) for m in inputs[:2]]
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
@@ -726,6 +743,7 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
     @settings(FUZZ, max_examples=max(1, EXAMPLES // 12) if PROFILE != "short" else 1)
     @given(fraction=st.floats(0.4, 0.95))
     def case(fraction):
+        CASES[f"kill: {name}"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
