@@ -396,12 +396,13 @@ def test_saved_weights_get_ordinary_permissions(tmp_path, umask_022):
 
 
 def test_run_validates_its_options_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(resnet_surgery.workflows.pipeline, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
+    # the command imports run_pipeline from the workflows package when it runs
+    monkeypatch.setattr(resnet_surgery.workflows, "run_pipeline", lambda *a, **k: pytest.fail("the pipeline ran"))
     for option in (["--batch", "0"], ["--batch", "1,x"], ["--threads", "-1"], ["--epochs", "0"],
                    ["--num-images", "0"], ["--min-time", "-1"]):
         result = run("run", "resnet18", "--to", "v1", "--out", tmp_path / "out", *option)
         assert result.exit_code == 2 and option[0] in result.output, result.output
-    with pytest.raises(SurgeryError, match="threads must be a positive number"):
+    with pytest.raises(SurgeryError, match="threads must be a number of intra-op threads from 1"):
         compare_latency({"a": tmp_path / "a.onnx"}, threads=-1, progress=False)
 
 

@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from resnet_surgery.workflows.explore import ExploreReport  # noqa: E402
+from resnet_surgery.workflows.explore import Candidate, ExploreReport  # noqa: E402
 from resnet_surgery.workflows.explore_plot import _number  # noqa: E402
 
 
@@ -37,8 +37,9 @@ def test_explore_chart_is_written(tmp_path):
                 "latency": {"1": lat}, "pareto": {"1": ratio < 0.5}}
 
     report = ExploreReport(model="m", metric="top1", settings={"eval_images": 10},
-                           candidates=[candidate("original", "fp32", 1.0, 85.0), candidate("v1", "fp32", 0.9, 84.0),
-                                       candidate("original-int8", "int8", 0.3, 84.9)],
+                           candidates=[Candidate.from_dict(c) for c in (candidate("original", "fp32", 1.0, 85.0),
+                                                                         candidate("v1", "fp32", 0.9, 84.0),
+                                                                         candidate("original-int8", "int8", 0.3, 84.9))],
                            latency={"batch_sizes": [1], "machine": {}, "settings": {}}, seconds=1.0)
     path = report.plot(tmp_path / "explore.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -317,10 +317,12 @@ def _not_finite(root: Path, paths) -> list[str]:
                 ok = finite(json.loads(path.read_text(), parse_constant=refuse))
             elif path.suffix == ".safetensors":
                 ok = finite(load_file(path))
-            elif path.suffix == ".pt":
+            elif path.suffix in (".pt", ".ckpt"):
                 ok = finite(torch.load(path, weights_only=True))
             elif path.suffix == ".onnx":
-                ok = all(np.isfinite(a).all() for a in map(numpy_helper.to_array, onnx.load(str(path)).graph.initializer)
+                graph = onnx.load(str(path)).graph
+                constants = [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+                ok = all(np.isfinite(a).all() for a in map(numpy_helper.to_array, [*graph.initializer, *constants])
                          if a.dtype.kind == "f")
             else:
                 continue

@@ -322,3 +322,21 @@ def test_found_writing_the_raises_sections_each_is_one_surgery_error(tmp_path):
     onnx.save(helper.make_model(graph), tmp_path / "seq.onnx")
     with pytest.raises(SurgeryError, match="is not a tensor of a known element type"):
         onnx_input_shape(tmp_path / "seq.onnx")
+
+
+def test_found_by_a_review_of_the_options_objects_each_is_one_error(tmp_path):
+    """Found reviewing the new options objects: fields that reached numpy or torch unchecked (peak_matmul_n=-1,
+    parity_batch=0, n_resamples=2^63, a seed past 2^64) and min_time_s=nan (rounds without end)."""
+    from resnet_surgery import ExportOptions, compare_latency, ratio_ci
+
+    export_onnx(cifar_resnet("v1.5"), tmp_path / "a.onnx", input_size=SIZE)
+    for fields, needle in (({"peak_matmul_n": -1}, "peak_matmul_n from 1"), ({"min_time_s": math.nan}, "finite times"),
+                           ({"warmup": 2**63}, "warmup from 0"), ({"ci_target": 0.0}, "ci_target > 0")):
+        with pytest.raises(SurgeryError, match=needle):
+            compare_latency({"a": tmp_path / "a.onnx"}, progress=False, **fields)
+    for options in (ExportOptions(parity_batch=0), ExportOptions(seed=2**64)):
+        with pytest.raises(SurgeryError, match="parity_batch takes an integer from 1"):
+            export_onnx(cifar_resnet("v1.5"), tmp_path / "b.onnx", input_size=SIZE, options=options)
+    assert not (tmp_path / "b.onnx").exists()
+    with pytest.raises(SurgeryError, match="n_resamples from 1 to 10\\^6"):
+        ratio_ci([1.0, 2.0], [1.0, 2.0], n_resamples=2**63)

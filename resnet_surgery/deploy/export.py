@@ -29,6 +29,7 @@ from torch import nn
 
 from ..arguments import checked_arguments, with_overrides
 from ..atomic import atomic_file, check_writable, staging_dir
+from ..defaults import MAX_BATCH
 from ..engine import count_macs, output_tensors
 from ..errors import SurgeryError, first_line
 from ..utils import check_model, eval_mode, image_size, model_device
@@ -109,6 +110,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: int | 
     check_opset(o.opset)
     if o.atol < 0 or o.rtol < 0:
         raise SurgeryError(f"parity tolerances must be >= 0, got atol {o.atol} and rtol {o.rtol}")
+    if not (1 <= o.parity_batch <= MAX_BATCH and 0 <= o.seed < 2**63):
+        raise SurgeryError(f"parity_batch takes an integer from 1 to {MAX_BATCH} and seed one from 0 to 2^63-1, got "
+                           f"{o.parity_batch} and {o.seed}")
     path = check_writable(path, force)
     job = ExportJob(image_size(input_size), o.dynamic_batch, o.opset, o.atol, o.rtol, o.parity_batch, force, o.seed)
     with eval_mode(model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import time
@@ -28,6 +29,7 @@ from .runtime import onnx_session, runner
 from .stats import RatioCI, ratio_ci, result_rows
 
 MAX_THREADS = 4096  # onnxruntime takes a C int; no machine has more cores than this
+MAX_ROUNDS = 10**6  # rounds or warm-up runs: beyond any timing anyone waits for
 
 __all__ = ["METHOD", "LatencyOptions", "LatencyReport", "StoppingRule", "check_batch_sizes", "compare_latency"]
 # A constant, not parsed from the docstring: `python -OO` strips docstrings.
@@ -222,7 +224,7 @@ def compare_latency(models: dict[str, str | os.PathLike], *, options: LatencyOpt
     o = with_overrides(LatencyOptions, options, overrides, "compare_latency()")
     batch_sizes, threads, min_time_s, max_time_s = o.batch_sizes, o.threads, o.min_time_s, o.max_time_s
     device, seed, peak_matmul_n = o.device, o.seed, o.peak_matmul_n
-    batch_sizes = _check_request(models, batch_sizes, device, threads, seed)
+    batch_sizes = _check_request(models, o)
     threads = int(threads) if threads else usable_cores()
     rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
                          o.min_rounds, o.warmup, o.ci_target, seed)
@@ -261,12 +263,20 @@ def _settings(threads: int, device: str, rules: StoppingRule, shape: list) -> di
     }
 
 
-def _check_request(models: dict, batch_sizes, device: str, threads=None, seed: int = 0) -> list[int]:
+def _check_request(models: dict, o: LatencyOptions) -> list[int]:
     """The batch sizes as ints, after refusing an empty model list, bad batch sizes, an unknown device, a
-    thread count below 1 or a negative seed."""
+    thread count below 1, a negative seed or timing settings out of range."""
     check_argument(models, "models", dict, "a dict {name: .onnx path}, the first being the baseline")
-    if seed < 0:  # numpy's generators take none
-        raise SurgeryError(f"compare_latency's seed must be >= 0, not {seed}")
+    if o.seed < 0:  # numpy's generators take none
+        raise SurgeryError(f"compare_latency's seed must be >= 0, not {o.seed}")
+    times = [o.min_time_s] + ([] if o.max_time_s is None else [o.max_time_s])
+    if not (all(0 <= t < math.inf for t in times) and 0 < o.ci_target < math.inf and 1 <= o.min_rounds <= MAX_ROUNDS
+            and 0 <= o.warmup <= MAX_ROUNDS and 1 <= o.peak_matmul_n <= 16384):
+        raise SurgeryError(f"compare_latency needs finite times >= 0, ci_target > 0, min_rounds from 1 and warmup "
+                           f"from 0 to {MAX_ROUNDS}, peak_matmul_n from 1 to 16384; got min_time_s {o.min_time_s}, "
+                           f"max_time_s {o.max_time_s}, ci_target {o.ci_target}, min_rounds {o.min_rounds}, "
+                           f"warmup {o.warmup}, peak_matmul_n {o.peak_matmul_n}")
+    device, threads, batch_sizes = o.device, o.threads, o.batch_sizes
     if not models:
         raise SurgeryError("no models to compare; pass at least one .onnx file")
     if device not in ("cpu", "cuda"):

@@ -299,8 +299,9 @@ def check_int8_images(calibration_data, input_size, options: QuantizeOptions) ->
 
 def _images(calibration_data, o: QuantizeOptions):
     """(calibration images, parity images): disjoint seeded subsets, after refusing sizes and bounds out of range."""
-    if o.num_images < 1 or o.parity_images < 1:
-        raise SurgeryError("num_images and parity_images must be positive")
+    if o.num_images < 1 or o.parity_images < 1 or not 0 <= o.seed < 2**63:
+        raise SurgeryError(f"num_images and parity_images must be positive and seed from 0 to 2^63-1, got "
+                           f"{o.num_images}, {o.parity_images} and {o.seed}")
     if not 1 <= o.batch_size <= MAX_BATCH:
         raise SurgeryError(f"batch_size takes an integer from 1 to {MAX_BATCH}, got {o.batch_size}")
     if not (0 <= o.min_agreement <= 100 and 0 <= o.max_output_error < math.inf):

@@ -66,7 +66,7 @@ def ratio_ci(
 
     Raises:
         SurgeryError: ``a`` or ``b`` is empty, not one-dimensional, not positive finite numbers, paired
-            timings of different lengths, ``confidence`` outside (0, 1), ``n_resamples`` below 1 or a negative
+            timings of different lengths, ``confidence`` outside (0, 1), ``n_resamples`` outside 1 to 10^6 or a negative
             ``seed``.
         TypeError: ``paired``, ``confidence``, ``n_resamples`` or ``seed`` of the wrong type.
     """
@@ -80,9 +80,9 @@ def ratio_ci(
         raise SurgeryError("ratio_ci's timings must be positive finite numbers of seconds")
     if paired and a.shape != b.shape:
         raise SurgeryError(f"paired timings must have the same length, got {a.size} and {b.size}")
-    if not 0 < confidence < 1 or n_resamples < 1 or seed < 0:
-        raise SurgeryError(f"ratio_ci needs 0 < confidence < 1, n_resamples >= 1 and seed >= 0, got {confidence}, "
-                           f"{n_resamples} and {seed}")
+    if not 0 < confidence < 1 or not 1 <= n_resamples <= 10**6 or seed < 0:
+        raise SurgeryError(f"ratio_ci needs 0 < confidence < 1, n_resamples from 1 to 10^6 and seed >= 0, got "
+                           f"{confidence}, {n_resamples} and {seed}")
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, a.size, size=(n_resamples, a.size))
     ib = ia if paired else rng.integers(0, b.size, size=(n_resamples, b.size))

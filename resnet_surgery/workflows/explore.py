@@ -90,8 +90,10 @@ def explore(model: nn.Module, data, *, eval_data=None, input_size: int | tuple[i
     variant = model_variant(_classifier_trunk(check_model(model)).blocks)
     out = check_explore_out(out)
     transform = preprocessing(model, o.preset, o.transform)  # the same rule as every command's
-    side = transform_size(transform) or PRESETS[o.preset or "imagenet"]["size"]
-    input_size = image_size((3, side, side) if input_size is None else input_size)
+    if input_size is None:  # the side the images come at (a preset given with a transform is not used)
+        side = transform_size(transform) or PRESETS.get(o.preset, PRESETS["imagenet"])["size"]
+        input_size = (3, side, side)
+    input_size = image_size(input_size)
     calib_set, eval_set = _images(data, eval_data, o.eval_images, transform, o.seed)
     eval_loader = DataLoader(eval_set, batch_size=o.batch_size)
     labelled = _has_labels(eval_loader)

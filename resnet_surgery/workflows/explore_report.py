@@ -3,6 +3,7 @@ chart, and the Pareto front of latency and accuracy."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ class Candidate:
     def to_dict(self) -> dict:
         """The result as plain data (explore.json): the fields set, and ``details`` merged in."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "details" and v is not None}
-        return {**fields, **self.details}
+        return {**fields, **copy.deepcopy(self.details)}
 
 
 @dataclasses.dataclass
@@ -103,7 +104,7 @@ class ExploreReport:
 
     def to_dict(self) -> dict:
         """The report as plain data (explore.json)."""
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+        return {**{f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)},
                 "candidates": [c.to_dict() for c in self.candidates]}
 
     def __str__(self) -> str:

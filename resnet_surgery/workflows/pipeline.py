@@ -121,7 +121,7 @@ class RunOptions:
     augment: str = "auto"
     target: float | None = None
     budget: float | None = None
-    batch_sizes: Sequence[int] = (1,)
+    batch_sizes: Sequence[int] | int = (1,)
     threads: int | None = None
     min_time_s: float = 5.0
 
@@ -169,7 +169,7 @@ class RunResult:
 
 
 @checked_arguments
-def run_pipeline(model: str, out: str | os.PathLike, *, options: RunOptions | None = None, force: bool = False,
+def run_pipeline(model: str | os.PathLike, out: str | os.PathLike, *, options: RunOptions | None = None, force: bool = False,
                  progress: bool = True, echo=print, **overrides) -> RunResult:
     """Convert ``model`` and prove what that did; everything lands in ``out`` atomically: converted/ (a folder
     ``resnet_surgery.load`` reads), original.onnx, converted.onnx (both parity-checked against PyTorch),
@@ -194,7 +194,7 @@ def run_pipeline(model: str, out: str | os.PathLike, *, options: RunOptions | No
             parity, timing); ``out`` is then left as it was.
         TypeError: an argument or options field of the wrong type, or an unknown field.
     """
-    options = with_overrides(RunOptions, options, overrides, "run_pipeline()")
+    options, model = with_overrides(RunOptions, options, overrides, "run_pipeline()"), str(model)
     check_writable(out, force)
     if options.recover_data is not None and (options.calibrate_data or options.finetune_data):
         raise SurgeryError("recover runs calibration and fine-tuning itself: give --recover, or --calibrate and "
