@@ -20,7 +20,7 @@ from .atomic import atomic_dir
 from .engine import Recipe, convert
 from .errors import SurgeryError
 from .history import Source, history, record
-from .utils import check_model, private_copy
+from .utils import check_model, json_text, private_copy
 from .zoo import file_sha256, load_named, load_state_into, read_state_dict
 
 __all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model", "load_original",
@@ -55,7 +55,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summa
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": recipe.format})
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+        (tmp / RECIPE_FILE).write_text(json_text(recipe.to_json()))
         summary = describe(model) if summary is None else summary
         (tmp / SUMMARY_FILE).write_text(summary + ("\n" if summary and not summary.endswith("\n") else ""))
     return Path(out)

@@ -6,6 +6,8 @@ import contextlib
 import copy
 import hashlib
 import importlib.metadata
+import json
+import math
 import os
 from collections.abc import Iterator
 
@@ -14,9 +16,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    "MAX_SIDE", "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "library_versions", "model_device",
-    "private_copy", "report_dict", "state_digest", "table",
-]
+    "MAX_SIDE", "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "json_text",
+    "library_versions", "model_device", "private_copy", "report_dict", "state_digest", "table"]
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -149,3 +150,26 @@ def state_digest(model: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def json_text(value) -> str:
+    """``value`` as indented JSON text (a newline at the end) with every NaN or infinity written as null: a
+    report never holds a number JSON cannot (a loss of a run that took no step, a ratio of nothing).
+
+    Args:
+        value: dicts, lists and scalars, nested; other objects are written as their str().
+
+    Returns:
+        The text.
+    """
+    def finite(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False) + "\n"
+

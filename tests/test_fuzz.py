@@ -933,3 +933,18 @@ def test_found_by_200_cases_a_row_of_the_python_calls_threads_past_a_c_int_is_on
     result = CliRunner().invoke(main, ["bench", str(pristine / "a.onnx"), "--threads", str(2**63)])
     assert result.exit_code == 2 and _one_error_line(result.stderr), result.output
 
+
+
+def test_found_by_a_kill_a_resumed_run_with_no_step_left_writes_no_nan():
+    """Found by the second run of 300 a row (the non-finite check): finetune killed after its last epoch's
+    checkpoint, then resumed, took no step, and wrote loss_start/loss_end NaN (a mean of no losses) into
+    recipe.json. Such a run has no loss (null); every JSON the tool writes turns a NaN into null."""
+    from resnet_surgery.recovery import FinetuneReport
+    from resnet_surgery.utils import json_text
+
+    report = FinetuneReport(epochs=10, start_epoch=10, steps=0, images=0, world_size=1, distill_losses=[],
+                            epoch_losses=[], cpu_seconds=0.0, wall_seconds=0.0, checkpoint=None, error_before=1.2,
+                            error_after=0.1)
+    assert report.to_dict()["loss_start"] is None and "no step left" in str(report)
+    assert json.loads(json_text(report.to_dict()))["loss_end"] is None
+    assert json.loads(json_text({"a": [float("nan"), float("inf"), 1.5]})) == {"a": [None, None, 1.5]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import sys
@@ -62,12 +61,14 @@ def for_the_shell(text: str) -> str:
 
 
 def print_json(obj) -> None:
-    """Print ``obj`` as indented JSON (anything JSON cannot hold as its str).
+    """Print ``obj`` as indented JSON (anything JSON cannot hold as its str, a NaN or infinity as null).
 
     Args:
         obj: the data.
     """
-    click.echo(json.dumps(obj, indent=2, default=str))
+    from ..utils import json_text  # imports torch: only once there is something to print
+
+    click.echo(json_text(obj), nl=False)
 
 
 

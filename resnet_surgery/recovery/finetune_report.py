@@ -48,14 +48,16 @@ class FinetuneReport:
     kept: str = "trained"
 
     @property
-    def loss_start(self) -> float:
+    def loss_start(self) -> float | None:
+        """The mean loss of this run's first quarter of steps; None when it took none (resumed after the budget)."""
         k = max(1, len(self.distill_losses) // 4)
-        return sum(self.distill_losses[:k]) / k if self.distill_losses else math.nan
+        return sum(self.distill_losses[:k]) / k if self.distill_losses else None
 
     @property
-    def loss_end(self) -> float:
+    def loss_end(self) -> float | None:
+        """The mean loss of this run's last quarter of steps; None when it took none."""
         k = max(1, len(self.distill_losses) // 4)
-        return sum(self.distill_losses[-k:]) / k if self.distill_losses else math.nan
+        return sum(self.distill_losses[-k:]) / k if self.distill_losses else None
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "loss_start": self.loss_start, "loss_end": self.loss_end}
@@ -64,7 +66,8 @@ class FinetuneReport:
         return (
             f"epochs {self.start_epoch}->{self.start_epoch + len(self.epoch_losses)} of {self.epochs}, "
             f"{self.steps} steps, {self.images} images on {self.world_size} process(es): {self.objective} loss "
-            f"{self.loss_start:.4f} -> {self.loss_end:.4f} ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s); "
+            + (f"{self.loss_start:.4f} -> {self.loss_end:.4f}" if self.distill_losses else "- (no step left)")
+            + f" ({self.cpu_seconds:.0f} CPU s, {self.wall_seconds:.0f} s); "
             f"error {self.error_before:.4f} -> {self.error_after:.4f}, kept {self.kept}"
             + (f"; features: {self.features}" if self.features else "")
         )

@@ -40,7 +40,7 @@ from ..errors import NotExactError, SurgeryError
 from ..history import history
 from ..recovery import RecoverOptions, evaluate, predict, recover
 from ..store import load_into, save
-from ..utils import check_model, image_size, report_dict, state_digest
+from ..utils import check_model, image_size, json_text, report_dict, state_digest
 from .explore_inputs import (
     ONNX_FILE,
     RESULT_FILE,
@@ -135,7 +135,7 @@ def _settings(model, data, eval_data, input_size, o: ExploreOptions, transform, 
 def _written(report: ExploreReport, out: Path) -> ExploreReport:
     """``report`` written to ``out``/explore.json and its chart to ``out``/explore.png."""
     with atomic_file(out / "explore.json", force=True) as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        tmp.write_text(json_text(report.to_dict()))
     report.plot(out / "explore.png")
     return report
 
@@ -245,7 +245,7 @@ class _Builder:
             result.update(macs=parity.macs, parity={"max_abs_diff": parity.max_abs_diff, "passed": parity.passed})
             result["eval"] = evaluate(model, self.eval_loader, reference=self.reference(), progress=self.progress).to_dict()
             result.update(seconds=time.perf_counter() - start, settings=self.settings)
-            (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+            (tmp / RESULT_FILE).write_text(json_text(result))
         return result
 
     def make(self, name: str) -> tuple[nn.Module | None, dict | str]:
@@ -327,5 +327,5 @@ class _Builder:
                 result["status"] = (f"rejected: int8 agrees with fp32 on {quant.agreement:.2f}% of held-out images, "
                                     f"below {min_agreement:g}%")
             result.update(quantization=quant.to_dict(), seconds=time.perf_counter() - start, settings=self.settings)
-            (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+            (tmp / RESULT_FILE).write_text(json_text(result))
         return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..errors import SurgeryError
 from ..history import history
 from ..recovery import RecoverOptions, calibrate, check_target_and_budget, finetune, recover
 from ..store import load_model, save
-from ..utils import report_dict
+from ..utils import json_text, report_dict
 
 __all__ = ["Conversion", "RunOptions", "RunResult", "convert_model", "run_pipeline", "run_summary"]
 
@@ -334,9 +333,9 @@ def _export_and_time(original: nn.Module, converted: nn.Module, tmp: Path, out: 
     bar.update()
     bar.close()
     result.latency, result.latency_table = final_paths(latency.to_dict(), tmp, out), str(latency)
-    (tmp / "latency.json").write_text(json.dumps(result.latency, indent=2, default=str) + "\n")
+    (tmp / "latency.json").write_text(json_text(result.latency))
     latency.plot(tmp / "latency.png")
-    (tmp / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    (tmp / "report.json").write_text(json_text(result.to_dict()))
 
 
 def final_paths(value, tmp: Path, out: Path):
