@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .errors import SurgeryError, first_line
+
 __all__ = [
     "MAX_SIDE", "check_argument", "check_model", "eval_mode", "freeze_batchnorms", "image_size", "json_text",
-    "library_versions", "model_device", "private_copy", "report_dict", "state_digest", "table"]
+    "library_versions", "model_device", "model_runs_at", "private_copy", "report_dict", "state_digest", "table"]
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -172,4 +174,22 @@ def json_text(value) -> str:
         return v
 
     return json.dumps(finite(value), indent=2, default=str, allow_nan=False) + "\n"
+
+
+@contextlib.contextmanager
+def model_runs_at(input_size) -> Iterator[None]:
+    """Inside, torch's shape errors (a channel count or a map size the model does not take) are one
+    SurgeryError naming the size.
+
+    Args:
+        input_size: the (C, H, W) the model is run at.
+
+    Raises:
+        SurgeryError: the model raised RuntimeError at that size.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        raise SurgeryError(f"the model does not run on a {'x'.join(map(str, input_size))} input ({first_line(e, 200)}); "
+                           "pass the input size it takes") from None
 

@@ -948,3 +948,12 @@ def test_found_by_a_kill_a_resumed_run_with_no_step_left_writes_no_nan():
     assert report.to_dict()["loss_start"] is None and "no step left" in str(report)
     assert json.loads(json_text(report.to_dict()))["loss_end"] is None
     assert json.loads(json_text({"a": [float("nan"), float("inf"), 1.5]})) == {"a": [None, None, 1.5]}
+
+
+def test_found_by_the_counted_run_of_250_a_row_a_size_the_model_does_not_take_is_one_error():
+    """Found by the counted run of 250 cases a row: count_macs(input_size=[1, 1, 1]) let torch's RuntimeError (a
+    channel count the first conv does not take) through; inspect's shape propagation did the same."""
+    original, converted, data = python_inputs()
+    for call in (lambda: rs_api().count_macs(converted, [1, 1, 1]), lambda: rs_api().inspect(converted, (1, 32, 32))):
+        with pytest.raises(SurgeryError, match="does not run on a 1x.* input .*pass the input size it takes"):
+            call()

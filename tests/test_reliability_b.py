@@ -312,7 +312,7 @@ def test_found_writing_the_raises_sections_each_is_one_surgery_error(tmp_path):
         model_transform(model)
     with pytest.raises(SurgeryError, match="no sites to plot"):
         plot_sites([], tmp_path / "p.png")
-    with pytest.raises(SurgeryError, match="do not run on a 1x32x32 probe input"):
+    with pytest.raises(SurgeryError, match="does not run on a 1x32x32 input"):
         max_difference(cifar_resnet("v1.5"), cifar_resnet("v1.5"), (1, 32, 32))
     with pytest.raises(SurgeryError, match="from 1 to 4096"):
         build(num_classes=-1)

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..arguments import checked_arguments
 from ..history import history
-from ..utils import check_model, eval_mode, image_size, model_device, table
+from ..utils import check_model, eval_mode, image_size, model_device, model_runs_at, table
 from ..vocab import Layout
 from .blocks import dilated_note, find_trunk, model_variant
 from .prune import dead_sites
@@ -165,7 +165,7 @@ def module_macs(model: nn.Module, input_size=(3, 224, 224)) -> tuple[int, dict[s
     check_model(model)
     input_size = image_size(input_size)
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), torch.no_grad(), model_runs_at(input_size), counter:
         model(torch.zeros(1, *input_size, device=model_device(model)))
     # Keys are "<root class>.<module name>"; a module called twice holds the sum of its calls.
     per_module = {key.partition(".")[2]: sum(ops.values()) // 2 for key, ops in counter.get_flop_counts().items()
@@ -185,6 +185,7 @@ def count_macs(model: nn.Module, input_size=(3, 224, 224)) -> int:
         int: the multiply-accumulates of one forward pass.
 
     Raises:
+        SurgeryError: the model does not run at ``input_size``.
         TypeError: ``model`` is not a torch module, or ``input_size`` not an int or (C, H, W).
     """
     return module_macs(model, input_size)[0]
@@ -203,14 +204,15 @@ def inspect(model: nn.Module, input_size=(3, 224, 224), *, leaf_modules=()) -> R
         Report: the variant, MACs, blocks, strided convolutions, dead computation and notes.
 
     Raises:
-        SurgeryError: no residual blocks found (TraceError: the model cannot be traced; see `find_trunk`).
+        SurgeryError: no residual blocks found (TraceError: the model cannot be traced; see `find_trunk`), or
+            the model does not run at ``input_size``.
         TypeError: ``model`` is not a torch module, or ``input_size`` not an int or (C, H, W).
     """
     input_size = image_size(input_size)
     trunk = find_trunk(check_model(model), leaf_modules)
     gm, blocks, body, path = trunk.gm, trunk.blocks, trunk.module, trunk.path
     modules = dict(gm.named_modules())
-    with eval_mode(body), torch.no_grad():
+    with eval_mode(body), torch.no_grad(), model_runs_at(input_size):
         ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=model_device(body)))
     total, macs = module_macs(body, input_size)
     infos = []

@@ -7,9 +7,9 @@ from torch import nn
 
 from ..arguments import checked_arguments
 from ..defaults import MAX_BATCH
-from ..errors import SurgeryError, first_line
+from ..errors import SurgeryError
 from ..history import history
-from ..utils import check_model, eval_mode, image_size, model_device
+from ..utils import check_model, eval_mode, image_size, model_device, model_runs_at
 
 __all__ = ["max_difference", "output_tensors"]
 
@@ -45,12 +45,8 @@ def max_difference(a: nn.Module, b: nn.Module, input_size=(3, 224, 224), batch: 
     if recipe is not None and recipe.trunk:
         a, b = a.get_submodule(recipe.trunk), b.get_submodule(recipe.trunk)
     x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed)).to(model_device(a))
-    try:
-        with eval_mode(a, b), torch.no_grad():
-            ya, yb = output_tensors(a(x)), output_tensors(b(x))
-    except RuntimeError as e:  # torch's shape errors (a wrong channel count or a map too small)
-        raise SurgeryError(f"the models do not run on a {'x'.join(map(str, input_size))} probe input "
-                           f"({first_line(e, 200)}); pass the input size they take") from None
+    with eval_mode(a, b), torch.no_grad(), model_runs_at(input_size):
+        ya, yb = output_tensors(a(x)), output_tensors(b(x))
     if not ya:
         raise SurgeryError(f"{type(a).__name__} returns no tensor on a probe image batch, so the rewrite cannot be "
                            "verified by a probe")
