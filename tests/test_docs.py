@@ -9,6 +9,7 @@ import resnet_surgery as rs
 
 REPO = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").glob("*/README.md"))]
 
 
 def test_the_readme_is_a_front_page():
@@ -22,9 +23,8 @@ def test_the_api_page_lists_every_public_name():
 
 
 def test_every_relative_link_leads_to_a_file():
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").glob("*/README.md"))]
     broken = []
-    for page in pages:
+    for page in PAGES:
         for target in LINK.findall(page.read_text()):
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO)}: {target}")
@@ -36,8 +36,7 @@ FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
 
 def _blocks(kind: str):
     """(page, code) of every fenced block of ``kind`` ("bash" or "python") in the README, docs and examples."""
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").glob("*/README.md"))]
-    return [(page.relative_to(REPO), code) for page in pages for lang, code in FENCE.findall(page.read_text())
+    return [(page.relative_to(REPO), code) for page in PAGES for lang, code in FENCE.findall(page.read_text())
             if lang == kind]
 
 

@@ -41,7 +41,7 @@ from .quantize import (
     export_int8,
     quantize_onnx,
 )
-from .runtime import onnx_session, providers, runner
+from .runtime import onnx_session, onnxruntime_errors, providers, runner
 from .stats import CI_WARN, RatioCI, ratio_ci, result_rows, summarize
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
     "VNNI_EXTENSIONS", "check_batch_sizes", "check_int8_images", "check_opset", "compare_latency", "cpu_extensions",
     "cpu_model", "export_int8", "export_onnx", "has_vnni", "input_info", "is_quantized", "load_onnx_header",
     "load_warnings", "machine_info", "measure_peak_gflops", "metadata", "onnx_input_shape", "onnx_metadata",
-    "onnx_session", "opset", "plot_latency", "providers", "quantize_onnx", "range_note", "ratio_ci", "result_rows",
+    "onnx_session", "onnxruntime_errors", "opset", "plot_latency", "providers", "quantize_onnx", "range_note", "ratio_ci", "result_rows",
     "runner", "set_metadata", "stored_macs", "summarize", "supported_opsets", "usable_cores",
     "weight_range_warning",
 ]

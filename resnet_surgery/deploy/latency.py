@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 
 from ..arguments import checked_arguments, with_overrides
 from ..defaults import MAX_BATCH
-from ..errors import SurgeryError, first_line
+from ..errors import SurgeryError
 from ..utils import check_argument
 from .cpu import weight_range_warning
 from .machine import load_warnings, machine_info, measure_peak_gflops, usable_cores
 from .onnxfile import QUANT_METADATA_KEY, input_info, is_quantized, load_onnx_header, metadata, stored_macs
 from .plot import plot_latency
-from .runtime import onnx_session, runner
+from .runtime import onnx_session, onnxruntime_errors, runner
 from .stats import RatioCI, ratio_ci, result_rows
 
 MAX_THREADS = 4096  # onnxruntime takes a C int; no machine has more cores than this
@@ -222,12 +222,10 @@ def compare_latency(models: dict[str, str | os.PathLike], *, options: LatencyOpt
         TypeError: an argument or options field of the wrong type, or an unknown field.
     """
     o = with_overrides(LatencyOptions, options, overrides, "compare_latency()")
-    batch_sizes, threads, min_time_s, max_time_s = o.batch_sizes, o.threads, o.min_time_s, o.max_time_s
-    device, seed, peak_matmul_n = o.device, o.seed, o.peak_matmul_n
     batch_sizes = _check_request(models, o)
-    threads = int(threads) if threads else usable_cores()
-    rules = StoppingRule(min_time_s, 3 * min_time_s if max_time_s is None else max(max_time_s, min_time_s),
-                         o.min_rounds, o.warmup, o.ci_target, seed)
+    threads, device, seed, peak_matmul_n = int(o.threads) if o.threads else usable_cores(), o.device, o.seed, o.peak_matmul_n
+    max_time_s = 3 * o.min_time_s if o.max_time_s is None else max(o.max_time_s, o.min_time_s)
+    rules = StoppingRule(o.min_time_s, max_time_s, o.min_rounds, o.warmup, o.ci_target, seed)
     paths = {name: Path(p) for name, p in models.items()}
     input_names, shape, dtype, file_macs, quantized, range_warns = _check_models(paths, batch_sizes)
     macs = {name: (macs or {}).get(name, file_macs[name]) for name in paths}
@@ -354,10 +352,8 @@ def _time_batches(sessions, input_names, shape, dtype, batch_sizes, rules: Stopp
         x = rng.standard_normal((batch, *shape[1:])).astype(dtype)
         runners = {name: runner(s, {input_names[name]: x}, device) for name, s in sessions.items()}
         for name, run in runners.items():  # run once first (discarded): a file that loads but does not run is one error
-            try:
+            with onnxruntime_errors(f"run {name} at batch {batch}"):
                 run()
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
-                raise SurgeryError(f"onnxruntime could not run {name} at batch {batch}: {first_line(e, 300)}") from None
         for name, t in _time_rounds(runners, rules, rng, desc=f"batch {batch}", progress=progress).items():
             timings[name][batch] = t
     return timings

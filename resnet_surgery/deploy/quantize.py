@@ -29,7 +29,7 @@ from ..arguments import checked_arguments, with_overrides
 from ..atomic import atomic_file, check_writable, staging_dir
 from ..data import held_out_split, split_batch
 from ..defaults import MAX_BATCH
-from ..errors import SurgeryError, first_line
+from ..errors import SurgeryError
 from ..recovery import evaluate
 from ..utils import check_model, image_size
 from .cpu import cpu_extensions
@@ -44,6 +44,7 @@ from .onnxfile import (
 )
 from .parity import ParityReport
 from .quantize_report import MAX_OUTPUT_ERROR, QuantizationError, QuantReport
+from .runtime import onnxruntime_errors
 
 METHODS = ("minmax", "entropy", "percentile")
 # uint8 activations x int8 weights (U8S8) is what x86 int8 kernels (VNNI's u8 x s8 dot product) take directly:
@@ -86,10 +87,8 @@ def _check_images(loader: DataLoader, shape: list, fp32_onnx: Path | None = None
     if fp32_onnx is None:
         return
     session = OnnxModule(fp32_onnx).session
-    try:
+    with onnxruntime_errors(f"run {fp32_onnx} on the calibration images"):  # a graph that loads but does not run
         outputs = session.run(None, {session.get_inputs()[0].name: images.float().numpy()})
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types: a graph that loads but does not run
-        raise SurgeryError(f"onnxruntime could not run {fp32_onnx} on the calibration images: {first_line(e, 300)}") from None
     if not all(np.isfinite(y).all() for y in outputs):
         raise SurgeryError(f"{fp32_onnx} gives NaN or infinity on the calibration images: there is nothing to "
                            "quantize; export a model whose outputs are finite")
@@ -326,15 +325,11 @@ def _quantize(fp32_onnx: Path, staged: Path, reader: _Reader, per_channel: bool,
         quant_pre_process(str(fp32_onnx), str(prepared))
     except Exception:  # shape inference is an optimisation; quantization works without it
         prepared = fp32_onnx
-    try:
+    with onnxruntime_errors(f"quantize {fp32_onnx}"):
         quantize_static(str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, reduce_range=reduce_range,
                         calibrate_method=methods[method])
-    except SurgeryError:
-        raise
-    except Exception as e:  # onnxruntime raises many types; the first line says what went wrong
-        raise SurgeryError(f"onnxruntime could not quantize {fp32_onnx}: {type(e).__name__}: {first_line(e, 300)}") from e
 
 
 def _is_classifier(session) -> bool:
@@ -362,13 +357,8 @@ def _output_errors(fp32, int8, loader, progress) -> tuple[list[float], int]:
 
 
 def _parity(fp32_onnx, staged, loader, *args) -> QuantReport:
-    try:
+    with onnxruntime_errors(f"run {fp32_onnx} or its int8 file on the parity images"):
         return _measured_parity(fp32_onnx, staged, loader, *args)
-    except SurgeryError:
-        raise
-    except Exception as e:  # onnxruntime raises many types: a file whose graph does not run on the images
-        raise SurgeryError(f"onnxruntime could not run {fp32_onnx} or its int8 file on the parity images: "
-                           f"{type(e).__name__}: {first_line(e, 300)}") from e
 
 
 def _measured_parity(fp32_onnx, staged, loader, out, method, per_channel, activations, calibration_images, bounds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ import onnxruntime as ort
 
 from ..errors import SurgeryError, first_line
 
-__all__ = ["onnx_session", "providers", "runner"]
+__all__ = ["onnx_session", "onnxruntime_errors", "providers", "runner"]
 
 
 def onnx_session(model: str | os.PathLike | bytes, *, threads: int | None = None, timing: bool = False,
@@ -93,3 +94,23 @@ def runner(session: ort.InferenceSession, feed: dict[str, np.ndarray], device: s
         binding.synchronize_outputs()
 
     return run
+
+
+@contextlib.contextmanager
+def onnxruntime_errors(what: str):
+    """Inside, onnxruntime's own exception types (a graph that loads but does not run, an input it refuses) are
+    one SurgeryError: "onnxruntime could not <what>: <type>: <first line>".
+
+    Args:
+        what: what was being done, e.g. "run model.onnx on the calibration images".
+
+    Raises:
+        SurgeryError: what failed inside, in one line (a SurgeryError raised inside passes as it is).
+    """
+    try:
+        yield
+    except SurgeryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises many types; the first line says what went wrong
+        raise SurgeryError(f"onnxruntime could not {what}: {type(e).__name__}: {first_line(e, 300)}") from e
+

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..arguments import check_fields, checked_arguments, with_overrides
+from ..arguments import checked_arguments, with_overrides
 from ..data import as_dataset, disjoint_subsets, held_out_split, preprocessing
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
@@ -178,8 +178,7 @@ def _resume(run: _Run, converted: nn.Module, path: Path | None) -> tuple[int, in
 
 
 def _check_arguments(converted: nn.Module, target, budget, options: RecoverOptions) -> None:
-    """Every option checked before any work."""
-    check_fields(options, "recover()")
+    """Every option checked before any work (the fields' types were checked by with_overrides)."""
     check_target_and_budget(target, budget)
     check_stages(options.stages)
     if min(options.eval_images, options.calibrate_images, options.batch_size, options.iterations or 1) < 1:
