@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("-k", dest="select", help="pytest -k expression (a subset of the rows)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fuzz.json")
+    parser.add_argument("--log", type=Path, help="also write pytest's whole output here (each failure's case)")
     args = parser.parse_args(argv)
 
     from resnet_surgery.deploy import cpu_extensions, cpu_model
@@ -43,6 +44,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        if args.log:
+            args.log.write_text(done.stdout + done.stderr)
         counts = collections.Counter()
         for path in Path(tmp).glob("counts.*.json"):
             counts.update(json.loads(path.read_text()))
