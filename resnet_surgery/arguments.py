@@ -18,6 +18,8 @@ import os
 import types
 import typing
 
+from .errors import SurgeryError
+
 __all__ = ["check_fields", "checked_arguments", "with_overrides"]
 
 _PLAIN = (int, float, bool, str, type(None), tuple, list, dict, os.PathLike)
@@ -48,9 +50,27 @@ def checked_arguments(fn):
             hint = hints.get(name)
             if hint is not None and not _fits(value, hint):
                 raise TypeError(f"{fn.__name__}(): {name} takes {_words(hint)}, got {value!r:.80}")
+            if hint is not None and _names_a_path(hint) and (problem := _unusable_path(value)):
+                raise SurgeryError(f"{fn.__name__}(): {name} {problem} ({value!r:.60}); pass a usable path")
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _names_a_path(hint) -> bool:
+    return hint is os.PathLike or any(_names_a_path(h) for h in typing.get_args(hint))
+
+
+def _unusable_path(value) -> str | None:
+    """Why ``value`` cannot name a file on this system (every call on it would fail with an OSError), or None."""
+    if not isinstance(value, str | os.PathLike):
+        return None
+    text = os.fsencode(value)
+    if b"\x00" in text:
+        return "holds a NUL character"
+    if len(text) >= 4096 or any(len(part) > 255 for part in text.split(b"/")):
+        return "is longer than this system allows (255 bytes a name, 4096 a path)"
+    return None
 
 
 def check_fields(options, owner: str) -> None:

@@ -21,7 +21,7 @@ from .engine import Recipe, convert
 from .errors import SurgeryError
 from .history import Source, history, record
 from .utils import check_model, json_text, private_copy
-from .zoo import file_sha256, load_named, load_state_into, read_state_dict
+from .zoo import file_sha256, load_named, load_state_into, non_finite, read_state_dict
 
 __all__ = ["describe", "RECIPE_FILE", "SUMMARY_FILE", "WEIGHTS_FILE", "apply_recipe", "check_offline", "load", "load_into", "load_model", "load_original",
            "load_source", "read_recipe", "save"]
@@ -46,13 +46,16 @@ def save(model: nn.Module, out: str | os.PathLike, *, force: bool = False, summa
         Path: ``out``.
 
     Raises:
-        SurgeryError: ``model`` has no recipe, or ``out`` exists without ``force``.
+        SurgeryError: ``model`` has no recipe or holds NaN or infinite weights, or ``out`` exists without
+            ``force``.
         TypeError: an argument of the wrong type (``model`` not a torch module).
     """
     recipe = history(check_model(model)).recipe
     if recipe is None:
         raise SurgeryError("this model has no recipe: save the result of resnet_surgery.convert()")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if bad := non_finite(state):  # nothing non-finite is ever written
+        raise SurgeryError(f"the model holds NaN or infinite weights ({bad}); nothing was written to {out}")
     with atomic_dir(out, force) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": recipe.format})
         (tmp / RECIPE_FILE).write_text(json_text(recipe.to_json()))

@@ -122,6 +122,95 @@ def mutated_json(draw, original: bytes) -> bytes:
     return json.dumps(value, allow_nan=True).encode()
 
 
+ODD_DTYPES = ["F64", "F16", "BF16", "I64", "I8", "U8", "BOOL", "F8_E4M3", "XX", ""]
+ODD_SHAPES = [[], [0], [-1], [2**40], [2**62, 2**62], [1, 1, 1, 1, 1], [3.5], ["a"], None]
+ODD_NAMES = ["", "..", "../../outside", "a/b", "/etc/passwd", "a\x00b", "x" * 5000, "__metadata__"]
+
+
+@st.composite
+def mutated_safetensors(draw, original: bytes) -> bytes:
+    """``original`` (a safetensors file) with its header edited (a dtype, shape or offsets changed, a tensor
+    renamed to a path, its length field wrong) or a tensor's values made NaN or infinite, or its bytes mutated."""
+    kind = draw(st.sampled_from(["bytes", "dtype", "shape", "offsets", "name", "drop", "length", "nonfinite"]))
+    if kind == "bytes":
+        return draw(mutated_bytes(original))
+    n = int.from_bytes(original[:8], "little")
+    header, data = json.loads(original[8:8 + n]), bytearray(original[8 + n:])
+    names = sorted(k for k in header if k != "__metadata__")
+    name = draw(st.sampled_from(names))
+    entry = header[name]
+    if kind == "dtype":
+        entry["dtype"] = draw(st.sampled_from(ODD_DTYPES))
+    elif kind == "shape":
+        entry["shape"] = draw(st.sampled_from(ODD_SHAPES))
+    elif kind == "offsets":
+        start, end = entry["data_offsets"]
+        entry["data_offsets"] = draw(st.sampled_from([[end, start], [start, len(data) + 8], [0, 0], [-1, end],
+                                                      [start, 2**63], [start], "x"]))
+    elif kind == "name":
+        header[draw(st.sampled_from(ODD_NAMES))] = header.pop(name)
+    elif kind == "drop":
+        del header[name]
+    elif kind == "nonfinite" and entry["dtype"] == "F32":
+        start, end = entry["data_offsets"]
+        value = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        count = draw(st.integers(1, max(1, (end - start) // 4)))
+        data[start:start + 4 * count] = torch.full((count,), value).numpy().tobytes()
+    text = json.dumps(header).encode()
+    length = len(text) if kind != "length" else draw(st.sampled_from([0, 1, len(text) - 1, len(text) + 1, 2**63]))
+    return length.to_bytes(8, "little") + text + bytes(data)
+
+
+def _tensor_paths(value, prefix=()):
+    """Every path (tuple of keys and indices) into a checkpoint's nested dicts and lists."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensor_paths(v, (*prefix, k))
+    elif isinstance(value, list | tuple) and not isinstance(value, torch.Size):
+        for i, v in enumerate(value):
+            yield from _tensor_paths(v, (*prefix, i))
+
+
+def _odd_tensor(draw, tensor: torch.Tensor):
+    kind = draw(st.sampled_from(["nan", "inf", "shape", "dtype", "empty", "scalar"]))
+    if kind in ("nan", "inf") and tensor.is_floating_point() and tensor.numel():
+        tensor = tensor.clone()
+        tensor.view(-1)[draw(st.integers(0, tensor.numel() - 1))] = float(kind)
+        return tensor
+    return {"shape": torch.zeros(tensor.numel() + 1), "dtype": tensor.to(torch.int64), "empty": torch.empty(0),
+            "scalar": torch.tensor(1.0)}.get(kind, torch.tensor(float("nan")))
+
+
+@st.composite
+def mutated_checkpoint(draw, original: bytes) -> bytes:
+    """``original`` (a torch.save file of nested dicts) with one entry replaced (a tensor made NaN, infinite, of
+    another shape or dtype; a number, string or list made odd), deleted or added, or its bytes mutated."""
+    import io
+
+    if draw(st.booleans()):
+        return draw(mutated_bytes(original))
+    state = torch.load(io.BytesIO(original), weights_only=True)
+    path = draw(st.sampled_from([p for p in _tensor_paths(state) if p]))
+    parent = state
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, tuple):  # rebuilt as a list (torch.save keeps it)
+        return draw(mutated_bytes(original))
+    action = draw(st.sampled_from(["replace", "delete", "add"]))
+    if isinstance(parent[path[-1]], torch.Tensor) and action == "replace":
+        parent[path[-1]] = _odd_tensor(draw, parent[path[-1]])
+    elif action == "replace" or isinstance(parent, list):
+        parent[path[-1]] = draw(ODD_VALUE)
+    elif action == "delete":
+        del parent[path[-1]]
+    else:
+        parent[draw(ODD_TEXT)] = draw(ODD_VALUE)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 # --- what is fuzzed -------------------------------------------------------------------------------------------
 
 
@@ -137,6 +226,7 @@ class Target:
         rebuilt: the input lives inside --out (a file the command wrote earlier), so the command may replace
             it: then it must be whole afterwards (valid JSON) rather than unchanged.
         seconds: about how long a case takes (the short profile runs fewer of the slow ones).
+        apply: puts a drawn case in place (default: writes it, bytes, as the file ``make`` returned).
     """
 
     make: Callable[[Path], Path]
@@ -145,6 +235,7 @@ class Target:
     call: Callable[[Path], object] | None = None
     rebuilt: bool = False
     seconds: float = 1.0
+    apply: Callable[[Path, object], None] = Path.write_bytes
 
 
 def converted_folder(root: Path) -> Path:
@@ -208,6 +299,102 @@ def explore_result(root: Path) -> Path:
 
 
 @functools.cache
+def tiny_pair():
+    """A tiny model and its v1 conversion, made once (the finetune checkpoint belongs to them)."""
+    from test_recovery import tiny_conversion
+
+    return tiny_conversion("v1")
+
+
+@functools.cache
+def tiny_images():
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(8, 3, 16, 16, generator=generator), torch.arange(8) % 10)
+
+
+def _finetune(root: Path, resume: bool):
+    from resnet_surgery.recovery import finetune
+
+    original, converted = tiny_pair()
+    return finetune(converted, original, tiny_images(), epochs=2, batch_size=4, checkpoint=root / "ft.pt",
+                    resume=resume, force=not resume, progress=False)
+
+
+def finetune_checkpoint(root: Path) -> Path:
+    """The checkpoint a finished two-pass finetune of the tiny model leaves (its epoch, step and losses mutated
+    make a resume continue)."""
+    _finetune(root, resume=False)
+    return root / "ft.pt"
+
+
+def resume_finetune(root: Path):
+    """finetune resumed from the (mutated) checkpoint: the model it returns is whole."""
+    model = _finetune(root, resume=True)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def weights_file(suffix: str) -> Callable[[Path], Path]:
+    """The committed CIFAR model's state_dict saved as a user's weights file (``--weights PATH``)."""
+    def make(root: Path) -> Path:
+        from safetensors.torch import save_file
+
+        from resnet_surgery.zoo.cifar import load_cifar_resnet
+
+        state = {k: v.contiguous() for k, v in load_cifar_resnet("v1.5").state_dict().items()}
+        path = root / f"w{suffix}"
+        save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+        return path
+
+    return make
+
+
+def image_root(root: Path) -> Path:
+    return root / "images"
+
+
+@st.composite
+def odd_folder(draw, original) -> list:
+    """Changes to an image folder: classes emptied or removed, files that are not images, a class folder that
+    is a file or a link out of the folder, empty files, many classes, a nested folder."""
+    kinds = ["empty class", "no classes", "not an image", "class is a file", "link out", "empty file",
+             "many classes", "nested", "only one class", "hidden file"]
+    return draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3, unique=True))
+
+
+def change_folder(folder: Path, changes: list) -> None:
+    for change in changes:
+        if change == "empty class":
+            for f in (folder / "cat").glob("*"):
+                f.unlink()
+        elif change == "no classes":
+            shutil.rmtree(folder)
+            folder.mkdir()
+        elif change == "not an image":
+            (folder / "dog").mkdir(parents=True, exist_ok=True)
+            (folder / "dog" / "notes.txt").write_text("not an image")
+            (folder / "dog" / "fake.png").write_text("not a png either")
+        elif change == "class is a file" and (folder / "cat").is_dir():
+            shutil.rmtree(folder / "cat")
+            (folder / "cat").write_bytes(b"\x89PNG")
+        elif change == "link out":
+            (folder / "out").symlink_to("/etc", target_is_directory=True)
+        elif change == "empty file":
+            (folder / "dog" / "empty.png").parent.mkdir(parents=True, exist_ok=True)
+            (folder / "dog" / "empty.png").write_bytes(b"")
+        elif change == "many classes":
+            for i in range(20):
+                (folder / f"class{i:02d}").mkdir()
+        elif change == "nested" and (folder / "dog").is_dir():
+            shutil.copytree(folder / "dog", folder / "dog" / "inner")
+        elif change == "only one class" and (folder / "dog").is_dir():
+            shutil.rmtree(folder / "dog")
+        elif change == "hidden file" and (folder / "dog").is_dir():
+            (folder / "dog" / ".DS_Store").write_bytes(b"\x00\x00")
+
+
+@functools.cache
 def calibration_images():
     return torch.rand(4, 3, 32, 32)
 
@@ -261,6 +448,21 @@ TARGETS = {
     "explore's result.json, read back by a rerun": Target(explore_result, mutated_json, command=EXPLORE, rebuilt=True,
                                                               seconds=14.0),
     "an ONNX file, for quantize_onnx": Target(onnx_file, mutated_bytes, call=quantize),
+    "model.safetensors, its header and tensors": Target(
+        lambda r: converted_folder(r) / "model.safetensors", mutated_safetensors,
+        command=["evaluate", "{root}/conv", "--data", "{root}/images", "--num-images", "2"]),
+    "a recover checkpoint, its contents": Target(recover_checkpoint, mutated_checkpoint, call=load_recover_checkpoint),
+    "a finetune checkpoint, resumed": Target(finetune_checkpoint, mutated_checkpoint, call=resume_finetune),
+    "a weights file (.pt)": Target(weights_file(".pt"), mutated_checkpoint,
+                                   command=["evaluate", "cifar10-resnet-v1.5", "--weights", "{root}/w.pt", "--data",
+                                            "{root}/images", "--num-images", "2"]),
+    "a weights file (.safetensors)": Target(weights_file(".safetensors"), mutated_safetensors,
+                                            command=["convert", "cifar10-resnet-v1.5", "--weights",
+                                                     "{root}/w.safetensors", "--to", "v1", "--input-size", "32",
+                                                     "--out", "{out}"]),
+    "an image folder (empty, not images, links out)": Target(
+        image_root, odd_folder, apply=change_folder,
+        command=["calibrate", "{root}/conv", "--data", "{root}/images", "--steps", "bn", "--out", "{out}"]),
 }
 
 
@@ -352,14 +554,16 @@ def _check_command(target: Target, root: Path, case: Path) -> None:
         assert _one_error_line(result.stderr), result.stderr
     after = _files(root)
     key = str(case.relative_to(root))
+    written = [p for p in _written(before, after) if p != key]  # a mutated input reused as it was is not written
+    assert not (bad := _not_finite(root, written)), f"{args} wrote non-finite or unreadable {bad}"
     if target.rebuilt:  # read back from inside its --out: reused as it was, or rebuilt whole
         if after.get(key) != before.get(key):
             json.loads(after[key])
         before = {p: v for p, v in before.items() if not p.startswith("ex" + os.sep)}
         after = {p: v for p, v in after.items() if not p.startswith("ex" + os.sep)}
-    else:
-        assert after.get(key) == before.get(key), "the input changed"
-    assert not (bad := _not_finite(root, _written(before, after))), f"{args} wrote non-finite or unreadable {bad}"
+    else:  # every input, the mutated one included, is as it was
+        changed = [p for p in before if not p.startswith("out") and after.get(p) != before[p]]
+        assert not changed, f"{args} changed its inputs: {changed}"
     new = {p for p in set(after) - set(before) if not p.startswith("out/") and not p.startswith("out" + os.sep)}
     assert not new, f"written outside --out: {sorted(new)}"
     if result.exit_code == 2 and not target.rebuilt:
@@ -372,7 +576,7 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
     base = tmp_path_factory.mktemp("base")
     shutil.copytree(pristine, base, dirs_exist_ok=True)
     relative = target.make(base).relative_to(base)  # the valid input, beside everything the commands read
-    original = (base / relative).read_bytes()
+    original = (base / relative).read_bytes() if (base / relative).is_file() else None  # None: a folder
 
     @fuzz(target.seconds)
     @given(content=target.mutate(original))
@@ -381,16 +585,32 @@ def test_a_mutated_input_is_refused_in_one_line_or_read(name, pristine, tmp_path
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
-            (root / relative).write_bytes(content)
+            target.apply(root / relative, content)
             if target.call is None:
                 _check_command(target, root, root / relative)
-                return
-            try:
-                target.call(root)
-            except SurgeryError as e:
-                assert "\n" not in str(e), str(e)
+            else:
+                _check_call(target, root)
 
     case()
+
+
+def _loaded_models() -> list:
+    """The models the call rows load checkpoints into or start from (a failure must leave them as they were)."""
+    return [tiny_converted(), *tiny_pair()]
+
+
+def _check_call(target: Target, root: Path) -> None:
+    states = [_state(m) for m in _loaded_models()]
+    before = _files(root)
+    try:
+        target.call(root)
+    except SurgeryError as e:
+        assert "\n" not in str(e), str(e)
+        assert not (new := _written(before, _files(root))), f"a refused call wrote {new}"
+    assert not (bad := _not_finite(root, _written(before, _files(root)))), f"wrote non-finite or unreadable {bad}"
+    for model, state in zip(_loaded_models(), states):
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in state.items()), "the call changed a model it was given"
 
 
 # --- every option of every command ----------------------------------------------------------------------------
@@ -448,18 +668,27 @@ def option_values(option) -> st.SearchStrategy:
     return st.sampled_from(ODD_ARGUMENT)
 
 
+ODD_MODEL = ["resnet-nope", "timm:no_such_model", "cifar10-resnet-v9", "{root}/conv/model.safetensors", "{root}",
+             "{root}/images/cat", "{root}/b.onnx"]
+
+
 @st.composite
-def mutated_options(draw, command) -> list[str]:
-    """One or two of ``command``'s options, flags set or given odd values."""
+def mutated_options(draw, command, args: list[str]) -> tuple[dict[int, str], list[str]]:
+    """Odd values for ``command``'s positional arguments (by their place in ``args``) and for one or two of its
+    options (flags set): (replaced positions, extra options); at least one of the two."""
     import click
 
+    positions = range(1, next(i for i, a in enumerate([*args, "--"]) if a.startswith("--")))
+    replaced = draw(st.dictionaries(st.sampled_from(list(positions)), st.sampled_from(ODD_PATH + ODD_MODEL),
+                                    max_size=1)) if positions else {}
     options = [p for p in command.params if isinstance(p, click.Option) and p.name != "help"]
-    chosen = draw(st.lists(st.sampled_from(options), min_size=1, max_size=2, unique_by=lambda o: o.name))
-    args = []
+    chosen = draw(st.lists(st.sampled_from(options), min_size=0 if replaced else 1, max_size=2,
+                           unique_by=lambda o: o.name))
+    extra = []
     for option in chosen:
         name = draw(st.sampled_from([o for o in option.opts + option.secondary_opts if o.startswith("--")]))
-        args += [name] if option.is_flag else [name, draw(option_values(option))]
-    return args
+        extra += [name] if option.is_flag else [name, draw(option_values(option))]
+    return replaced, extra
 
 
 class _TooLong(BaseException):
@@ -483,14 +712,16 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
     click_command = main.commands[name]
 
     @fuzz(command.seconds / 3)  # most cases end in an error long before the limit
-    @given(extra=mutated_options(click_command))
-    def case(extra):
+    @given(change=mutated_options(click_command, command.args))
+    def case(change):
+        replaced, extra = change
         CASES[f"options: {name}"] += 1
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
             out = root / "out"
-            args = [a.format(root=root, out=out) for a in command.args + extra]
+            given_args = [replaced.get(i, a) for i, a in enumerate(command.args)]
+            args = [a.format(root=root, out=out) for a in given_args + extra]
             before = _files(root)
             result = _invoke(args, command.seconds)
             after = _files(root)
@@ -501,8 +732,9 @@ def test_odd_options_are_refused_in_one_line_or_taken(name, pristine, tmp_path_f
                 changed = [p for p in before if not p.startswith("out") and after.get(p) != before[p]]
                 assert not changed, f"{args} changed its inputs: {changed}"
             new = [p for p in set(after) - set(before) if not p.startswith("out")]
-            if result is None:  # interrupted while working: only its temporary files may be left (none beside out)
-                assert not [p for p in new if not Path(p).name.startswith(".out")], f"{args} wrote {new}"
+            if result is None:  # interrupted while working (as by Ctrl-C): its temporary files are gone too
+                left = [p for p in after if p not in before and any(part.startswith(".") for part in Path(p).parts)]
+                assert not left and not new, f"interrupted, {args} left {sorted(left + new)}"
                 return
             assert result.exception is None or isinstance(result.exception, SystemExit), \
                 f"{args} raised {type(result.exception).__name__}: {result.exception}"
@@ -539,48 +771,80 @@ def _onnx_pair(root: Path) -> dict:
     return {"a": root / "a.onnx", "b": root / "b.onnx"}
 
 
-# name -> (the call, given (the inputs, root, keyword arguments), and cheap valid keyword arguments it starts from)
+def _traced(model):
+    from resnet_surgery.engine.blocks import trace
+
+    return trace(model)
+
+
+# name -> the keyword arguments of a cheap valid call, given (the inputs, the root folder): every argument, the
+# required ones too, is varied by name. "function.argument": the fields of that argument's class are varied.
 PYTHON_CALLS = {
-    "convert": (lambda i, root, kw: rs_api().convert(i[0], **kw), {"to": "v1", "input_size": (3, 32, 32)}),
-    "inspect": (lambda i, root, kw: rs_api().inspect(i[0], **kw), {"input_size": (3, 32, 32)}),
-    "evaluate": (lambda i, root, kw: rs_api().evaluate(i[1], i[2], **kw), {"reference": None, "progress": False}),
-    "calibrate": (lambda i, root, kw: rs_api().calibrate(i[1], i[0], i[2], **kw),
-                  {"num_images": 4, "steps": ("bn", "reconstruct"), "iterations": 2, "progress": False}),
-    "finetune": (lambda i, root, kw: rs_api().finetune(i[1], i[0], i[2], **kw),
-                 {"steps": 2, "batch_size": 2, "progress": False}),
-    "recover": (lambda i, root, kw: rs_api().recover(i[1], i[0], i[2], echo=lambda line: None, **kw),
-                {"target": 1.0, "progress": False}),
-    "export_onnx": (lambda i, root, kw: rs_api().export_onnx(i[1], root / "x.onnx", **kw), {"input_size": (3, 32, 32)}),
-    "compare_latency": (lambda i, root, kw: rs_api().compare_latency(_onnx_pair(root), **kw),
-                        {"threads": 1, "min_time_s": 0.02, "max_time_s": 0.1, "min_rounds": 2, "progress": False}),
-    "quantize_onnx": (lambda i, root, kw: rs_api().quantize_onnx(root / "a.onnx", root / "q.onnx", i[2], **kw),
-                      {"num_images": 3, "parity_images": 3, "min_agreement": 0.0, "progress": False}),
-    "export_int8": (lambda i, root, kw: rs_api().export_int8(i[1], root / "q.onnx", i[2], **kw),
-                    {"input_size": (3, 32, 32), "num_images": 3, "parity_images": 3, "min_agreement": 0.0,
-                     "progress": False}),
-    "export_int8.export": (lambda i, root, kw: rs_api().export_int8(
-        i[1], root / "q.onnx", i[2], export=rs_api().ExportOptions(**kw), input_size=(3, 32, 32), num_images=3,
-        parity_images=3, min_agreement=0.0, progress=False), {}),
-    "run_pipeline": (lambda i, root, kw: rs_api().run_pipeline("cifar10-resnet-v1.5", root / "run",
-                                                               echo=lambda line: None, **kw),
-                     {"to": "d", "input_size": 32, "min_time_s": 0.02, "threads": 1, "progress": False}),
-    "transplant": (lambda i, root, kw: rs_api().transplant(i[0], i[1], **kw), {"input_size": (3, 32, 32), "warn": False}),
-    "max_difference": (lambda i, root, kw: rs_api().max_difference(i[0], i[1], **kw), {"input_size": (3, 32, 32)}),
-    "count_macs": (lambda i, root, kw: rs_api().count_macs(i[1], **kw), {"input_size": (3, 32, 32)}),
-    "predict": (lambda i, root, kw: rs_api().predict(i[1], i[2], **kw), {"progress": False}),
-    "save": (lambda i, root, kw: rs_api().save(i[1], root / "saved", **kw), {}),
-    "site_reads": (lambda i, root, kw: rs_api().site_reads(i[1], _report(i[1]), **kw), {}),
-    "plot_sites": (lambda i, root, kw: rs_api().plot_sites(_sites(i[1]), root / "p.png", **kw), {}),
-    "ratio_ci": (lambda i, root, kw: rs_api().ratio_ci([1.0, 1.1, 0.9], [1.0, 1.0, 1.2], **kw), {}),
-    "cifar_resnet": (lambda i, root, kw: rs_api().cifar_resnet(**kw), {"widths": (4, 4, 4), "blocks": (1, 1, 1)}),
+    "convert": lambda i, root: {"model": i[0], "to": "v1", "input_size": (3, 32, 32)},
+    "inspect": lambda i, root: {"model": i[0], "input_size": (3, 32, 32)},
+    "evaluate": lambda i, root: {"model": i[1], "data": i[2], "reference": None, "progress": False},
+    "calibrate": lambda i, root: {"converted": i[1], "original": i[0], "data": i[2], "num_images": 4,
+                                  "steps": ("bn", "reconstruct"), "iterations": 2, "progress": False},
+    "finetune": lambda i, root: {"converted": i[1], "original": i[0], "data": i[2], "steps": 2, "batch_size": 2,
+                                 "progress": False},
+    "recover": lambda i, root: {"converted": i[1], "original": i[0], "data": i[2], "echo": lambda line: None,
+                                "target": 1.0, "progress": False},
+    "export_onnx": lambda i, root: {"model": i[1], "path": root / "x.onnx", "input_size": (3, 32, 32)},
+    "compare_latency": lambda i, root: {"models": _onnx_pair(root), "threads": 1, "min_time_s": 0.02,
+                                        "max_time_s": 0.1, "min_rounds": 2, "progress": False},
+    "quantize_onnx": lambda i, root: {"fp32_onnx": root / "a.onnx", "out": root / "q.onnx", "calibration_data": i[2],
+                                      "num_images": 3, "parity_images": 3, "min_agreement": 0.0, "progress": False},
+    "export_int8": lambda i, root: {"model": i[1], "out": root / "q.onnx", "calibration_data": i[2],
+                                    "input_size": (3, 32, 32), "num_images": 3, "parity_images": 3,
+                                    "min_agreement": 0.0, "progress": False},
+    "export_int8.export": lambda i, root: {"model": i[1], "out": root / "q.onnx", "calibration_data": i[2],
+                                           "input_size": (3, 32, 32), "num_images": 3, "parity_images": 3,
+                                           "min_agreement": 0.0, "progress": False},
+    "run_pipeline": lambda i, root: {"model": "cifar10-resnet-v1.5", "out": root / "run", "echo": lambda line: None,
+                                     "to": "d", "input_size": 32, "min_time_s": 0.02, "threads": 1, "progress": False},
+    "explore": lambda i, root: {"model": i[0], "data": i[2], "input_size": 32, "out": root / "ex", "variants": ("d",),
+                                "int8": False, "stages": ("bn",), "eval_images": 2, "min_time_s": 0.02, "threads": 1,
+                                "progress": False},
+    "transplant": lambda i, root: {"source": i[0], "target": i[1], "input_size": (3, 32, 32), "warn": False},
+    "max_difference": lambda i, root: {"a": i[0], "b": i[1], "input_size": (3, 32, 32)},
+    "count_macs": lambda i, root: {"model": i[1], "input_size": (3, 32, 32)},
+    "predict": lambda i, root: {"model": i[1], "data": i[2], "progress": False},
+    "save": lambda i, root: {"model": i[1], "out": root / "saved"},
+    "load": lambda i, root: {"folder": root / "conv"},
+    "load_model": lambda i, root: {"spec": "cifar10-resnet-v1.5", "weights": "DEFAULT"},
+    "load_original": lambda i, root: {"converted": i[1]},
+    "read_recipe": lambda i, root: {"path": root / "conv" / "recipe.json"},
+    "apply_recipe": lambda i, root: {"model": i[0], "recipe": root / "conv" / "recipe.json"},
+    "onnx_input_shape": lambda i, root: {"path": root / "a.onnx"},
+    "as_loader": lambda i, root: {"data": root / "images", "preset": "cifar10", "batch_size": 2, "progress": False},
+    "preprocessing": lambda i, root: {"model": i[0], "preset": "cifar10"},
+    "model_transform": lambda i, root: {"model": i[0]},
+    "split_batch": lambda i, root: {"batch": next(iter(torch.utils.data.DataLoader(i[2], batch_size=2)))},
+    "trace": lambda i, root: {"model": i[0]},
+    "find_blocks": lambda i, root: {"gm": _traced(i[0])},
+    "find_trunk": lambda i, root: {"model": i[0]},
+    "prune_dead_compute": lambda i, root: {"model": i[1]},
+    "site_reads": lambda i, root: {"model": i[1], "report": _report(i[1])},
+    "grid_text": lambda i, root: {"sites": _sites(i[1])},
+    "plot_sites": lambda i, root: {"columns": _sites(i[1]), "path": root / "p.png"},
+    "pareto_front": lambda i, root: {"points": [(1.0, 2.0), (2.0, 1.0), (3.0, 3.0)]},
+    "ratio_ci": lambda i, root: {"a": [1.0, 1.1, 0.9], "b": [1.0, 1.0, 1.2]},
+    "cifar_resnet": lambda i, root: {"widths": (4, 4, 4), "blocks": (1, 1, 1)},
+    "load_cifar_resnet": lambda i, root: {"layout": "v1"},
+    "history": lambda i, root: {"model": i[1]},
+    "extract_cifar10": lambda i, root: {"shared_dir": root / "no-shared", "split": "test", "cache_dir": root / "c"},
+    "cifar10_tensors": lambda i, root: {"shared_dir": root / "no-shared", "split": "test", "cache_dir": root / "c"},
 }
+# a row whose varied arguments are the fields of one argument's class: row -> (argument, class name)
+VARIED = {"export_int8.export": ("export", "ExportOptions")}
+# the public functions no row calls, and why
+NOT_CALLED = {}
 
 
 # a call still working after this many seconds took its arguments (an interrupt inside torch.export's tracing can
 # abort the process: the calls that export get time to finish)
-CALL_SECONDS = {"run_pipeline": 60.0, "export_int8": 30.0, "export_int8.export": 30.0, "export_onnx": 30.0}
-# a row whose arguments are another object's: "function.argument" varies the fields of that argument's class
-VARIED = {"export_int8.export": "ExportOptions"}
+CALL_SECONDS = {"run_pipeline": 60.0, "explore": 60.0, "export_int8": 30.0, "export_int8.export": 30.0,
+                "export_onnx": 30.0}
 
 
 @functools.cache
@@ -592,9 +856,16 @@ def _report(model):
 @functools.cache
 def _sites(model):
     return rs_api().site_reads(model, _report(model))
+
+
 ODD_PYTHON = st.one_of(ODD_VALUE, st.sampled_from([(3, 32), (0, 0, 0), (3, -1, 32), (3, 2**40, 32), "v2", ("bn",),
                                                    ["bn", "bm"], b"x", 1j, (1, 0), {"a": "/etc/passwd"}]))
+# paths for arguments that name a file or folder: odd, but inside the case's folder ({root}; the cases run there)
+ODD_PYTHON_PATH = st.sampled_from(["{root}/new", "{root}/conv", "{root}/images", "{root}/images/cat/0.png",
+                                   "{root}/a.onnx", "{root}/a\x00b", "{root}/" + "x" * 300,
+                                   "{root}/conv/recipe.json/x", "", None, 3, b"x", ["{root}/new"]])
 DOCUMENTED = (SurgeryError, TypeError)  # the package's errors, and TypeError for an argument of the wrong type
+PACKAGE = Path(importlib.util.find_spec("resnet_surgery").origin).parent
 
 
 def rs_api():
@@ -603,58 +874,104 @@ def rs_api():
     return resnet_surgery
 
 
+def _varied(name: str):
+    """What row ``name`` varies the arguments of: the public function, or the class of the argument VARIED names."""
+    return getattr(rs_api(), VARIED[name][1] if name in VARIED else name.split(".")[0])
+
+
 @st.composite
-def odd_arguments(draw, function, base: dict) -> dict:
-    """``base`` with one or two of ``function``'s keyword arguments replaced by odd values."""
+def odd_arguments(draw, function) -> dict:
+    """One or two of ``function``'s arguments (required ones too, by name) given odd values: paths (an argument
+    annotated PathLike) odd paths inside the case's folder."""
     import inspect
 
     parameters = inspect.signature(function).parameters
-    names = [n for n, p in parameters.items()
-             if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and p.kind is p.POSITIONAL_OR_KEYWORD)]
+    names = {n: p.annotation for n, p in parameters.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     options = parameters.get("options")
     if options is not None and any(p.kind is p.VAR_KEYWORD for p in parameters.values()):  # fields as keywords
         cls = getattr(rs_api(), str(options.annotation).split(" |")[0], None)
-        names += [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-    names = [n for n in names if n not in ("progress", "echo", "checkpoint", "force", "resume")]
-    chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True))
-    return {**base, **{n: draw(ODD_PYTHON) for n in chosen}}
+        names |= {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    names = {n: a for n, a in names.items() if n not in ("progress", "echo", "force", "resume")}
+    chosen = draw(st.lists(st.sampled_from(sorted(names)), min_size=1, max_size=2, unique=True))
+    return {n: draw(ODD_PYTHON_PATH if "PathLike" in str(names[n]) else ODD_PYTHON) for n in chosen}
+
+
+def _at(value, root: Path):
+    """``value`` with "{root}" in its strings made the case's folder."""
+    if isinstance(value, str):
+        return value.replace("{root}", str(root))
+    if isinstance(value, list):
+        return [_at(v, root) for v in value]
+    return value
 
 
 def _state(model) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _raised_by_the_package(error: BaseException) -> bool:
+    """Whether ``error`` was raised in the package's own code (a check), not deep in torch or numpy."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).is_relative_to(PACKAGE)
+
+
 @pytest.mark.parametrize("name", list(PYTHON_CALLS))
 def test_odd_python_arguments_raise_a_documented_error_and_change_no_model(name, pristine, tmp_path_factory):
-    call, base_kwargs = PYTHON_CALLS[name]
+    function = getattr(rs_api(), name.split(".")[0])
     inputs = python_inputs()
     base = tmp_path_factory.mktemp("base")
     shutil.copytree(pristine, base, dirs_exist_ok=True)
 
     @fuzz(2.0)
-    @given(kwargs=odd_arguments(getattr(rs_api(), VARIED.get(name, name)), base_kwargs))
-    def case(kwargs):
+    @given(odd=odd_arguments(_varied(name)))
+    def case(odd):
         CASES[f"python: {name}"] += 1
         states = [_state(m) for m in inputs[:2]]
         with tempfile.TemporaryDirectory() as tmp, offline():
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
             before = _files(root)
+            odd = {k: _at(v, root) for k, v in odd.items()}
+            cwd = os.getcwd()
+            os.chdir(root)  # a relative path lands inside the case's folder
             try:
-                _within(CALL_SECONDS.get(name, 10.0), lambda: call(inputs, root, kwargs))
+                if name in VARIED:
+                    argument, cls = VARIED[name]
+                    kwargs = {**PYTHON_CALLS[name](inputs, root), argument: _varied(name)(**odd)}
+                else:
+                    kwargs = {**PYTHON_CALLS[name](inputs, root), **odd}
+                _within(CALL_SECONDS.get(name, 10.0), lambda: function(**kwargs))
             except _TooLong:
                 pass  # took the arguments and was working
             except DOCUMENTED as e:
-                assert str(e) and "\n" not in str(e).strip(), f"{name}({kwargs!r:.300}): {e!r:.300}"
+                assert str(e) and "\n" not in str(e).strip(), f"{name}({odd!r:.300}): {e!r:.300}"
+                assert isinstance(e, SurgeryError) or _raised_by_the_package(e), \
+                    f"{name}({odd!r:.300}): a TypeError from outside the package: {e!r:.300}"
+                assert not (new := _written(before, _files(root))), f"{name}({odd!r:.300}) failed but wrote {new}"
             except Exception as e:  # noqa: BLE001 - any other error is the finding
-                pytest.fail(f"{name}({kwargs!r:.300}) raised {type(e).__name__}: {str(e)[:300]}")
+                pytest.fail(f"{name}({odd!r:.300}) raised {type(e).__name__}: {str(e)[:300]}")
+            finally:
+                os.chdir(cwd)
             bad = _not_finite(root, _written(before, _files(root)))
-            assert not bad, f"{name}({kwargs!r:.300}) wrote non-finite or unreadable {bad}"
+            assert not bad, f"{name}({odd!r:.300}) wrote non-finite or unreadable {bad}"
         for model, state in zip(inputs[:2], states):
             after = model.state_dict()
-            assert all(torch.equal(v, after[k]) for k, v in state.items()), f"{name}({kwargs}) changed its input model"
+            assert all(torch.equal(v, after[k]) for k, v in state.items()), f"{name}({odd}) changed its input model"
 
     case()
+
+
+def test_every_public_function_and_command_is_fuzzed():
+    """A new command or public function is fuzzed by a row in COMMANDS or PYTHON_CALLS: forgetting it fails here."""
+    import inspect
+
+    public = {n for n in rs_api().__all__ if inspect.isfunction(getattr(rs_api(), n))}
+    called = {n.split(".")[0] for n in PYTHON_CALLS}
+    assert public - called == set(NOT_CALLED), f"public functions with no PYTHON_CALLS row: {public - called - set(NOT_CALLED)}"
+    assert set(COMMANDS) == set(main.commands), f"commands with no COMMANDS row: {set(main.commands) - set(COMMANDS)}"
 
 
 def _within(seconds: float, fn):
@@ -740,6 +1057,8 @@ def _complete(kill: Kill, out: Path) -> str | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KILLS))
 def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pristine, tmp_path_factory):
+    import re
+    import signal
     import subprocess
     import time
 
@@ -748,31 +1067,46 @@ def test_a_killed_run_leaves_nothing_partial_and_the_next_run_finishes(name, pri
     shutil.copytree(pristine, base, dirs_exist_ok=True)
 
     @settings(FUZZ, max_examples=max(1, EXAMPLES // 12) if PROFILE != "short" else 1)
-    @given(fraction=st.floats(0.4, 0.95))
-    def case(fraction):
-        CASES[f"kill: {name}"] += 1
+    @given(fraction=st.floats(0.4, 0.95), over=st.booleans() if kill.output != "explore" else st.just(False))
+    def case(fraction, over):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             shutil.copytree(base, root, dirs_exist_ok=True)
             out = root / "out"
             args = [a.format(root=root, out=out) for a in kill.args]
+            if over:  # a previous output, replaced with --force: the kill must leave it whole (or the new one)
+                shutil.copytree(root / "conv", out) if kill.output == "folder" else \
+                    shutil.copy(root / "a.onnx", root / "out.onnx")
+                args.append("--force")
             before = _files(root)
             log = Path(tmp + ".network")
             env = {**os.environ, "RESNET_SURGERY_NETWORK_LOG": str(log)}
             proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             time.sleep(fraction * kill.seconds)
             proc.kill()
-            proc.wait()
+            killed = proc.wait() == -signal.SIGKILL
+            CASES[f"kill: {name}" if killed else f"finished before its kill: {name}"] += 1
+            assert killed or proc.returncode == 0, f"the run to kill failed first ({proc.returncode})"
             assert (problem := _complete(kill, out)) is None, f"killed at {fraction:.2f}: {problem}"
-            assert all(_files(root).get(p) == before[p] for p in before), "a killed run changed its inputs"
+            if over:
+                assert out.exists() or (root / "out.onnx").exists(), "a killed --force run lost the previous output"
+            assert all(_files(root).get(p) == before[p] for p in before if not p.startswith("out")), \
+                "a killed run changed its inputs"
             again = list(args)
+            resumed = False
             if kill.output != "explore" and (out.exists() or (root / "out.onnx").exists()):
                 again.append("--force")  # a whole output the killed run finished: replaced
             elif kill.resume and (root / kill.checkpoint).exists():
                 again.append(kill.resume)  # the killed run's checkpoint: continued
+                resumed = True
             result = subprocess.run(CLI + again, capture_output=True, text=True, timeout=300, env=env)
             assert result.returncode == 0, f"killed at {fraction:.2f}, then {again}: {result.stderr[-2000:]}"
             assert _complete(kill, out) is None and (out.exists() or (root / "out.onnx").exists())
+            if resumed:  # it went on from the checkpoint (finetune's summary counts the epochs done before it)
+                assert not (root / kill.checkpoint).exists(), "a finished resume left its checkpoint"
+                if name == "finetune":
+                    done = re.search(r"epochs (\d+)->", (out / "summary.txt").read_text())
+                    assert done and int(done.group(1)) > 0, "the resumed finetune started over"
             assert not (bad := _not_finite(root, _written(before, _files(root)))), f"non-finite or unreadable {bad}"
             assert not log.exists(), f"network access attempted: {log.read_text()}"
             left = [p for p in _files(root) if any(part.startswith(".") for part in Path(p).parts)]
@@ -961,4 +1295,60 @@ def test_found_by_the_counted_run_of_250_a_row_a_size_the_model_does_not_take_is
     original, converted, data = python_inputs()
     for call in (lambda: rs_api().count_macs(converted, [1, 1, 1]), lambda: rs_api().inspect(converted, (1, 32, 32))):
         with pytest.raises(SurgeryError, match="does not run on a 1x.* input .*pass the input size it takes"):
+            call()
+
+
+def test_found_by_the_checkpoint_contents_a_finetune_checkpoint_with_odd_values_is_one_error(tmp_path):
+    """Found by mutating the checkpoints' contents (not only their bytes): a finetune checkpoint whose "model"
+    was None let load_state_dict's TypeError through; counters out of range and NaN weights resumed."""
+    finetune_checkpoint(tmp_path)
+    state = torch.load(tmp_path / "ft.pt", weights_only=True)
+    for key, value, message in [("model", None, "holds no model weights"), ("epoch", -1, "counters out of range"),
+                                ("step", 2.5, "counters out of range"), ("epoch", 99, "counters out of range")]:
+        torch.save({**state, key: value}, tmp_path / "ft.pt")
+        with pytest.raises(SurgeryError, match=message):
+            resume_finetune(tmp_path)
+    weights = {k: v.clone() for k, v in state["model"].items()}
+    next(v for v in weights.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save({**state, "model": weights}, tmp_path / "ft.pt")
+    with pytest.raises(SurgeryError, match="non-finite weights"):
+        resume_finetune(tmp_path)
+
+
+def test_found_by_the_safetensors_headers_a_weights_file_with_nan_is_refused_and_nothing_is_saved(pristine, tmp_path):
+    """Found by mutating a weights file's tensors: convert --weights FILE with a NaN in it wrote a model folder
+    holding the NaN (exit 0). A weights file or folder with NaN is refused when loaded, and save() refuses a
+    model with NaN weights."""
+    from safetensors.torch import save_file
+
+    weights_file(".safetensors")(tmp_path)
+    state = {k: v.clone() for k, v in rs_api().load_cifar_resnet("v1.5").state_dict().items()}
+    state["fc.weight"][0, 0] = float("inf")
+    save_file(state, tmp_path / "w.safetensors")
+    result = CliRunner().invoke(main, ["convert", "cifar10-resnet-v1.5", "--weights", str(tmp_path / "w.safetensors"),
+                                       "--to", "v1", "--input-size", "32", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and _one_error_line(result.stderr), result.output
+    assert "holds NaN or infinite values (fc.weight)" in result.stderr and not (tmp_path / "out").exists()
+    converted = rs_api().convert(rs_api().load_cifar_resnet("v1.5"), "v1", input_size=(3, 32, 32), warn=False)
+    with torch.no_grad():
+        converted.fc.bias[0] = float("nan")
+    with pytest.raises(SurgeryError, match=r"NaN or infinite weights \(fc.bias\); nothing was written"):
+        rs_api().save(converted, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_found_by_fuzzing_required_arguments_unusable_paths_and_missing_models_are_one_error(tmp_path):
+    """Found once PYTHON_CALLS varied the required arguments too: a path with a name over 255 bytes let the
+    OSError "File name too long" through load/read_recipe/onnx_input_shape; find_blocks(None),
+    find_trunk(None), site_reads(model, None) and finetune(original=None) raised AttributeError."""
+    for call in (rs_api().load, rs_api().read_recipe, rs_api().onnx_input_shape):
+        with pytest.raises(SurgeryError, match="longer than this system allows"):
+            call(tmp_path / ("x" * 300))
+        with pytest.raises(SurgeryError, match="holds a NUL character"):
+            call(str(tmp_path / "a\x00b"))
+    original, converted, data = python_inputs()
+    for call, name in [(lambda: rs_api().find_blocks(None), "gm"), (lambda: rs_api().find_trunk(None), "model"),
+                       (lambda: rs_api().site_reads(converted, None), "report"),
+                       (lambda: rs_api().finetune(converted, None, data, steps=1), "original")]:
+        with pytest.raises(TypeError, match=f"{name} takes"):
             call()

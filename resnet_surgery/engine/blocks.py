@@ -17,6 +17,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..arguments import checked_arguments
 from ..errors import SurgeryError, TraceError, first_line
+from ..utils import check_argument, check_model
 from ..vocab import PROJECTIONS, BlockKind, Layout, Shortcut, Variant
 from .layers import Subsample
 
@@ -287,8 +288,9 @@ def find_blocks(gm: fx.GraphModule, prefix: str = "") -> list[Block]:
 
     Raises:
         SurgeryError: ``gm`` holds no residual block.
-        TypeError: ``prefix`` is not a str.
+        TypeError: ``gm`` is not a GraphModule, or ``prefix`` is not a str.
     """
+    check_argument(gm, "gm", fx.GraphModule, "a torch.fx GraphModule", "; trace the model first: trace(model)")
     modules = dict(gm.named_modules())
     blocks, depthwise, adds = [], 0, set()
     for node in gm.graph.nodes:
@@ -389,7 +391,9 @@ def find_trunk(model: nn.Module, leaf_modules=()) -> Trunk:
         TraceError: ``model`` cannot be traced whole, and no submodule holds blocks, or several do (an
             untraceable module among the blocks splits the ResNet into pieces: none of them is the trunk).
         SurgeryError: ``model`` traces whole but holds no residual block.
+        TypeError: ``model`` is not a torch module.
     """
+    check_model(model)
     try:
         gm = trace(model, leaf_modules)
     except TraceError as e:

@@ -161,8 +161,10 @@ def site_reads(model: nn.Module, report: Report, *, leaf_modules=(), patch: int 
     Raises:
         SurgeryError: ``model`` holds no residual block, or ``report`` is not of this model (other blocks).
         TraceError: fx cannot trace ``model``, nor one submodule holding its blocks (see `find_trunk`).
-        TypeError: ``patch`` is not an int.
+        TypeError: ``report`` is not an `inspect` report, or ``patch`` is not an int.
     """
+    if not all(hasattr(report, a) for a in ("input_size", "blocks", "dead")):  # Report: inspect imports this module
+        raise TypeError(f"site_reads(): report takes a Report, got {report!r:.60}; make it with inspect(model, input_size)")
     trunk = find_trunk(model, leaf_modules)
     with eval_mode(trunk.module), torch.no_grad():
         ShapeProp(trunk.gm).propagate(torch.zeros(1, *report.input_size, device=model_device(trunk.module)))

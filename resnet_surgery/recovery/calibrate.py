@@ -28,7 +28,7 @@ from ..defaults import MAX_STEPS
 from ..engine import full_name
 from ..errors import SurgeryError
 from ..history import history, record_result
-from ..utils import model_device
+from ..utils import check_model, model_device
 from .activations import named_module
 from .batches import Batches, first_images, select_batches
 from .batchnorm import reestimate_bn
@@ -225,6 +225,8 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, options: Calib
         SurgeryError: bad options or data, an exact conversion (nothing to repair), or a non-finite result.
         TypeError: an argument of the wrong type, or an override that is not a CalibrateOptions field.
     """
+    check_model(converted, "converted")
+    check_model(original, "original")
     o = with_overrides(CalibrateOptions, options, overrides, "calibrate()")
     records = _checked_rewrites(converted, o.steps, o.iterations, o.lr, o.ridge)
     spec = DataSpec(data, transform=preprocessing(original, o.preset, o.transform), num_images=o.num_images,

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_file
 from ..errors import SurgeryError, first_line
 from ..history import history
-from ..zoo import torch_load
+from ..zoo import non_finite, torch_load
 
 __all__ = ["load_checkpoint", "run_identity", "save_checkpoint"]
 
@@ -115,11 +115,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device
         raise SurgeryError(f"{path} is not a fine-tuning checkpoint; pass the right checkpoint or start fresh with "
                            "--force (force=True)")
     _check_identity(path, state.get("identity"), identity)
+    _check_values(path, state)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         raise SurgeryError(f"{path} is not a fine-tuning checkpoint of this model ({first_line(e)}); "
                            "pass the right checkpoint or start fresh with --force (force=True)") from None
     if state["epochs"] != epochs:
@@ -127,6 +128,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, epochs: int, device
     if lr is not None:
         _rescale_lr(optimizer, scheduler, lr)
     return state
+
+
+def _check_values(path: Path, state: dict) -> None:
+    """The checkpoint's counters are whole numbers in range and its weights finite (a damaged or edited file
+    would otherwise resume at a nonsensical point, or from NaN)."""
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+    epochs, epoch, step = state.get("epochs"), state.get("epoch"), state.get("step")
+    if not (count(epochs) and count(epoch) and count(step) and epoch <= epochs):
+        raise SurgeryError(f"{path} holds counters out of range (epoch {epoch!r:.20} of {epochs!r:.20}, step "
+                           f"{step!r:.20}); start fresh with --force (force=True)")
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise SurgeryError(f"{path} holds no model weights (a dict of tensors); start fresh with --force (force=True)")
+    if bad := non_finite(weights):
+        raise SurgeryError(f"{path} holds non-finite weights ({bad}); start fresh with --force (force=True)")
 
 
 def _rescale_lr(optimizer, scheduler, lr: float) -> None:

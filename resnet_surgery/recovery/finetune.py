@@ -27,7 +27,7 @@ from ..defaults import MAX_LR, MAX_STEPS
 from ..engine import NORM_TYPES
 from ..errors import SurgeryError
 from ..history import record_result
-from ..utils import eval_mode, model_device, state_digest
+from ..utils import check_model, eval_mode, model_device, state_digest
 from .budget import expired
 from .calibrate import approximate_rewrites
 from .checkpoint import load_checkpoint, run_identity, save_checkpoint
@@ -144,6 +144,8 @@ def finetune(converted: nn.Module, original: nn.Module, data, *, options: Finetu
             became NaN or infinite.
         TypeError: an argument of the wrong type, or an override that is not a FinetuneOptions field.
     """
+    check_model(converted, "converted")
+    check_model(original, "original")
     o = with_overrides(FinetuneOptions, options, overrides, "finetune()")
     options = _checked_options(converted, _Options(
         objective=o.objective, epochs=o.epochs, steps=o.steps, augment=o.augment, lr=o.lr, optimizer=o.optimizer,

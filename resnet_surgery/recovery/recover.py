@@ -27,7 +27,7 @@ from ..data import as_dataset, disjoint_subsets, held_out_split, preprocessing
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
 from ..history import history, record_result
-from ..utils import eval_mode, model_device
+from ..utils import check_model, eval_mode, model_device
 from .batches import Batches
 from .budget import expired, time_limit
 from .calibrate import approximate_rewrites, calibrate
@@ -149,6 +149,8 @@ def recover(converted: nn.Module, original: nn.Module, data, *, target: float | 
         SurgeryError: bad options, data or checkpoint (before any work), or a stage that failed.
         TypeError: an argument or options field of the wrong type, or an unknown field.
     """
+    check_model(converted, "converted")
+    check_model(original, "original")
     options = with_overrides(RecoverOptions, options, overrides, "recover()")
     _check_arguments(converted, target, budget, options)
     path = Path(checkpoint) if checkpoint is not None else None

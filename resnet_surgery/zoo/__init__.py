@@ -45,6 +45,7 @@ from .weights import (
     check_cached_hash,
     file_sha256,
     load_state_into,
+    non_finite,
     read_state_dict,
     torch_load,
 )
@@ -55,5 +56,5 @@ __all__ = [
     "SEGMENTATION_MODELS", "STANDIN", "TORCHVISION_MODELS", "WEIGHTS_DIR", "WEIGHT_FILE_SUFFIXES", "build_judge",
     "build_torchvision", "check_cached_hash", "cifar_resnet", "classifier_only", "exportable_part", "file_sha256",
     "judge_info", "judge_path", "load_cifar_resnet", "load_judge", "load_named", "load_state_into", "load_timm",
-    "load_torchvision", "load_zoo", "read_state_dict", "torch_load", "weights_path",
+    "load_torchvision", "load_zoo", "non_finite", "read_state_dict", "torch_load", "weights_path",
 ]

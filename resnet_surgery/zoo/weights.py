@@ -18,8 +18,8 @@ from torch import nn
 
 from ..errors import SurgeryError, first_line
 
-__all__ = ["WEIGHT_FILE_SUFFIXES", "check_cached_hash", "file_sha256", "load_state_into", "read_state_dict",
-           "torch_load"]
+__all__ = ["WEIGHT_FILE_SUFFIXES", "check_cached_hash", "file_sha256", "load_state_into", "non_finite",
+           "read_state_dict", "torch_load"]
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
 
@@ -95,7 +95,16 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str,
                 more = f", ... {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{more})")
         raise SurgeryError(f"{source} does not fit {what}: {'; '.join(parts)}")
+    if bad := non_finite(state):
+        raise SurgeryError(f"{source} holds NaN or infinite values ({bad}); it is damaged: use the file it was made "
+                           "from, or the run that wrote it again")
     model.load_state_dict(state)
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> str:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity ("" when none)."""
+    names = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return ", ".join(names[:3]) + (f", ... {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def check_cached_hash(path: Path) -> None:
