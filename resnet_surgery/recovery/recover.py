@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..arguments import checked_arguments, with_overrides
+from ..atomic import check_writable
 from ..data import as_dataset, disjoint_subsets, held_out_split, preprocessing
 from ..defaults import EVAL_IMAGES, RECOVER_STAGES
 from ..errors import SurgeryError
@@ -157,6 +158,8 @@ def recover(converted: nn.Module, original: nn.Module, data, *, target: float | 
     if path is not None and path.exists() and not (resume or force):
         raise SurgeryError(f"a recover checkpoint exists at {path}: continue it with --resume (resume=True) or "
                            "start over with --force (force=True)")
+    if path is not None:
+        check_writable(path, force=True)  # now, not after the first stage
     run = _prepare(converted, original, data, target, budget, options, path, progress, echo)
     position = _resume(run, converted, path) if resume else (0, 0)
     if position == (0, 0) and not run.report.stages:
