@@ -91,14 +91,33 @@ def mutated_bytes(draw, original: bytes) -> bytes:
 
 
 def _paths(value, prefix=()):
-    """Every path (tuple of keys and indices) into a JSON value."""
+    """Every path (tuple of keys and indices) into nested dicts, lists and tuples (JSON, a checkpoint)."""
     yield prefix
     if isinstance(value, dict):
         for k, v in value.items():
             yield from _paths(v, (*prefix, k))
-    elif isinstance(value, list):
+    elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
             yield from _paths(v, (*prefix, i))
+
+
+def _change_one(draw, value, odd=lambda draw, old: draw(ODD_VALUE)) -> bool:
+    """``value`` (nested dicts and lists) changed in place: one entry replaced by ``odd(draw, old)``, deleted, or
+    a key added; False when the entry drawn sits in a tuple (nothing changed)."""
+    path = draw(st.sampled_from([p for p in _paths(value) if p]))
+    parent = value
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, tuple):
+        return False
+    action = draw(st.sampled_from(["replace", "delete", "add"]))
+    if action == "replace" or isinstance(parent, list):
+        parent[path[-1]] = odd(draw, parent[path[-1]])
+    elif action == "delete":
+        del parent[path[-1]]
+    else:
+        parent[draw(ODD_TEXT)] = draw(ODD_VALUE)
+    return True
 
 
 @st.composite
@@ -107,18 +126,7 @@ def mutated_json(draw, original: bytes) -> bytes:
     if draw(st.booleans()):
         return draw(mutated_bytes(original))
     value = json.loads(original)
-    paths = [p for p in _paths(value) if p]
-    path = draw(st.sampled_from(paths))
-    parent = value
-    for key in path[:-1]:
-        parent = parent[key]
-    action = draw(st.sampled_from(["replace", "delete", "add"]))
-    if action == "replace" or isinstance(parent, list):
-        parent[path[-1]] = draw(ODD_VALUE)
-    elif action == "delete":
-        del parent[path[-1]]
-    else:
-        parent[draw(ODD_TEXT)] = draw(ODD_VALUE)
+    _change_one(draw, value)
     return json.dumps(value, allow_nan=True).encode()
 
 
@@ -161,17 +169,6 @@ def mutated_safetensors(draw, original: bytes) -> bytes:
     return length.to_bytes(8, "little") + text + bytes(data)
 
 
-def _tensor_paths(value, prefix=()):
-    """Every path (tuple of keys and indices) into a checkpoint's nested dicts and lists."""
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _tensor_paths(v, (*prefix, k))
-    elif isinstance(value, list | tuple) and not isinstance(value, torch.Size):
-        for i, v in enumerate(value):
-            yield from _tensor_paths(v, (*prefix, i))
-
-
 def _odd_tensor(draw, tensor: torch.Tensor):
     kind = draw(st.sampled_from(["nan", "inf", "shape", "dtype", "empty", "scalar"]))
     if kind in ("nan", "inf") and tensor.is_floating_point() and tensor.numel():
@@ -191,21 +188,9 @@ def mutated_checkpoint(draw, original: bytes) -> bytes:
     if draw(st.booleans()):
         return draw(mutated_bytes(original))
     state = torch.load(io.BytesIO(original), weights_only=True)
-    path = draw(st.sampled_from([p for p in _tensor_paths(state) if p]))
-    parent = state
-    for key in path[:-1]:
-        parent = parent[key]
-    if isinstance(parent, tuple):  # rebuilt as a list (torch.save keeps it)
+    if not _change_one(draw, state, lambda draw, old: _odd_tensor(draw, old) if isinstance(old, torch.Tensor)
+                       else draw(ODD_VALUE)):
         return draw(mutated_bytes(original))
-    action = draw(st.sampled_from(["replace", "delete", "add"]))
-    if isinstance(parent[path[-1]], torch.Tensor) and action == "replace":
-        parent[path[-1]] = _odd_tensor(draw, parent[path[-1]])
-    elif action == "replace" or isinstance(parent, list):
-        parent[path[-1]] = draw(ODD_VALUE)
-    elif action == "delete":
-        del parent[path[-1]]
-    else:
-        parent[draw(ODD_TEXT)] = draw(ODD_VALUE)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
